@@ -1,0 +1,3 @@
+from molink_swarm.cli import main
+
+main()

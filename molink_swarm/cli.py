@@ -1,0 +1,215 @@
+"""The `molink-swarm` command: dht, join, status, chat, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Callable, Optional, Sequence
+
+from molink_swarm import __version__
+from molink_swarm.errors import UserError
+
+logger = logging.getLogger("molink_swarm")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("molink_swarm").setLevel(level)
+    # hivemind logs through its own handler; keep it to warnings unless asked.
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if verbose else "WARNING")
+    import hivemind.utils.logging as hivemind_logging
+
+    hivemind_logging.get_logger("hivemind").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _stop_event_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+# ---- dht
+
+
+def cmd_dht(args: argparse.Namespace) -> None:
+    from molink_swarm.dht import start_dht
+
+    async def run() -> None:
+        stop = _stop_event_on_signals()
+        dht, _ = start_dht(
+            args.initial_peers,
+            host_maddrs=args.host_maddrs,
+            announce_maddrs=args.announce_maddrs,
+            identity_path=args.identity,
+        )
+        try:
+            maddrs = [str(m) for m in dht.get_visible_maddrs()]
+            print("Bootstrap peer online. Give others these addresses (--initial-peers):", flush=True)
+            for maddr in maddrs:
+                print(f"  {maddr}", flush=True)
+            await stop.wait()
+        finally:
+            dht.shutdown()
+
+    asyncio.run(run())
+
+
+# ---- join
+
+
+def cmd_join(args: argparse.Namespace) -> None:
+    from molink_swarm.server.server import BadBlockRangeError, Server, ServerConfig, parse_block_range
+
+    if args.blocks and args.num_blocks:
+        raise BadBlockRangeError("Give either --blocks A:B or --num-blocks N, not both")
+    config = ServerConfig(
+        model=args.model,
+        blocks=parse_block_range(args.blocks) if args.blocks else None,
+        num_blocks=args.num_blocks,
+        initial_peers=tuple(args.initial_peers),
+        device=args.device,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        public_ip=args.public_ip,
+        public_name=args.public_name,
+        max_sessions=args.max_sessions,
+        cache_tokens=args.cache_tokens,
+        update_period=args.update_period,
+        identity_path=args.identity,
+    )
+    server = Server(config)
+
+    def online(s: Server) -> None:
+        print(
+            f"Server {s.peer_id} online: blocks {s.start}:{s.end} of {s.source.name} "
+            f"({s.throughput:.0f} tokens/s per block)",
+            flush=True,
+        )
+
+    async def run() -> None:
+        await server.run(_stop_event_on_signals(), on_online=online)
+
+    asyncio.run(run())
+    print("Server offline.", flush=True)
+
+
+# ---- status
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from molink_swarm.status import print_status
+
+    print_status(args.initial_peers, model=args.model)
+
+
+# ---- chat
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from molink_swarm.client.chat import run_terminal_chat
+
+    run_terminal_chat(args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+# ---- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from molink_swarm.client.chat import run_terminal_chat
+    from molink_swarm.local_swarm import LocalSwarm
+
+    from rich.console import Console
+
+    console = Console()
+    model = DEFAULT_MODEL
+    from molink_swarm.models import resolve_model
+
+    resolve_model(model, progress=True)  # convert once, before the servers race to do it
+    with LocalSwarm(model) as swarm, console.status("Starting a local swarm: bootstrap + 2 servers (blocks 0:15, 15:30)…"):
+        swarm.start(["0:15", "15:30"])
+    try:
+        console.print(f"Swarm online. Others can join with: molink-swarm join --model {model} --initial-peers {swarm.initial_peers[0]}")
+        run_terminal_chat(model, swarm.initial_peers)
+    finally:
+        swarm.stop()
+
+
+# ---- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="molink-swarm", description="Run LLMs over a peer-to-peer swarm.")
+    parser.add_argument("--version", action="version", version=f"molink-swarm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def peers(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--initial-peers", nargs="+", required=required, default=[], metavar="MADDR",
+                       help="multiaddrs of swarm peers, as printed by `molink-swarm dht`")
+
+    p = sub.add_parser("dht", help="run a bootstrap peer (prints the multiaddrs to give others)")
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/31337"], metavar="MADDR",
+                   help="where to listen (default: /ip4/0.0.0.0/tcp/31337)")
+    p.add_argument("--announce-maddrs", nargs="+", default=None, metavar="MADDR",
+                   help="public addresses to announce (for hosts with a mapped public IP)")
+    p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")
+    peers(p, required=False)
+    p.set_defaults(func=cmd_dht)
+
+    p = sub.add_parser("join", help="serve blocks of a model to the swarm")
+    p.add_argument("--model", required=True, help="a local HF folder, a .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--blocks", default=None, metavar="A:B", help="serve blocks A..B-1 (half-open, like Python slices)")
+    p.add_argument("--num-blocks", type=int, default=None, metavar="N", help="serve N blocks chosen to help the swarm most")
+    peers(p)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    p.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
+    p.add_argument("--public-ip", default=None, help="public IP of a port-forwarded host (needs --port)")
+    p.add_argument("--public-name", default=None, help="a name shown in `status`")
+    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget, in tokens, over all sessions")
+    p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT heartbeats")
+    p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("status", help="show the swarm: models, servers, blocks")
+    peers(p)
+    p.add_argument("--model", default=None, help="only this model")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    peers(p)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="start a local swarm of the embedded model and chat with it")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,196 @@
+"""``AutoDistributedModelForCausalLM``: a Hugging Face causal LM whose transformer blocks run in the swarm.
+
+The client model is the family's own ``*ForCausalLM`` class built with zero layers, so it holds only the
+embeddings, final norm and LM head, and ``generate()`` (greedy, sampling, streamers, ...) is transformers'
+own. Its forward sends hidden states through the chain of servers. Inside ``inference_session()`` the
+servers keep the attention caches across ``generate()`` calls, so a chat continues where it left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from molink_swarm.client.loop import run_sync
+from molink_swarm.client.session import InferenceSession, SwarmError, forward_through_chain
+from molink_swarm.client.swarm import SwarmClient
+from molink_swarm.models import ModelSource, load_config, resolve_model
+from molink_swarm.models.family import UnsupportedModelError, adapter_for
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCache(DynamicCache):
+    """Stands for the caches held by the servers: generate() reads the session's length from it."""
+
+    def __init__(self, session: InferenceSession):
+        super().__init__()
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+
+class DistributedCausalLMMixin:
+    """Mixed into a family's ``*ForCausalLM`` class (built with no layers)."""
+
+    swarm: SwarmClient
+    source: ModelSource
+    _active_session: Optional[InferenceSession]
+
+    def _setup_swarm(self, swarm: SwarmClient, source: ModelSource, full_config: PretrainedConfig, wait_s: float):
+        self.swarm, self.source, self.full_config = swarm, source, full_config
+        self.wait_for_blocks_s = wait_s
+        self._active_session = None
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int = 2048, **kwargs) -> Iterator[InferenceSession]:
+        """Within this block, generate() calls continue one conversation and the cache stays on the servers."""
+        if self._active_session is not None:
+            raise SwarmError("An inference session is already active on this model")
+        session = InferenceSession(
+            self.swarm, max_length=max_length, model_name=self.source.name, wait_for_blocks_s=self.wait_for_blocks_s, **kwargs
+        )
+        self._active_session = session
+        try:
+            yield session
+        finally:
+            self._active_session = None
+            session.close()
+
+    @property
+    def active_session(self) -> Optional[InferenceSession]:
+        return self._active_session
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
+        session = self._active_session
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise SwarmError("Padded batches (attention_mask with zeros) are not supported yet; generate each prompt alone")
+        if session is None:
+            # A one-off session sized for this call.
+            max_new = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 20
+            length = (inputs.shape[1] if inputs is not None else 1) + max_new
+            with self.inference_session(max_length=length):
+                return self.generate(inputs, *args, **kwargs)
+        if session.history is not None and inputs is not None:
+            if inputs.shape[0] != session.history.shape[0]:
+                raise SwarmError("The batch size of a session cannot change between generate() calls")
+            inputs = torch.cat([session.history, inputs.to(session.history.device)], dim=1)
+            if "attention_mask" in kwargs:
+                kwargs["attention_mask"] = torch.ones_like(inputs)
+        kwargs["past_key_values"] = RemoteCache(session)
+        kwargs.setdefault("use_cache", True)
+        output = super().generate(inputs, *args, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        session.history = sequences
+        return output
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Any = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        session = self._active_session
+        if isinstance(past_key_values, RemoteCache) or (session is not None and past_key_values is not None):
+            session = past_key_values.session if isinstance(past_key_values, RemoteCache) else session
+            if cache_position is not None and int(cache_position[0]) != session.position:
+                raise SwarmError(
+                    f"generate() asked for position {int(cache_position[0])}, the session holds {session.position} tokens"
+                )
+            hidden = session.step(inputs_embeds)
+        elif session is not None:
+            hidden = session.step(inputs_embeds)
+        else:
+            hidden = run_sync(forward_through_chain(self.swarm, inputs_embeds, self.source.name, self.wait_for_blocks_s))
+        hidden = self._final_norm()(hidden)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.get_output_embeddings()(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _final_norm(self) -> torch.nn.Module:
+        base = getattr(self, self.base_model_prefix)
+        for name in ("norm", "final_layernorm", "ln_f", "norm_f"):
+            if hasattr(base, name):
+                return getattr(base, name)
+        raise UnsupportedModelError(f"Cannot find the final norm of {type(base).__name__}")
+
+    def shutdown(self) -> None:
+        """Stop the client's DHT peer (also happens at interpreter exit)."""
+        self.swarm.shutdown()
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _distributed_class(causal_lm_class: type) -> type:
+    if causal_lm_class not in _CLASSES:
+        _CLASSES[causal_lm_class] = type(
+            f"Distributed{causal_lm_class.__name__}", (DistributedCausalLMMixin, causal_lm_class), {}
+        )
+    return _CLASSES[causal_lm_class]
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point, like transformers' ``AutoModelForCausalLM``: picks the right class for the model family."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        initial_peers: Sequence[str],
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        wait_for_blocks_s: float = 30.0,
+        **kwargs,
+    ):
+        if not initial_peers:
+            raise SwarmError("Pass initial_peers=[...]: the multiaddrs printed by `molink-swarm dht`")
+        source = resolve_model(model)
+        config = load_config(source)
+        adapter = adapter_for(config)  # fails early for families we cannot split
+        try:
+            causal_lm_class = AutoModelForCausalLM._model_mapping[type(config)]
+        except KeyError:
+            raise UnsupportedModelError(f"{config.model_type!r} is not a causal LM family transformers knows") from None
+        head_config = copy.deepcopy(config)
+        head_config.num_hidden_layers = 0
+        if getattr(head_config, "layer_types", None) is not None:
+            head_config.layer_types = []
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # "weights not used": the layers live on the servers
+        try:
+            client_model = _distributed_class(causal_lm_class).from_pretrained(
+                source.path, config=head_config, torch_dtype=torch_dtype, **kwargs
+            )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        swarm = SwarmClient(initial_peers, source.model_id, source.fingerprint, adapter.num_blocks)
+        client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)
+        return client_model.eval()

@@ -1,0 +1,103 @@
+"""A client's view of the swarm: its DHT peer, P2P connection, known servers and measured latencies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional, Sequence
+
+from hivemind.p2p import PeerID
+from hivemind.p2p import P2P
+
+from molink_swarm.client.loop import run_sync
+from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
+from molink_swarm.routing.planner import Candidate
+from molink_swarm.server.handler import BlockServicer
+from molink_swarm.wire import ServerInfo as ServerInfoMessage
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmClient:
+    """Finds the servers of one model and keeps their round-trip times (exponential moving average)."""
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        model_id: str,
+        fingerprint: str,
+        num_blocks: int,
+        *,
+        refresh_period: float = 5.0,
+    ):
+        self.model_id, self.fingerprint, self.num_blocks = model_id, fingerprint, num_blocks
+        self.refresh_period = refresh_period
+        self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        self.p2p: P2P = run_sync(self.dht.replicate_p2p())
+        self.rtts: dict[PeerID, float] = {}
+        self._servers: list[ServerInfo] = []
+        self._fetched_at = -float("inf")
+
+    async def servers(self, refresh: bool = False) -> list[ServerInfo]:
+        """Online servers of this model with the same fingerprint (a different copy is never chained)."""
+        if refresh or time.monotonic() - self._fetched_at > self.refresh_period:
+            found = await asyncio.to_thread(fetch_servers, self.dht, self.model_id, self.num_blocks)
+            self._servers = [
+                s for s in found if s.record.state == ServerState.ONLINE and s.record.model_fingerprint == self.fingerprint
+            ]
+            self._fetched_at = time.monotonic()
+        return self._servers
+
+    async def candidates(self, refresh: bool = False) -> list[Candidate]:
+        servers = await self.servers(refresh)
+        unmeasured = [s.peer_id for s in servers if s.peer_id not in self.rtts]
+        if unmeasured:
+            await self.ping_all(unmeasured)
+        return [
+            Candidate(
+                peer_id=s.peer_id,
+                start=s.record.start,
+                end=s.record.end,
+                throughput=s.record.throughput,
+                rtt_s=self.rtts.get(s.peer_id),
+                load=s.record.active_sessions / max(s.record.max_sessions, 1),
+                free_cache_tokens=s.record.free_cache_tokens,
+            )
+            for s in servers
+        ]
+
+    def stub(self, peer_id: PeerID):
+        return BlockServicer.get_stub(self.p2p, peer_id)
+
+    async def ping(self, peer_id: PeerID, timeout: float = 5.0) -> Optional[float]:
+        from hivemind.proto import runtime_pb2
+
+        started = time.perf_counter()
+        try:
+            await self.stub(peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
+        except Exception as e:  # an unreachable server is simply not measured (the planner assumes it is far)
+            logger.debug("Ping to %s failed: %r", peer_id, e)
+            return None
+        rtt = time.perf_counter() - started
+        previous = self.rtts.get(peer_id)
+        self.rtts[peer_id] = rtt if previous is None else 0.8 * previous + 0.2 * rtt
+        return rtt
+
+    async def ping_all(self, peer_ids: Sequence[PeerID]) -> None:
+        await asyncio.gather(*(self.ping(p) for p in peer_ids))
+
+    async def info(self, peer_id: PeerID, timeout: float = 10.0) -> ServerInfoMessage:
+        from hivemind.proto import runtime_pb2
+
+        from molink_swarm.wire import decode_metadata
+
+        reply = await self.stub(peer_id).rpc_info(runtime_pb2.ExpertRequest(), timeout=timeout)
+        return decode_metadata(reply.metadata, ServerInfoMessage)
+
+    def shutdown(self) -> None:
+        try:
+            run_sync(self.p2p.shutdown(), timeout=5)
+        except Exception:  # the daemon may already be gone with the DHT process
+            logger.debug("P2P shutdown failed", exc_info=True)
+        self.dht.shutdown()

@@ -1,0 +1,11 @@
+"""The swarm's DHT: record schemas, validation, announcing servers and finding them."""
+
+from molink_swarm.dht.records import ModelRecord, Reachability, ServerRecord, ServerState, block_key
+from molink_swarm.dht.swarm_dht import (
+    NoPeersReachableError,
+    ServerInfo,
+    declare_server,
+    fetch_models,
+    fetch_servers,
+    start_dht,
+)

@@ -1,0 +1,155 @@
+"""Start a swarm of real processes on this machine: a bootstrap peer and servers (used by `demo` and tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+_MADDR_RE = re.compile(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
+
+
+class LocalSwarmError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class SwarmProcess:
+    """A child process whose output is collected in the background (so its pipe never fills up)."""
+
+    name: str
+    popen: subprocess.Popen
+    lines: list[str] = dataclasses.field(default_factory=list)
+    log_path: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        log = open(self.log_path, "a") if self.log_path else None
+        for line in self.popen.stdout:
+            if log:
+                log.write(line)
+                log.flush()
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        if log:
+            log.close()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """Wait until a line of output matches ``pattern``; fail (with the output) if the process dies first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if self.popen.poll() is not None and seen == len(self.lines):
+                    # Give the pump a moment to drain the last lines.
+                    self._cond.wait(0.2)
+                    if seen == len(self.lines):
+                        raise LocalSwarmError(f"{self.name} exited ({self.popen.returncode}):\n" + self.output())
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LocalSwarmError(f"{self.name}: no line matching {pattern!r} in {timeout} s:\n" + self.output())
+                self._cond.wait(min(remaining, 0.5))
+
+    def output(self, last: int = 60) -> str:
+        return "\n".join(self.lines[-last:])
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        """SIGTERM, then SIGKILL if it does not exit in time. Only ever signals this PID."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def spawn(name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None) -> SwarmProcess:
+    cmd = [sys.executable, "-u", "-m", "molink_swarm", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+    )
+    log_path = (log_dir / f"{name}.log") if log_dir else None
+    logger.debug("Started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
+    return SwarmProcess(name, popen, log_path=log_path)
+
+
+class LocalSwarm:
+    """A bootstrap peer plus servers, each a real process with its own p2p daemon, on 127.0.0.1."""
+
+    def __init__(self, model: str, *, log_dir: Optional[Path] = None, env: Optional[dict] = None):
+        self.model = model
+        self.log_dir = log_dir
+        self.env = env
+        self.bootstrap: Optional[SwarmProcess] = None
+        self.servers: list[SwarmProcess] = []
+        self.initial_peers: list[str] = []
+
+    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
+        self.bootstrap = spawn("bootstrap", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], log_dir=self.log_dir, env=self.env)
+        match = self.bootstrap.wait_for(_MADDR_RE.pattern, timeout)
+        self.initial_peers = [match.group(1)]
+        return self.initial_peers
+
+    def start_server(self, blocks: str, *extra: str, wait: bool = True, timeout: float = 240.0) -> SwarmProcess:
+        name = f"server-{blocks.replace(':', '-')}-{len(self.servers)}"
+        args = ["join", "--model", self.model, "--blocks", blocks, "--initial-peers", *self.initial_peers]
+        args += ["--host", "127.0.0.1", *extra]
+        server = spawn(name, args, log_dir=self.log_dir, env=self.env)
+        self.servers.append(server)
+        if wait:
+            server.wait_for(r"\bonline\b", timeout)
+        return server
+
+    def start(self, block_ranges: Sequence[str], *extra: str, timeout: float = 240.0) -> "LocalSwarm":
+        self.start_bootstrap()
+        started = [self.start_server(blocks, *extra, wait=False) for blocks in block_ranges]
+        for server in started:
+            server.wait_for(r"\bonline\b", timeout)
+        return self
+
+    def stop(self) -> None:
+        for process in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
+            try:
+                process.stop()
+            except Exception:  # teardown must reach every process
+                logger.warning("Could not stop %s (pid %d)", process.name, process.pid, exc_info=True)
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

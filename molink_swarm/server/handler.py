@@ -1,0 +1,187 @@
+"""The RPCs a server answers over hivemind P2P: inference streams, forward passes, info and ping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from molink_swarm import __version__
+from molink_swarm.models.family import BlockSpan
+from molink_swarm.server.scheduler import ComputeQueue, Priority
+from molink_swarm.server.sessions import Session, SessionTable
+from molink_swarm.wire import (
+    ForwardRequest,
+    InferenceStep,
+    ProtocolError,
+    ServerInfo,
+    StepResult,
+    decode_metadata,
+    deserialize_tensor,
+    encode_metadata,
+    response,
+)
+
+logger = logging.getLogger(__name__)
+
+# A step of at most this many tokens per sequence counts as decoding and jumps ahead of prefills.
+DECODE_MAX_TOKENS = 4
+
+
+class BlockServicer(ServicerBase):
+    """Serves the blocks of one :class:`BlockSpan`. Bad input gets a clear error on that call only."""
+
+    def __init__(
+        self,
+        blocks: BlockSpan,
+        compute: ComputeQueue,
+        sessions: SessionTable,
+        *,
+        model_id: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        session_idle_timeout: float = 300.0,
+    ):
+        self.blocks = blocks
+        self.compute = compute
+        self.sessions = sessions
+        self.model_id = model_id
+        self.dtype = dtype
+        self.device = device
+        self.session_idle_timeout = session_idle_timeout
+        self.hidden_size = blocks.config.hidden_size
+        self.tokens_served = 0
+        self.closing = False
+
+    # ---- inference: one bidirectional stream per session, one message per step
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        session: Session | None = None
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(requests), self.session_idle_timeout)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise ProtocolError(f"Session closed after {self.session_idle_timeout:.0f} s without a step")
+                step = decode_metadata(request.metadata, InferenceStep)
+                if session is None:
+                    session = self._open_session(step, context)
+                elif step.open is not None:
+                    raise ProtocolError("A stream carries one session; open a new stream for another")
+                hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
+                self._check_step(session, step, hidden)
+                priority = Priority.DECODE if hidden.shape[1] <= DECODE_MAX_TOKENS else Priority.PREFILL
+                started = time.perf_counter()
+                output = await self.compute.run(lambda: self._run_step(session, step.position, hidden), priority)
+                session.last_active = time.monotonic()
+                self.tokens_served += hidden.shape[0] * hidden.shape[1]
+                result = StepResult(
+                    position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
+                )
+                yield response(result, output)
+        finally:
+            if session is not None:
+                self.sessions.close(session.spec.session_id)
+                logger.debug("Closed session %s", session.spec.session_id)
+
+    def _open_session(self, step: InferenceStep, context: P2PContext) -> Session:
+        spec = step.open
+        if spec is None:
+            raise ProtocolError("The first message of an inference stream must open a session")
+        if self.closing:
+            raise ProtocolError("Server is shutting down; use another server")
+        self._check_span(spec.start, spec.end)
+        cache = self.blocks.new_cache(spec.start, spec.end)
+        session = self.sessions.open(spec, cache, peer=str(context.remote_id))
+        logger.debug("Opened session %s for blocks %d:%d", spec.session_id, spec.start, spec.end)
+        return session
+
+    def _check_step(self, session: Session, step: InferenceStep, hidden: torch.Tensor) -> None:
+        if step.position > session.position:
+            raise ProtocolError(
+                f"Step starts at position {step.position} but the session holds {session.position} tokens"
+            )
+        if step.position + hidden.shape[1] > session.spec.max_length:
+            raise ProtocolError(
+                f"Step would reach {step.position + hidden.shape[1]} tokens, over the session's max_length "
+                f"{session.spec.max_length}"
+            )
+
+    def _run_step(self, session: Session, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        if position < session.position:
+            session.cache.crop(position)  # roll back (a replay or a regenerated suffix)
+        output = self.blocks(
+            hidden.to(self.device, self.dtype),
+            position=position,
+            cache=session.cache,
+            start=session.spec.start,
+            end=session.spec.end,
+        )
+        session.position = position + hidden.shape[1]
+        return output.to("cpu", hidden.dtype)
+
+    # ---- forward: a full sequence through some of the blocks, no cache
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        spec = decode_metadata(request.metadata, ForwardRequest)
+        self._check_span(spec.start, spec.end)
+        hidden = self._parse_hidden(request)
+        if hidden.shape[0] * hidden.shape[1] > self.sessions.max_length * 8:
+            raise ProtocolError(f"Forward pass of {hidden.shape[0]}x{hidden.shape[1]} tokens is too large")
+
+        def run() -> torch.Tensor:
+            output = self.blocks(hidden.to(self.device, self.dtype), start=spec.start, end=spec.end)
+            return output.to("cpu", hidden.dtype)
+
+        output = await self.compute.run(run, Priority.FORWARD)
+        self.tokens_served += hidden.shape[0] * hidden.shape[1]
+        return response(None, output)
+
+    # ---- info and ping
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        info = ServerInfo(
+            model_id=self.model_id,
+            start=self.blocks.start,
+            end=self.blocks.end,
+            version=__version__,
+            torch_dtype=str(self.dtype).removeprefix("torch."),
+            active_sessions=len(self.sessions),
+            free_cache_tokens=self.sessions.free_cache_tokens,
+            max_length=self.sessions.max_length,
+        )
+        return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
+
+    async def rpc_ping(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=request.metadata[:64])
+
+    # ---- validation
+
+    def _check_span(self, start: int, end: int) -> None:
+        if not self.blocks.start <= start < end <= self.blocks.end:
+            raise ProtocolError(
+                f"Blocks {start}:{end} requested, this server holds {self.blocks.start}:{self.blocks.end}"
+            )
+
+    def _parse_hidden(self, request: runtime_pb2.ExpertRequest, batch_size: int | None = None) -> torch.Tensor:
+        if len(request.tensors) != 1:
+            raise ProtocolError(f"Expected 1 tensor (hidden states), got {len(request.tensors)}")
+        hidden = deserialize_tensor(request.tensors[0])
+        if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size or hidden.shape[1] == 0:
+            raise ProtocolError(
+                f"Hidden states must be [batch, tokens>0, {self.hidden_size}], got {list(hidden.shape)}"
+            )
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            raise ProtocolError(f"Batch size {hidden.shape[0]} differs from the session's {batch_size}")
+        if not torch.isfinite(hidden).all():
+            raise ProtocolError("Hidden states contain NaN or infinite values")
+        return hidden

@@ -1,0 +1,198 @@
+"""A swarm server: loads a span of blocks, announces it in the DHT, serves it until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from molink_swarm import __version__
+from molink_swarm.dht import ModelRecord, ServerRecord, ServerState, declare_server, fetch_servers, start_dht
+from molink_swarm.errors import UserError
+from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
+from molink_swarm.models.family import BlockSpan, adapter_for
+from molink_swarm.routing.placement import choose_blocks
+from molink_swarm.server.handler import BlockServicer
+from molink_swarm.server.scheduler import ComputeQueue
+from molink_swarm.server.sessions import SessionTable
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BadBlockRangeError(UserError):
+    pass
+
+
+class ServerConfig(BaseModel):
+    """Everything a `join` process is configured with (one object per process)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    blocks: Optional[tuple[int, int]] = None
+    num_blocks: Optional[int] = Field(default=None, gt=0)
+    initial_peers: tuple[str, ...] = ()
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "0.0.0.0"
+    port: int = 0
+    public_ip: Optional[str] = None
+    public_name: Optional[str] = None
+    max_sessions: int = Field(default=32, gt=0)
+    cache_tokens: int = Field(default=32768, gt=0)
+    max_length: int = Field(default=8192, gt=0)
+    update_period: float = Field(default=15.0, gt=0)
+    identity_path: Optional[str] = None
+    session_idle_timeout: float = Field(default=300.0, gt=0)
+    shutdown_grace: float = Field(default=5.0, ge=0)
+
+
+def parse_block_range(text: str) -> tuple[int, int]:
+    """``"A:B"`` -> (A, B): half-open, like Python slices."""
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise BadBlockRangeError(f"--blocks {text!r}: expected START:END, e.g. --blocks 0:15") from None
+    if start < 0 or end <= start:
+        raise BadBlockRangeError(f"--blocks {text!r}: need 0 <= START < END, e.g. --blocks 0:15")
+    return start, end
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+        self.source = resolve_model(config.model, progress=True)
+        self.model_config = load_config(self.source)
+        self.adapter = adapter_for(self.model_config)
+        self.total_blocks = self.adapter.num_blocks
+        self.model_record = ModelRecord(
+            model_id=self.source.model_id,
+            name=self.source.name,
+            num_blocks=self.total_blocks,
+            fingerprint=self.source.fingerprint,
+            model_type=self.model_config.model_type,
+        )
+        if config.blocks is not None and config.blocks[1] > self.total_blocks:
+            raise BadBlockRangeError(
+                f"--blocks {config.blocks[0]}:{config.blocks[1]} is out of range: "
+                f"{self.source.name} has {self.total_blocks} blocks (0:{self.total_blocks})"
+            )
+        self.start: int = -1
+        self.end: int = -1
+        self.peer_id = None
+        self.visible_maddrs: list[str] = []
+        self.throughput = 0.0
+
+    async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
+        cfg = self.config
+        host_maddrs = [f"/ip4/{cfg.host}/tcp/{cfg.port}"]
+        announce = [f"/ip4/{cfg.public_ip}/tcp/{cfg.port}"] if cfg.public_ip else None
+        if announce and cfg.port == 0:
+            raise UserError("--public-ip needs an explicit --port (the port forwarded to this machine)")
+        dht, validator = start_dht(
+            cfg.initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce, identity_path=cfg.identity_path
+        )
+        compute = None
+        try:
+            self.peer_id = dht.peer_id
+            self.visible_maddrs = [str(m) for m in dht.get_visible_maddrs()]
+            self.start, self.end = cfg.blocks or self._choose_blocks(dht)
+            self._announce(dht, validator, ServerState.JOINING, sessions=None)
+            blocks = await asyncio.to_thread(self._load_blocks)
+            self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
+            compute = ComputeQueue(f"compute-{self.start}-{self.end}")
+            sessions = SessionTable(
+                max_sessions=cfg.max_sessions,
+                cache_tokens=cfg.cache_tokens,
+                max_length=min(cfg.max_length, getattr(self.model_config, "max_position_embeddings", cfg.max_length)),
+            )
+            servicer = BlockServicer(
+                blocks,
+                compute,
+                sessions,
+                model_id=self.source.model_id,
+                dtype=self.dtype,
+                device=self.device,
+                session_idle_timeout=cfg.session_idle_timeout,
+            )
+            p2p = await dht.replicate_p2p()
+            await servicer.add_p2p_handlers(p2p)
+            self._announce(dht, validator, ServerState.ONLINE, sessions)
+            on_online(self)
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), cfg.update_period)
+                except asyncio.TimeoutError:
+                    await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, sessions)
+            # Leave: announce offline first so that clients move before streams close.
+            servicer.closing = True
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.OFFLINE, sessions)
+            deadline = time.monotonic() + cfg.shutdown_grace
+            while len(sessions) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await servicer.remove_p2p_handlers(p2p)
+        finally:
+            if compute is not None:
+                compute.shutdown()
+            dht.shutdown()
+
+    def _choose_blocks(self, dht) -> tuple[int, int]:
+        servers = fetch_servers(dht, self.source.model_id, self.total_blocks)
+        spans = [(s.record.start, s.record.end) for s in servers if s.record.state != ServerState.OFFLINE]
+        count = min(self.config.num_blocks or self.total_blocks, self.total_blocks)
+        return choose_blocks(self.total_blocks, count, spans)
+
+    def _load_blocks(self) -> BlockSpan:
+        started = time.perf_counter()
+        names = tensor_names(self.source)
+        blocks = self.adapter.build_blocks(
+            self.start,
+            self.end,
+            names,
+            lambda wanted: read_tensors(self.source, wanted),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        logger.info("Loaded blocks %d:%d in %.1f s", self.start, self.end, time.perf_counter() - started)
+        return blocks
+
+    def _measure_throughput(self, blocks: BlockSpan) -> float:
+        """Decode tokens/s through one block (what the router needs to estimate compute time per block)."""
+        hidden = torch.randn(1, 1, self.model_config.hidden_size, device=self.device, dtype=self.dtype)
+        cache = blocks.new_cache()
+        blocks(torch.randn(1, 8, self.model_config.hidden_size, device=self.device, dtype=self.dtype), cache=cache)
+        started, steps = time.perf_counter(), 4
+        for i in range(steps):
+            blocks(hidden, position=8 + i, cache=cache)
+        per_block = (time.perf_counter() - started) / steps / (self.end - self.start)
+        return 1.0 / max(per_block, 1e-6)
+
+    def _announce(self, dht, validator, state: ServerState, sessions: Optional[SessionTable]) -> None:
+        record = ServerRecord(
+            state=state,
+            start=self.start,
+            end=self.end,
+            model_fingerprint=self.source.fingerprint,
+            throughput=self.throughput,
+            free_cache_tokens=sessions.free_cache_tokens if sessions is not None else 0,
+            max_sessions=self.config.max_sessions,
+            active_sessions=len(sessions) if sessions is not None else 0,
+            addrs=tuple(self.visible_maddrs[:16]),
+            software_version=__version__,
+            public_name=self.config.public_name,
+            torch_dtype=self.config.dtype,
+        )
+        ttl = self.config.update_period * 2.5 if state != ServerState.OFFLINE else self.config.update_period
+        if not declare_server(dht, validator, self.model_record, record, ttl=ttl):
+            logger.warning("Could not announce all blocks in the DHT (will retry at the next heartbeat)")

@@ -1,0 +1,69 @@
+"""Per-session KV caches on a server, with limits so that no client can exhaust its memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Optional
+
+from molink_swarm.models.family import SpanCache
+from molink_swarm.wire import ProtocolError, SessionSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Session:
+    spec: SessionSpec
+    cache: SpanCache
+    peer: str
+    position: int = 0
+    last_active: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.spec.max_length * self.spec.batch_size
+
+
+class SessionTable:
+    """Admits sessions while the server has cache tokens and session slots left.
+
+    Capacity is reserved pessimistically (``max_length x batch_size`` tokens at open), so a session that was
+    admitted can always run to its max_length: refusing at open is better than failing mid-generation.
+    """
+
+    def __init__(self, *, max_sessions: int, cache_tokens: int, max_length: int):
+        self.max_sessions = max_sessions
+        self.cache_tokens = cache_tokens
+        self.max_length = max_length
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def free_cache_tokens(self) -> int:
+        return max(0, self.cache_tokens - sum(s.reserved_tokens for s in self._sessions.values()))
+
+    def open(self, spec: SessionSpec, cache: SpanCache, peer: str) -> Session:
+        if spec.session_id in self._sessions:
+            raise ProtocolError(f"Session {spec.session_id} is already open")
+        if spec.max_length > self.max_length:
+            raise ProtocolError(f"max_length {spec.max_length} exceeds this server's limit of {self.max_length}")
+        if len(self._sessions) >= self.max_sessions:
+            raise ProtocolError(f"Server is full ({self.max_sessions} sessions); try another server")
+        needed = spec.max_length * spec.batch_size
+        if needed > self.free_cache_tokens:
+            raise ProtocolError(
+                f"Not enough cache: session needs {needed} tokens, {self.free_cache_tokens} free; try another server"
+            )
+        session = Session(spec, cache, peer)
+        self._sessions[spec.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Optional[Session]:
+        return self._sessions.get(session_id)
+
+    def close(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)

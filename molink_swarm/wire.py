@@ -1,0 +1,132 @@
+"""The wire protocol between clients and servers: message schemas and tensor (de)serialization.
+
+Every RPC carries a hivemind ``ExpertRequest``/``ExpertResponse``: tensors as raw bytes with dtype and shape
+(hivemind's tensor serialization, which never unpickles), and metadata as the JSON of one of the pydantic
+models below. Requests are validated strictly (unknown fields rejected); nothing received is trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, TypeVar
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_TENSOR_BYTES = 512 * 2**20
+# Activations may only travel in these dtypes (the compression issue adds 8-bit codecs).
+_ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_COMPRESSION_BY_NAME = {
+    "none": runtime_pb2.CompressionType.NONE,
+    "float16": runtime_pb2.CompressionType.FLOAT16,
+}
+
+
+class ProtocolError(Exception):
+    """The peer sent something invalid; the message is sent back to it verbatim."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SessionSpec(_Message):
+    """Opens an inference session on a server (first message of an inference stream)."""
+
+    session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0, le=1024, default=1)
+
+
+class InferenceStep(_Message):
+    """One step of an inference session: hidden states for tokens ``position .. position+seq_len-1``.
+
+    ``position`` below the number of tokens the server holds rolls the cache back first (used for replays
+    and by clients that regenerate from an earlier point)."""
+
+    open: Optional[SessionSpec] = None
+    position: int = Field(ge=0)
+    step_id: int = Field(ge=0, default=0)
+
+
+class StepResult(_Message):
+    position: int = Field(ge=0, description="tokens held by the session after this step")
+    step_id: int = Field(ge=0, default=0)
+    compute_s: float = Field(ge=0, default=0.0)
+
+
+class ForwardRequest(_Message):
+    """A cache-less pass of full sequences through blocks ``start..end-1``."""
+
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+
+class ServerInfo(_Message):
+    model_id: str
+    start: int
+    end: int
+    version: str
+    protocol: int = PROTOCOL_VERSION
+    torch_dtype: str
+    active_sessions: int
+    free_cache_tokens: int
+    max_length: int
+
+
+M = TypeVar("M", bound=_Message)
+
+
+def encode_metadata(message: _Message) -> bytes:
+    return message.model_dump_json(exclude_defaults=False).encode()
+
+
+def decode_metadata(data: bytes, schema: type[M]) -> M:
+    try:
+        return schema.model_validate_json(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+        raise ProtocolError(f"Invalid {schema.__name__}: {where}: {first.get('msg')}") from None
+
+
+def serialize_tensor(tensor: torch.Tensor, compression: str = "none") -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().cpu(), _COMPRESSION_BY_NAME[compression])
+
+
+def deserialize_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) -> torch.Tensor:
+    """Checks the declared dtype, shape and byte size before hivemind decodes the buffer."""
+    itemsize = _ALLOWED_DTYPES.get(proto.dtype)
+    if itemsize is None:
+        raise ProtocolError(f"Unsupported tensor dtype {proto.dtype!r}; expected one of {sorted(_ALLOWED_DTYPES)}")
+    if proto.compression not in _COMPRESSION_BY_NAME.values():
+        raise ProtocolError(f"Unsupported tensor compression {proto.compression}")
+    if not 1 <= len(proto.size) <= 4:
+        raise ProtocolError(f"Tensor rank {len(proto.size)} is not supported")
+    numel = math.prod(proto.size)
+    if numel * itemsize > max_bytes:
+        raise ProtocolError(f"Tensor of shape {list(proto.size)} exceeds the {max_bytes} byte limit")
+    expected = numel * (2 if proto.compression == runtime_pb2.CompressionType.FLOAT16 else itemsize)
+    if len(proto.buffer) != expected:
+        raise ProtocolError(f"Tensor buffer holds {len(proto.buffer)} bytes, shape/dtype need {expected}")
+    if proto.requires_grad:
+        raise ProtocolError("Tensors with requires_grad are not accepted")
+    return deserialize_torch_tensor(proto)
+
+
+def request(message: _Message, *tensors: torch.Tensor, compression: str = "none") -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        metadata=encode_metadata(message), tensors=[serialize_tensor(t, compression) for t in tensors]
+    )
+
+
+def response(message: Optional[_Message], *tensors: torch.Tensor, compression: str = "none") -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        metadata=encode_metadata(message) if message is not None else b"",
+        tensors=[serialize_tensor(t, compression) for t in tensors],
+    )
