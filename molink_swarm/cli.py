@@ -150,11 +150,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # ---- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line, like every other user error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"Error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molink-swarm", description="Run LLMs over a peer-to-peer swarm.")
+    parser = _Parser(prog="molink-swarm", description="Run LLMs over a peer-to-peer swarm.")
     parser.add_argument("--version", action="version", version=f"molink-swarm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def peers(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--initial-peers", nargs="+", required=required, default=[], metavar="MADDR",
@@ -204,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    # Idle OpenMP threads that spin steal cores from the next process in the chain when several peers share a
+    # machine (and from the owner's other work on a volunteer's machine); must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -12,13 +12,15 @@ from typing import Optional, TypeVar
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression.base import USE_LEGACY_BFLOAT16
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
 MAX_TENSOR_BYTES = 512 * 2**20
-# Activations may only travel in these dtypes (the compression issue adds 8-bit codecs).
-_ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Activations may only travel in these dtypes (the compression issue adds 8-bit codecs). Bytes per element on
+# the wire: hivemind sends bfloat16 as float32 unless USE_LEGACY_BFLOAT16=0.
+_ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 4 if USE_LEGACY_BFLOAT16 else 2}
 _COMPRESSION_BY_NAME = {
     "none": runtime_pb2.CompressionType.NONE,
     "float16": runtime_pb2.CompressionType.FLOAT16,

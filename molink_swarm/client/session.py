@@ -57,6 +57,7 @@ class _HopStream:
         except StopAsyncIteration:
             raise ConnectionError(f"Server {self.hop.peer_id} closed the session") from None
         result = wire.decode_metadata(reply.metadata, wire.StepResult)
+        self.last_result = result
         if len(reply.tensors) != 1 or result.position != position + hidden.shape[1]:
             raise wire.ProtocolError(f"Server {self.hop.peer_id} sent an inconsistent step result")
         output = wire.deserialize_tensor(reply.tensors[0])
@@ -195,7 +196,7 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
     for hop in hops:
         request = wire.request(wire.ForwardRequest(start=hop.start, end=hop.end), hidden)
         try:
-            reply = await swarm.stub(hop.peer_id).rpc_forward(request, timeout=600)
+            reply = await asyncio.wait_for(call_forward(swarm, hop.peer_id, request), 600)
         except (P2PHandlerError, ConnectionError, OSError, asyncio.TimeoutError) as e:
             raise SwarmError(f"Server {hop.peer_id} (blocks {hop.start}:{hop.end}) failed: {e}") from e
         if len(reply.tensors) != 1:
@@ -205,3 +206,16 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
             raise SwarmError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
         hidden = output
     return hidden
+
+
+async def call_forward(swarm: SwarmClient, peer_id, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    """One request, one reply, over a stream (unary calls are capped at 4 MiB)."""
+
+    async def one():
+        yield request
+
+    replies = await swarm.stub(peer_id).rpc_forward(one())
+    reply = await anext(replies, None)
+    if reply is None:
+        raise ConnectionError(f"Server {peer_id} closed the forward stream without a reply")
+    return reply

@@ -86,7 +86,8 @@ def parse_record(value: Any) -> Optional[_Record]:
     """Parse a value read from the DHT into a record, or None if it is not one of ours or is malformed."""
     if not isinstance(value, dict):
         return None
-    schema = {SERVER_RECORD_KIND: ServerRecord, MODEL_RECORD_KIND: ModelRecord}.get(value.get("kind"))
+    kind = value.get("kind")
+    schema = {SERVER_RECORD_KIND: ServerRecord, MODEL_RECORD_KIND: ModelRecord}.get(kind) if isinstance(kind, str) else None
     if schema is None:
         return None
     try:

@@ -36,9 +36,8 @@ class SwarmSchemaValidator(RecordValidatorBase):
         if parse_record(value) is None:
             logger.debug("Rejected a DHT record that does not match the schema")
             return False
-        if record.subkey in DHTProtocol.RESERVED_SUBKEYS or RSASignatureValidator.PUBLIC_KEY_FORMAT[:7] not in (
-            record.subkey
-        ):
+        # A complete "[owner:<key>]" marker: only then does the signature validator demand the owner's signature.
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS or not RSASignatureValidator._PUBLIC_KEY_RE.search(record.subkey):
             logger.debug("Rejected a DHT record without an owner key in its subkey")
             return False
         return True

@@ -129,9 +129,15 @@ class BlockServicer(ServicerBase):
         session.position = position + hidden.shape[1]
         return output.to("cpu", hidden.dtype)
 
-    # ---- forward: a full sequence through some of the blocks, no cache
+    # ---- forward: a full sequence through some of the blocks, no cache. A stream (of one message each way)
+    # because hivemind caps unary messages at 4 MiB, less than one long prompt's hidden states.
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        request = await anext(requests, None)
+        if request is None:
+            raise ProtocolError("Empty forward request")
         spec = decode_metadata(request.metadata, ForwardRequest)
         self._check_span(spec.start, spec.end)
         hidden = self._parse_hidden(request)
@@ -144,7 +150,7 @@ class BlockServicer(ServicerBase):
 
         output = await self.compute.run(run, Priority.FORWARD)
         self.tokens_served += hidden.shape[0] * hidden.shape[1]
-        return response(None, output)
+        yield response(None, output)
 
     # ---- info and ping
 

@@ -169,13 +169,18 @@ class Server:
 
     def _measure_throughput(self, blocks: BlockSpan) -> float:
         """Decode tokens/s through one block (what the router needs to estimate compute time per block)."""
-        hidden = torch.randn(1, 1, self.model_config.hidden_size, device=self.device, dtype=self.dtype)
+        hidden_size = self.model_config.hidden_size
         cache = blocks.new_cache()
-        blocks(torch.randn(1, 8, self.model_config.hidden_size, device=self.device, dtype=self.dtype), cache=cache)
-        started, steps = time.perf_counter(), 4
-        for i in range(steps):
-            blocks(hidden, position=8 + i, cache=cache)
-        per_block = (time.perf_counter() - started) / steps / (self.end - self.start)
+        blocks(torch.randn(1, 8, hidden_size, device=self.device, dtype=self.dtype), cache=cache)
+        hidden = torch.randn(1, 1, hidden_size, device=self.device, dtype=self.dtype)
+        position, timings = 8, []
+        deadline = time.perf_counter() + 1.0
+        while len(timings) < 5 or (len(timings) < 50 and time.perf_counter() < deadline):
+            started = time.perf_counter()
+            blocks(hidden, position=position, cache=cache)
+            timings.append(time.perf_counter() - started)
+            position += 1
+        per_block = sorted(timings)[len(timings) // 2] / (self.end - self.start)  # median: robust to hiccups
         return 1.0 / max(per_block, 1e-6)
 
     def _announce(self, dht, validator, state: ServerState, sessions: Optional[SessionTable]) -> None:

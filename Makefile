@@ -1,0 +1,16 @@
+.PHONY: demo test test-fast bench setup
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	.venv/bin/molink-swarm demo
+
+test: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: setup
+	.venv/bin/python benchmarks/bench_generate.py

@@ -1,0 +1,67 @@
+"""User errors on the command line are one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+UNREACHABLE_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWRaGZLmK2yqL1deDTar2Ford2mzoBfGtWHEKFiC5AcMAQ"
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "molink_swarm", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+@pytest.mark.parametrize("blocks", ["3:1", "abc", "-1:2", "2:2"])
+def test_join_with_a_bad_range(blocks, tiny_llama_path):
+    result = run_cli("join", "--model", str(tiny_llama_path), f"--blocks={blocks}", "--initial-peers", UNREACHABLE_PEER)
+    assert_one_line_error(result, "--blocks", "START")
+
+
+def test_join_with_a_range_beyond_the_model(tiny_llama_path):
+    result = run_cli("join", "--model", str(tiny_llama_path), "--blocks", "0:99", "--initial-peers", UNREACHABLE_PEER)
+    assert_one_line_error(result, "out of range", "6 blocks")
+
+
+def test_join_with_an_unknown_model(tmp_path):
+    result = run_cli("join", "--model", str(tmp_path / "nope"), "--blocks", "0:2", "--initial-peers", UNREACHABLE_PEER)
+    assert_one_line_error(result, "Model not found", "--model accepts")
+
+
+def test_join_with_unreachable_peers(tiny_llama_path):
+    result = run_cli("join", "--model", str(tiny_llama_path), "--blocks", "0:2", "--initial-peers", UNREACHABLE_PEER)
+    assert_one_line_error(result, "Could not reach any of the initial peers")
+
+
+def test_usage_mistakes_are_one_line():
+    result = run_cli("join", "--blocks")
+    assert_one_line_error(result, "--blocks", "--help")
+
+
+@pytest.mark.parametrize("command", ["dht", "join", "status", "chat", "demo"])
+def test_every_subcommand_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert "usage: molink-swarm" in result.stdout
+
+
+def test_status_shows_every_server_and_missing_blocks(swarm, tiny_llama_path):
+    local = swarm(tiny_llama_path, ["0:2", "1:4"])
+    result = run_cli("status", "--initial-peers", *local.initial_peers)
+    assert result.returncode == 0, result.stderr
+    assert "tiny-llama" in result.stdout
+    assert "0:2" in result.stdout and "1:4" in result.stdout
+    assert "Missing blocks: 4:6" in result.stdout

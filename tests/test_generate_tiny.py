@@ -1,0 +1,96 @@
+"""A tiny random Llama served by three real server processes gives exactly what local transformers gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+from molink_swarm import AutoDistributedModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def distributed(module_swarm, tiny_llama_path):
+    swarm = module_swarm(tiny_llama_path, ["0:2", "2:4", "4:6"])
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=swarm.initial_peers)
+    yield model
+    model.shutdown()
+
+
+def prompt(length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_full_forward_logits_match_local(distributed, tiny_llama_local):
+    ids = prompt(20)
+    with torch.no_grad():
+        expected = tiny_llama_local(ids).logits
+        got = distributed(ids).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_forward_of_a_batch_matches_local(distributed, tiny_llama_local):
+    ids = torch.cat([prompt(9, seed=2), prompt(9, seed=3)])
+    with torch.no_grad():
+        assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)
+
+
+def test_greedy_generate_is_token_identical(distributed, tiny_llama_local):
+    ids = prompt()
+    expected = tiny_llama_local.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    got = distributed.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert got.shape == (1, ids.shape[1] + 32)
+    assert torch.equal(got, expected)
+
+
+def test_multi_turn_session_equals_local_on_concatenated_history(distributed, tiny_llama_local):
+    first, second = prompt(10, seed=4), prompt(6, seed=5)
+    with distributed.inference_session(max_length=128) as session:
+        out1 = distributed.generate(first, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        out2 = distributed.generate(second, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        # The servers hold the whole conversation except the last generated token, which nobody has fed yet.
+        assert session.position == out2.shape[1] - 1
+    expected1 = tiny_llama_local.generate(first, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    expected2 = tiny_llama_local.generate(
+        torch.cat([expected1, second], dim=1), max_new_tokens=8, do_sample=False, min_new_tokens=8
+    )
+    assert torch.equal(out1, expected1)
+    assert torch.equal(out2, expected2)
+
+
+def test_sampling_with_the_same_seed_matches_local(distributed, tiny_llama_local):
+    ids = prompt(seed=6)
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.9)
+    torch.manual_seed(42)
+    expected = tiny_llama_local.generate(ids, **kwargs)
+    torch.manual_seed(42)
+    got = distributed.generate(ids, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_streamer_receives_every_token(distributed):
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append(None)
+
+    streamer = Collect()
+    ids = prompt(seed=7)
+    out = distributed.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
+    assert streamer.chunks[-1] is None
+    streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]])  # first chunk is the prompt
+    assert torch.equal(streamed, out[0, ids.shape[1] :])
+
+
+def test_session_longer_than_max_length_fails_clearly(distributed):
+    from molink_swarm.client.session import SwarmError
+
+    with distributed.inference_session(max_length=16):
+        with pytest.raises(SwarmError, match="max_length"):
+            distributed.generate(prompt(12), max_new_tokens=10, min_new_tokens=10, do_sample=False)

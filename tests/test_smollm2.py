@@ -1,0 +1,37 @@
+"""The embedded SmolLM2-135M-Instruct, split over two real servers, chats exactly like local transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from molink_swarm import AutoDistributedModelForCausalLM
+from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    source = resolve_model(DEFAULT_MODEL_ALIAS, progress=True)  # converts the GGUF once, before servers start
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    return source, tokenizer, local
+
+
+def test_greedy_chat_answer_is_token_identical(module_swarm, smollm2):
+    source, tokenizer, local = smollm2
+    swarm = module_swarm(DEFAULT_MODEL_ALIAS, ["0:15", "15:30"])
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL_ALIAS, initial_peers=swarm.initial_peers)
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        expected = local.generate(ids, **kwargs)
+        got = model.generate(ids, **kwargs)
+        assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
+        answer = tokenizer.decode(got[0, ids.shape[1] :], skip_special_tokens=True)
+        assert "Paris" in answer
+    finally:
+        model.shutdown()

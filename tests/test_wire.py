@@ -1,0 +1,174 @@
+"""What a peer accepts off the wire: tensors are checked before decoding, metadata is parsed strictly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from pydantic import ValidationError
+
+from molink_swarm.wire import (
+    InferenceStep,
+    ProtocolError,
+    SessionSpec,
+    decode_metadata,
+    deserialize_tensor,
+    encode_metadata,
+    serialize_tensor,
+)
+
+
+def proto(size, dtype="float32", buffer=None, **fields) -> runtime_pb2.Tensor:
+    """A hand-made tensor message; by default its buffer is exactly as long as a float32 tensor of ``size``."""
+    if buffer is None:
+        numel = 1
+        for dim in size:
+            numel *= dim
+        buffer = b"\0" * (4 * numel)
+    return runtime_pb2.Tensor(buffer=buffer, size=size, dtype=dtype, **fields)
+
+
+# --- tensors -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_activations_round_trip_exactly(dtype):
+    tensor = torch.randn(2, 3, 8).to(dtype)
+
+    received = deserialize_tensor(serialize_tensor(tensor))
+
+    assert received.dtype == dtype
+    assert torch.equal(received, tensor)
+
+
+def test_bfloat16_activations_round_trip_exactly():
+    tensor = torch.randn(2, 3, 8).to(torch.bfloat16)
+
+    received = deserialize_tensor(serialize_tensor(tensor))
+
+    assert received.dtype == torch.bfloat16
+    assert torch.equal(received, tensor)
+
+
+def test_float16_compression_sends_half_precision_and_restores_the_dtype():
+    tensor = torch.randn(4, 8)
+
+    message = serialize_tensor(tensor, compression="float16")
+    received = deserialize_tensor(message)
+
+    assert len(message.buffer) == 2 * tensor.numel()
+    assert received.dtype == torch.float32
+    assert torch.equal(received, tensor.half().float())
+
+
+@pytest.mark.parametrize("dtype", ["int64", "object", "float64", ""])
+def test_an_unsupported_dtype_is_refused(dtype):
+    with pytest.raises(ProtocolError, match="dtype"):
+        deserialize_tensor(proto([2, 2], dtype=dtype, buffer=b"\0" * 32))
+
+
+def test_an_unknown_compression_is_refused():
+    message = proto([2, 2], compression=runtime_pb2.CompressionType.MEANSTD_16BIT)
+
+    with pytest.raises(ProtocolError, match="compression"):
+        deserialize_tensor(message)
+
+
+@pytest.mark.parametrize("length", [0, 20, 25, 28])
+def test_a_buffer_that_does_not_match_the_shape_is_refused(length):
+    with pytest.raises(ProtocolError, match="buffer holds"):
+        deserialize_tensor(proto([2, 3], buffer=b"\0" * length))
+
+
+@pytest.mark.parametrize("size", [[], [1, 1, 1, 1, 1]])
+def test_rank_0_and_rank_5_are_refused(size):
+    with pytest.raises(ProtocolError, match="rank"):
+        deserialize_tensor(proto(size, buffer=b"\0" * 4))
+
+
+def test_ranks_1_to_4_are_accepted():
+    for size in ([3], [3, 2], [3, 2, 1], [3, 2, 1, 2]):
+        assert list(deserialize_tensor(proto(size)).shape) == size
+
+
+def test_requires_grad_is_refused():
+    with pytest.raises(ProtocolError, match="requires_grad"):
+        deserialize_tensor(proto([2, 2], requires_grad=True))
+
+
+def test_a_tensor_over_max_bytes_is_refused():
+    message = serialize_tensor(torch.zeros(4, 4))  # 64 bytes
+
+    assert deserialize_tensor(message, max_bytes=64).shape == (4, 4)
+    with pytest.raises(ProtocolError, match="limit"):
+        deserialize_tensor(message, max_bytes=63)
+
+
+def test_a_huge_declared_shape_is_refused_before_looking_at_the_buffer():
+    with pytest.raises(ProtocolError, match="limit"):
+        deserialize_tensor(proto([2**20, 2**20, 2**20], buffer=b""))
+
+
+# --- metadata ------------------------------------------------------------------------------------------------
+
+SPEC = {"session_id": "session-0001", "start": 0, "end": 4, "max_length": 128}
+
+
+def json_bytes(fields: dict) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def test_metadata_round_trips():
+    spec = SessionSpec(**SPEC)
+
+    assert decode_metadata(encode_metadata(spec), SessionSpec) == spec
+
+
+def test_junk_bytes_are_a_protocol_error():
+    with pytest.raises(ProtocolError) as error:
+        decode_metadata(b"\xff\xfe\x00not json", SessionSpec)
+    assert str(error.value).startswith("Invalid SessionSpec: ")
+    assert "\n" not in str(error.value)
+
+
+def test_a_field_of_the_wrong_type_is_named():
+    with pytest.raises(ProtocolError) as error:
+        decode_metadata(json_bytes({**SPEC, "start": "zero"}), SessionSpec)
+    assert str(error.value).startswith("Invalid SessionSpec: start: ")
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_field_is_named():
+    fields = dict(SPEC)
+    del fields["max_length"]
+
+    with pytest.raises(ProtocolError, match=r"^Invalid SessionSpec: max_length: "):
+        decode_metadata(json_bytes(fields), SessionSpec)
+
+
+def test_an_extra_field_is_named():
+    with pytest.raises(ProtocolError) as error:
+        decode_metadata(json_bytes({**SPEC, "debug_dump_path": "/tmp/x"}), SessionSpec)
+    assert str(error.value).startswith("Invalid SessionSpec: debug_dump_path: ")
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_field_inside_a_nested_message_is_named_with_its_path():
+    step = {"position": 0, "open": {**SPEC, "end": 0}}
+
+    with pytest.raises(ProtocolError, match=r"^Invalid InferenceStep: open\.end: "):
+        decode_metadata(json_bytes(step), InferenceStep)
+
+
+@pytest.mark.parametrize(
+    "session_id", ["../../etc/passwd", "has space in it", "semi;colon-id", "ünïcode-id", "short", "x" * 65]
+)
+def test_a_session_id_with_odd_characters_is_rejected(session_id):
+    with pytest.raises(ValidationError):
+        SessionSpec(**{**SPEC, "session_id": session_id})
+
+
+def test_a_plain_session_id_is_accepted():
+    assert SessionSpec(**{**SPEC, "session_id": "Abc_123-xyz"}).session_id == "Abc_123-xyz"
