@@ -84,16 +84,27 @@ class SwarmProcess:
         if self.popen.poll() is None:
             os.kill(self.popen.pid, sig)
 
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started (its DHT process, its p2p daemon), like a crash.
+
+        The child was started in its own session, so its process group id is its PID: only what we started."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
     def stop(self, timeout: float = 15.0) -> Optional[int]:
-        """SIGTERM, then SIGKILL if it does not exit in time. Only ever signals this PID."""
+        """SIGTERM, then SIGKILL if it does not exit in time; then reap anything of its group left behind."""
         if self.popen.poll() is None:
             self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.popen.wait(5)
-        return self.popen.returncode
+                pass
+        returncode = self.popen.poll()
+        self.kill()
+        return returncode
 
 
 def spawn(name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None) -> SwarmProcess:

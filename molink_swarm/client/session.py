@@ -88,7 +88,7 @@ class InferenceSession:
         swarm: SwarmClient,
         *,
         max_length: int,
-        model_name: str = "the model",
+        model_name: str,
         step_timeout: float = 120.0,
         wait_for_blocks_s: float = 30.0,
     ):
@@ -211,11 +211,17 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
 async def call_forward(swarm: SwarmClient, peer_id, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
     """One request, one reply, over a stream (unary calls are capped at 4 MiB)."""
 
+    replied = asyncio.Event()
+
     async def one():
         yield request
+        await replied.wait()  # end the stream only after the reply: closing early races with it
 
-    replies = await swarm.stub(peer_id).rpc_forward(one())
-    reply = await anext(replies, None)
+    try:
+        replies = await swarm.stub(peer_id).rpc_forward(one())
+        reply = await anext(replies, None)
+    finally:
+        replied.set()
     if reply is None:
         raise ConnectionError(f"Server {peer_id} closed the forward stream without a reply")
     return reply

@@ -14,13 +14,11 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from molink_swarm.dht.records import MODELS_KEY, ModelRecord, ServerRecord, block_key, parse_record
-from molink_swarm.dht.validation import make_validators
+from molink_swarm.dht.identity import load_or_create_identity
+from molink_swarm.dht.validation import make_validators, peer_id_from_subkey
 from molink_swarm.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-_OWNER_MARKER = b"[owner:"
-
 
 def _patch_hivemind_multiaddr() -> None:
     """hivemind's bundled multiaddr encodes ``/p2p/<id>`` as a CIDv1 that its own daemon rejects on connect
@@ -53,13 +51,18 @@ def start_dht(
     host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
     announce_maddrs: Optional[Sequence[str]] = None,
     identity_path: Optional[str] = None,
+    announcing: bool = False,
     **kwargs,
 ) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """Start a hivemind DHT peer (in its own process) that validates records like every other swarm peer.
 
-    Returns the DHT and the signature validator whose public key marks the records this peer owns.
+    A peer that announces records (``announcing=True``) gets an RSA identity whose key also signs its records
+    (see identity.py). Returns the DHT and the signature validator that marks the records this peer owns.
     """
-    signature_validator, schema_validator = make_validators()
+    private_key = None
+    if announcing or identity_path is not None:
+        identity_path, private_key = load_or_create_identity(identity_path)
+    signature_validator, schema_validator = make_validators(private_key)
     try:
         dht = hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -84,15 +87,6 @@ def start_dht(
 def owner_subkey(peer_id: PeerID, validator: RSASignatureValidator) -> bytes:
     """The subkey under which a peer stores its records: its peer id plus its public key (so only it can sign)."""
     return peer_id.to_base58().encode() + validator.local_public_key
-
-
-def peer_id_from_subkey(subkey: object) -> Optional[PeerID]:
-    if not isinstance(subkey, bytes) or _OWNER_MARKER not in subkey:
-        return None
-    try:
-        return PeerID.from_base58(subkey.split(_OWNER_MARKER, 1)[0].decode())
-    except Exception:  # junk subkey from the network
-        return None
 
 
 async def _store_many(_dht: hivemind.DHT, node: DHTNode, keys, values, expiration_time, subkey) -> dict:

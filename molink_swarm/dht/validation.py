@@ -9,12 +9,16 @@ can therefore neither overwrite another's record nor plant junk under our kind n
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
+from molink_swarm.dht.identity import owner_key_in, peer_id_of_owner_key
 from molink_swarm.dht.records import MODEL_RECORD_KIND, SERVER_RECORD_KIND, parse_record
 
 logger = logging.getLogger(__name__)
@@ -30,15 +34,15 @@ class SwarmSchemaValidator(RecordValidatorBase):
             return True  # not ours (e.g. hivemind's own records): nothing to check
         try:
             value = MSGPackSerializer.loads(record.value)
+            subkey = MSGPackSerializer.loads(record.subkey)
         except Exception:  # malformed msgpack from the network: reject, don't crash the DHT
             logger.debug("Rejected an undecodable DHT record")
             return False
         if parse_record(value) is None:
             logger.debug("Rejected a DHT record that does not match the schema")
             return False
-        # A complete "[owner:<key>]" marker: only then does the signature validator demand the owner's signature.
-        if record.subkey in DHTProtocol.RESERVED_SUBKEYS or not RSASignatureValidator._PUBLIC_KEY_RE.search(record.subkey):
-            logger.debug("Rejected a DHT record without an owner key in its subkey")
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS or peer_id_from_subkey(subkey) is None:
+            logger.debug("Rejected a DHT record whose subkey is not <peer id of the owner key>[owner:<key>]")
             return False
         return True
 
@@ -50,5 +54,23 @@ class SwarmSchemaValidator(RecordValidatorBase):
         return isinstance(other, SwarmSchemaValidator)
 
 
-def make_validators() -> tuple[RSASignatureValidator, SwarmSchemaValidator]:
-    return RSASignatureValidator(), SwarmSchemaValidator()
+def peer_id_from_subkey(subkey: object) -> Optional[PeerID]:
+    """The peer id of a record's owner: the subkey must be exactly ``<peer id>[owner:<key>]``, where the peer id
+    is the one libp2p derives from that key (the signature validator has checked the record is signed by it)."""
+    if not isinstance(subkey, bytes):
+        return None
+    owner_key = owner_key_in(subkey)
+    if owner_key is None:
+        return None
+    peer_id = peer_id_of_owner_key(owner_key)
+    if peer_id is None or subkey != owner_subkey_bytes(peer_id, owner_key):
+        return None
+    return peer_id
+
+
+def owner_subkey_bytes(peer_id: PeerID, owner_key: bytes) -> bytes:
+    return peer_id.to_base58().encode() + RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", owner_key)
+
+
+def make_validators(private_key: Optional[RSAPrivateKey] = None) -> tuple[RSASignatureValidator, SwarmSchemaValidator]:
+    return RSASignatureValidator(private_key), SwarmSchemaValidator()

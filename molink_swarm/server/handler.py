@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import AsyncIterator
@@ -151,6 +152,9 @@ class BlockServicer(ServicerBase):
         output = await self.compute.run(run, Priority.FORWARD)
         self.tokens_served += hidden.shape[0] * hidden.shape[1]
         yield response(None, output)
+        # Let the client end the stream: closing it from here first can break the client's pending write.
+        with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+            await asyncio.wait_for(anext(requests), 5.0)
 
     # ---- info and ping
 

@@ -101,7 +101,11 @@ class Server:
         if announce and cfg.port == 0:
             raise UserError("--public-ip needs an explicit --port (the port forwarded to this machine)")
         dht, validator = start_dht(
-            cfg.initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce, identity_path=cfg.identity_path
+            cfg.initial_peers,
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce,
+            identity_path=cfg.identity_path,
+            announcing=True,
         )
         compute = None
         try:

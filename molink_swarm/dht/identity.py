@@ -1,0 +1,68 @@
+"""One RSA key per server for both its libp2p identity and its DHT record signatures.
+
+libp2p derives an RSA peer's id from its public key, and hivemind's signature validator puts the signing
+public key in the record's subkey. Using the same key for both lets every peer check that the peer id a
+record claims really belongs to the key that signed it: no peer can announce records in another's name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import multihash
+from cryptography.hazmat.primitives import serialization
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+from molink_swarm.errors import UserError
+
+
+class BadIdentityError(UserError):
+    pass
+
+
+def load_or_create_identity(path: Optional[str]) -> tuple[str, RSAPrivateKey]:
+    """The identity file to give the p2p daemon, and its RSA key. Without ``path``, a fresh key for this run."""
+    if path is None:
+        folder = tempfile.mkdtemp(prefix="molink-identity-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = os.path.join(folder, "identity.key")
+    if not os.path.exists(path):
+        P2P.generate_identity(path)  # an RSA key, as a libp2p PrivateKey protobuf
+    try:
+        with open(path, "rb") as f:
+            proto = crypto_pb2.PrivateKey.FromString(f.read())
+        if proto.key_type != crypto_pb2.KeyType.RSA:
+            raise ValueError("not an RSA key")
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": proto.data})
+    except Exception as e:  # unreadable or foreign key file: tell the user what to do
+        raise BadIdentityError(
+            f"--identity {path}: cannot use this key file ({e}); delete it to let molink-swarm create a new one"
+        ) from None
+    return path, key
+
+
+@functools.lru_cache(maxsize=4096)
+def peer_id_of_owner_key(owner_key: bytes) -> Optional[PeerID]:
+    """The libp2p peer id of an RSA public key in OpenSSH form (as found in "[owner:...]"), or None if invalid."""
+    try:
+        public = RSAPublicKey.from_bytes(owner_key)._public_key
+    except Exception:  # junk from the network
+        return None
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256")))
+
+
+def owner_key_in(subkey: bytes) -> Optional[bytes]:
+    match = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey)
+    return match.group(1) if match else None
