@@ -31,6 +31,7 @@ class SwarmProcess:
     popen: subprocess.Popen
     lines: list[str] = dataclasses.field(default_factory=list)
     log_path: Optional[Path] = None
+    peer_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
@@ -76,6 +77,11 @@ class SwarmProcess:
                 if remaining <= 0:
                     raise LocalSwarmError(f"{self.name}: no line matching {pattern!r} in {timeout} s:\n" + self.output())
                 self._cond.wait(min(remaining, 0.5))
+
+    def wait_online(self, timeout: float = 240.0) -> "SwarmProcess":
+        """Wait for the server's `online` line; remembers its peer id."""
+        self.peer_id = self.wait_for(r"Server (\S+) online", timeout).group(1)
+        return self
 
     def output(self, last: int = 60) -> str:
         return "\n".join(self.lines[-last:])
@@ -142,15 +148,18 @@ class LocalSwarm:
         server = spawn(name, args, log_dir=self.log_dir, env=self.env)
         self.servers.append(server)
         if wait:
-            server.wait_for(r"\bonline\b", timeout)
+            server.wait_online(timeout)
         return server
 
     def start(self, block_ranges: Sequence[str], *extra: str, timeout: float = 240.0) -> "LocalSwarm":
         self.start_bootstrap()
         started = [self.start_server(blocks, *extra, wait=False) for blocks in block_ranges]
         for server in started:
-            server.wait_for(r"\bonline\b", timeout)
+            server.wait_online(timeout)
         return self
+
+    def server_by_peer(self, peer_id) -> SwarmProcess:
+        return next(s for s in self.servers if s.peer_id == str(peer_id))
 
     def stop(self) -> None:
         for process in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:

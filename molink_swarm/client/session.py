@@ -1,15 +1,22 @@
-"""Inference sessions: a chain of servers, each holding the KV cache of its blocks for this session."""
+"""Inference sessions: a chain of servers, each holding the KV cache of its blocks for this session.
+
+Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
+closed stream, step timeout, or it left the DHT), the client bans it, plans a replacement chain for that
+hop's blocks (possibly split differently), replays the kept inputs to rebuild the cache there, and retries
+the step. Downstream hops are untouched: the replacement reproduces the same outputs for the same inputs.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from typing import AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2PHandlerError
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import wire
@@ -20,21 +27,78 @@ from molink_swarm.routing.planner import Hop, MissingBlocksError, format_blocks,
 
 logger = logging.getLogger(__name__)
 
+# What a failing server looks like from here; anything else is a bug and propagates.
+SERVER_FAILURES = (
+    P2PHandlerError,
+    P2PDaemonError,
+    ConnectionError,
+    OSError,
+    EOFError,
+    asyncio.TimeoutError,
+    asyncio.IncompleteReadError,
+    wire.ProtocolError,
+)
+
 
 class SwarmError(UserError):
     """The swarm could not serve a request (missing blocks, every candidate failed)."""
 
 
-class _HopStream:
-    """The open inference stream to one server of the chain."""
+class StepTimer:
+    """Adaptive step timeouts: a hung server is detected in a few multiples of its usual step time.
 
-    def __init__(self, swarm: SwarmClient, hop: Hop, spec: wire.SessionSpec, step_timeout: float):
-        self.hop, self.spec, self.step_timeout = hop, spec, step_timeout
+    Decode steps and prefills are timed separately (per token for prefills). Until a step has been measured
+    the timeout is generous, since the first step of a session also opens the stream.
+    """
+
+    def __init__(self, min_timeout: float, initial_timeout: float, factor: float = 4.0):
+        self.min_timeout, self.initial_timeout, self.factor = min_timeout, initial_timeout, factor
+        self.decode_s: Optional[float] = None
+        self.per_token_s: Optional[float] = None
+
+    def timeout(self, tokens: int) -> float:
+        if tokens <= 4:
+            expected = self.decode_s
+        else:
+            expected = None if self.per_token_s is None else self.per_token_s * tokens
+        if expected is None:
+            return self.initial_timeout + 0.01 * tokens
+        return max(self.min_timeout, self.factor * expected)
+
+    def record(self, tokens: int, seconds: float) -> None:
+        if tokens <= 4:
+            self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
+        else:
+            per_token = seconds / tokens
+            self.per_token_s = per_token if self.per_token_s is None else 0.8 * self.per_token_s + 0.2 * per_token
+
+
+class _HopStream:
+    """The open inference stream to one server of the chain, and every input sent to it."""
+
+    def __init__(self, swarm: SwarmClient, hop: Hop, spec: wire.SessionSpec, timer: StepTimer):
+        self.hop, self.spec, self.timer = hop, spec, timer
         self._swarm = swarm
         self._requests: asyncio.Queue[Optional[runtime_pb2.ExpertRequest]] = asyncio.Queue()
         self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
         self._opened = False
         self._step_id = 0
+        self._inputs: list[torch.Tensor] = []
+        self.created_at = time.monotonic()
+        self.last_result: Optional[wire.StepResult] = None
+
+    @property
+    def peer_id(self):
+        return self.hop.peer_id
+
+    def remember(self, hidden: torch.Tensor) -> None:
+        self._inputs.append(hidden)
+
+    def history(self) -> Optional[torch.Tensor]:
+        """Inputs of every position this hop holds, [batch, positions, hidden] (None before the first step)."""
+        if len(self._inputs) > 1:
+            self._inputs = [torch.cat(self._inputs, dim=1)]
+        return self._inputs[0] if self._inputs else None
 
     async def _request_iterator(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -44,36 +108,36 @@ class _HopStream:
             yield item
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        tokens = hidden.shape[1]
+        timeout = self.timer.timeout(tokens)
+        started = time.perf_counter()
         if self._responses is None:
-            self._responses = await self._swarm.stub(self.hop.peer_id).rpc_inference(self._request_iterator())
-        message = wire.InferenceStep(
-            open=None if self._opened else self.spec, position=position, step_id=self._step_id
-        )
+            self._responses = await asyncio.wait_for(
+                self._swarm.stub(self.peer_id).rpc_inference(self._request_iterator()), timeout
+            )
+        message = wire.InferenceStep(open=None if self._opened else self.spec, position=position, step_id=self._step_id)
         self._opened = True
         self._step_id += 1
         self._requests.put_nowait(wire.request(message, hidden))
         try:
-            reply = await asyncio.wait_for(anext(self._responses), self.step_timeout)
+            reply = await asyncio.wait_for(anext(self._responses), timeout)
         except StopAsyncIteration:
-            raise ConnectionError(f"Server {self.hop.peer_id} closed the session") from None
+            raise ConnectionError(f"Server {self.peer_id} closed the session") from None
         result = wire.decode_metadata(reply.metadata, wire.StepResult)
-        self.last_result = result
-        if len(reply.tensors) != 1 or result.position != position + hidden.shape[1]:
-            raise wire.ProtocolError(f"Server {self.hop.peer_id} sent an inconsistent step result")
+        if len(reply.tensors) != 1 or result.position != position + tokens:
+            raise wire.ProtocolError(f"Server {self.peer_id} sent an inconsistent step result")
         output = wire.deserialize_tensor(reply.tensors[0])
         if output.shape != hidden.shape:
-            raise wire.ProtocolError(f"Server {self.hop.peer_id} returned shape {list(output.shape)}")
+            raise wire.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
+        self.timer.record(tokens, time.perf_counter() - started)
+        self.last_result = result
         return output
 
     async def close(self) -> None:
         self._requests.put_nowait(None)
         if self._responses is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing must never raise, whatever state the peer is in
                 await asyncio.wait_for(anext(self._responses), 2.0)
-            except (StopAsyncIteration, asyncio.TimeoutError, P2PHandlerError, ConnectionError, OSError):
-                pass
-            except Exception:  # closing must never raise
-                logger.debug("Error while closing a stream", exc_info=True)
 
 
 class InferenceSession:
@@ -89,20 +153,31 @@ class InferenceSession:
         *,
         max_length: int,
         model_name: str,
-        step_timeout: float = 120.0,
         wait_for_blocks_s: float = 30.0,
+        min_step_timeout: float = 5.0,
+        initial_step_timeout: float = 60.0,
+        leave_check_period: float = 1.0,
     ):
         self.swarm = swarm
         self.max_length = max_length
         self.model_name = model_name
-        self.step_timeout = step_timeout
         self.wait_for_blocks_s = wait_for_blocks_s
+        self.min_step_timeout, self.initial_step_timeout = min_step_timeout, initial_step_timeout
+        self.leave_check_period = leave_check_period
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.history: Optional[torch.Tensor] = None
+        self.failovers = 0
+        self.replay_compute_s = 0.0
         self._hops: list[_HopStream] = []
         self._batch_size: Optional[int] = None
+        self._leave_check: Optional[asyncio.Task] = None
+        self._last_leave_check = time.monotonic()
         self.closed = False
+
+    @property
+    def chain(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
 
     # ---- synchronous API (what the model classes call)
 
@@ -136,47 +211,116 @@ class InferenceSession:
         elif hidden.shape[0] != self._batch_size:
             raise SwarmError(f"Batch size changed from {self._batch_size} to {hidden.shape[0]} within a session")
         if not self._hops:
-            self._hops = await self._open_chain()
-        for hop in self._hops:
+            self._hops = await self._open_hops(0, self.swarm.num_blocks, replay=None)
+        self._schedule_leave_check()
+        index = 0
+        while index < len(self._hops):
+            hop = self._hops[index]
+            if hop.peer_id in self.swarm.departed:
+                await self._replace(index, f"server {hop.peer_id} left the swarm")
+                continue
             try:
-                hidden = await hop.step(hidden, self.position)
-            except (P2PHandlerError, ConnectionError, OSError, asyncio.TimeoutError, wire.ProtocolError) as e:
-                raise SwarmError(f"Server {hop.hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e}") from e
+                output = await hop.step(hidden, self.position)
+            except SERVER_FAILURES as e:
+                await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}")
+                continue
+            hop.remember(hidden)
+            hidden = output
+            index += 1
         self.position += hidden.shape[1]
         return hidden
 
-    async def _open_chain(self) -> list[_HopStream]:
-        hops = await plan_with_wait(self.swarm, self.wait_for_blocks_s, self.model_name, self.max_length * self._batch_size)
-        logger.debug("Session %s chain: %s", self.session_id, [(str(h.peer_id), h.start, h.end) for h in hops])
-        return [
-            _HopStream(
+    def _schedule_leave_check(self) -> None:
+        """Refresh the server list in the background so that servers that announced leaving are moved off early."""
+        now = time.monotonic()
+        if now - self._last_leave_check < self.leave_check_period:
+            return
+        if self._leave_check is None or self._leave_check.done():
+            self._last_leave_check = now
+            self._leave_check = asyncio.create_task(self.swarm.refresh_departures())
+
+    async def _open_hops(self, start: int, end: int, replay: Optional[torch.Tensor]) -> list[_HopStream]:
+        """Plan hops for blocks ``start..end-1`` and, if given, replay ``replay`` through them to rebuild caches.
+
+        Retries with other servers (banning the ones that fail) until the wait for missing blocks runs out.
+        """
+        deadline = time.monotonic() + self.wait_for_blocks_s
+        refresh = replay is not None
+        while True:
+            hops = await plan_with_wait(
                 self.swarm,
-                hop,
-                wire.SessionSpec(
-                    session_id=self.session_id,
-                    start=hop.start,
-                    end=hop.end,
-                    max_length=self.max_length,
-                    batch_size=self._batch_size,
-                ),
-                self.step_timeout,
+                max(0.0, deadline - time.monotonic()),
+                self.model_name,
+                cache_tokens=self.max_length * self._batch_size,
+                start=start,
+                end=end,
+                refresh=refresh,
             )
-            for hop in hops
-        ]
+            streams = [self._stream(hop) for hop in hops]
+            if replay is None:
+                return streams
+            current = None
+            try:
+                inputs = replay
+                for current in streams:
+                    outputs = await current.step(inputs, 0)
+                    current.remember(inputs)
+                    self.replay_compute_s += current.last_result.compute_s if current.last_result else 0.0
+                    inputs = outputs
+                return streams
+            except SERVER_FAILURES as e:
+                logger.warning("Replay on %s failed (%r); trying another server", current.peer_id, e)
+                self.swarm.ban(current.peer_id)
+                for stream in streams:
+                    asyncio.create_task(stream.close())
+                refresh = True
+                if time.monotonic() >= deadline:
+                    raise SwarmError(f"Could not rebuild the session on blocks {start}:{end}: {e}") from e
+
+    async def _replace(self, index: int, reason: str) -> None:
+        failed = self._hops[index]
+        logger.warning("Session %s: %s; rebuilding blocks %d:%d", self.session_id[:8], reason, failed.hop.start, failed.hop.end)
+        self.swarm.ban(failed.peer_id)
+        asyncio.create_task(failed.close())  # never wait on a dead or hung peer
+        replacement = await self._open_hops(failed.hop.start, failed.hop.end, replay=failed.history())
+        self._hops[index : index + 1] = replacement
+        self.failovers += 1
+
+    def _stream(self, hop: Hop) -> _HopStream:
+        spec = wire.SessionSpec(
+            session_id=uuid.uuid4().hex,  # a fresh id per stream: a replacement never collides with a dead one
+            start=hop.start,
+            end=hop.end,
+            max_length=self.max_length,
+            batch_size=self._batch_size,
+        )
+        return _HopStream(self.swarm, hop, spec, StepTimer(self.min_step_timeout, self.initial_step_timeout))
 
     async def _close_hops(self) -> None:
+        if self._leave_check is not None:
+            self._leave_check.cancel()
         await asyncio.gather(*(hop.close() for hop in self._hops), return_exceptions=True)
         self._hops = []
 
 
-async def plan_with_wait(swarm: SwarmClient, wait_s: float, model_name: str, cache_tokens: int = 0) -> list[Hop]:
+async def plan_with_wait(
+    swarm: SwarmClient,
+    wait_s: float,
+    model_name: str,
+    cache_tokens: int = 0,
+    *,
+    start: int = 0,
+    end: Optional[int] = None,
+    refresh: bool = False,
+) -> list[Hop]:
     """Plan a chain; if some blocks have no server, wait up to ``wait_s`` for one to join, then fail clearly."""
     deadline = time.monotonic() + wait_s
-    refresh = False
     while True:
         candidates = await swarm.candidates(refresh=refresh)
         try:
-            return plan_chain(swarm.num_blocks, candidates, min_cache_tokens=cache_tokens)
+            return plan_chain(
+                swarm.num_blocks, candidates, start=start, end=end, banned=swarm.banned(), min_cache_tokens=cache_tokens
+            )
         except MissingBlocksError as e:
             if time.monotonic() >= deadline:
                 blocks = format_blocks(e.missing)
@@ -191,26 +335,33 @@ async def plan_with_wait(swarm: SwarmClient, wait_s: float, model_name: str, cac
 
 
 async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_name: str, wait_s: float) -> torch.Tensor:
-    """A cache-less pass of full sequences through every block (``model(input_ids)`` without a session)."""
-    hops = await plan_with_wait(swarm, wait_s, model_name)
-    for hop in hops:
+    """A cache-less pass of full sequences through every block (``model(input_ids)`` without a session).
+
+    A failing server is banned and its blocks re-planned; nothing needs replaying since nothing is cached."""
+    position, end = 0, swarm.num_blocks
+    deadline = time.monotonic() + wait_s
+    while position < end:
+        hop = (await plan_with_wait(swarm, max(0.0, deadline - time.monotonic()), model_name, start=position))[0]
         request = wire.request(wire.ForwardRequest(start=hop.start, end=hop.end), hidden)
         try:
             reply = await asyncio.wait_for(call_forward(swarm, hop.peer_id, request), 600)
-        except (P2PHandlerError, ConnectionError, OSError, asyncio.TimeoutError) as e:
-            raise SwarmError(f"Server {hop.peer_id} (blocks {hop.start}:{hop.end}) failed: {e}") from e
-        if len(reply.tensors) != 1:
-            raise SwarmError(f"Server {hop.peer_id} sent {len(reply.tensors)} tensors")
-        output = wire.deserialize_tensor(reply.tensors[0])
-        if output.shape != hidden.shape:
-            raise SwarmError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
-        hidden = output
+            if len(reply.tensors) != 1:
+                raise wire.ProtocolError(f"Server {hop.peer_id} sent {len(reply.tensors)} tensors")
+            output = wire.deserialize_tensor(reply.tensors[0])
+            if output.shape != hidden.shape:
+                raise wire.ProtocolError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
+        except SERVER_FAILURES as e:
+            logger.warning("Forward on %s failed (%r); re-planning blocks %d:%d", hop.peer_id, e, hop.start, hop.end)
+            swarm.ban(hop.peer_id)
+            if time.monotonic() >= deadline:
+                raise SwarmError(f"Server {hop.peer_id} (blocks {hop.start}:{hop.end}) failed: {e}") from e
+            continue
+        hidden, position = output, hop.end
     return hidden
 
 
 async def call_forward(swarm: SwarmClient, peer_id, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
     """One request, one reply, over a stream (unary calls are capped at 4 MiB)."""
-
     replied = asyncio.Event()
 
     async def one():

@@ -36,18 +36,39 @@ class SwarmClient:
         self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         self.p2p: P2P = run_sync(self.dht.replicate_p2p())
         self.rtts: dict[PeerID, float] = {}
+        self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
+        self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
 
     async def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """Online servers of this model with the same fingerprint (a different copy is never chained)."""
         if refresh or time.monotonic() - self._fetched_at > self.refresh_period:
             found = await asyncio.to_thread(fetch_servers, self.dht, self.model_id, self.num_blocks)
-            self._servers = [
+            online = [
                 s for s in found if s.record.state == ServerState.ONLINE and s.record.model_fingerprint == self.fingerprint
             ]
+            now_online = {s.peer_id for s in online}
+            self.departed = (self.departed | {s.peer_id for s in self._servers}) - now_online
+            self._servers = online
             self._fetched_at = time.monotonic()
         return self._servers
+
+    async def refresh_departures(self) -> None:
+        try:
+            await self.servers(refresh=True)
+        except Exception:  # a failed look-up must not break the session that asked in the background
+            logger.debug("Background server refresh failed", exc_info=True)
+
+    def ban(self, peer_id: PeerID, base_s: float = 5.0, max_s: float = 300.0) -> None:
+        """Avoid a failed server for a while, longer each time it fails again (exponential backoff)."""
+        count = self._bans.get(peer_id, (0, 0.0))[0] + 1
+        self._bans[peer_id] = (count, time.monotonic() + min(max_s, base_s * 2 ** (count - 1)))
+        logger.info("Banned %s for %.0f s", peer_id, self._bans[peer_id][1] - time.monotonic())
+
+    def banned(self) -> set[PeerID]:
+        now = time.monotonic()
+        return {peer for peer, (_count, until) in self._bans.items() if until > now}
 
     async def candidates(self, refresh: bool = False) -> list[Candidate]:
         servers = await self.servers(refresh)
