@@ -106,6 +106,28 @@ def test_dead_replica_mid_generation(swarm, model_path, local, how):
         model.shutdown()
 
 
+def test_two_replicas_die_at_once(swarm, model_path, local):
+    """The replacement planned first may be the other dead replica (its record is still in the DHT): the replay
+    onto it fails too, and the session moves on to the third."""
+    local_swarm = swarm(model_path, ["0:10", "10:20", "10:20", "10:20", "20:30"])
+    model = open_model(local_swarm, model_path)
+    try:
+        ids = prompt(seed=17)
+
+        def fault(session):
+            for server in local_swarm.servers[1:4]:
+                if server is not server_serving(local_swarm, session, 15):
+                    server.kill()
+                    break
+            server_serving(local_swarm, session, 15).kill()
+
+        out, session = run_with_fault(model, ids, 10, fault)
+        assert torch.equal(out, expected(local, ids))
+        assert session.failovers >= 1
+    finally:
+        model.shutdown()
+
+
 def test_kill_during_prefill(swarm, model_path, local):
     local_swarm = swarm(model_path, ["0:10", "10:20", "10:20", "20:30"])
     model = open_model(local_swarm, model_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 import uuid
@@ -239,7 +240,9 @@ class InferenceSession:
             self._last_leave_check = now
             self._leave_check = asyncio.create_task(self.swarm.refresh_departures())
 
-    async def _open_hops(self, start: int, end: int, replay: Optional[torch.Tensor]) -> list[_HopStream]:
+    async def _open_hops(
+        self, start: int, end: int, replay: Optional[torch.Tensor], timer: Optional[StepTimer] = None
+    ) -> list[_HopStream]:
         """Plan hops for blocks ``start..end-1`` and, if given, replay ``replay`` through them to rebuild caches.
 
         Retries with other servers (banning the ones that fail) until the wait for missing blocks runs out.
@@ -256,7 +259,7 @@ class InferenceSession:
                 end=end,
                 refresh=refresh,
             )
-            streams = [self._stream(hop) for hop in hops]
+            streams = [self._stream(hop, timer) for hop in hops]
             if replay is None:
                 return streams
             current = None
@@ -282,11 +285,13 @@ class InferenceSession:
         logger.warning("Session %s: %s; rebuilding blocks %d:%d", self.session_id[:8], reason, failed.hop.start, failed.hop.end)
         self.swarm.ban(failed.peer_id)
         asyncio.create_task(failed.close())  # never wait on a dead or hung peer
-        replacement = await self._open_hops(failed.hop.start, failed.hop.end, replay=failed.history())
+        # The replacement starts with the failed hop's step times: a replica that hangs during the replay is
+        # then detected as fast as the original would have been.
+        replacement = await self._open_hops(failed.hop.start, failed.hop.end, failed.history(), failed.timer)
         self._hops[index : index + 1] = replacement
         self.failovers += 1
 
-    def _stream(self, hop: Hop) -> _HopStream:
+    def _stream(self, hop: Hop, timer: Optional[StepTimer] = None) -> _HopStream:
         spec = wire.SessionSpec(
             session_id=uuid.uuid4().hex,  # a fresh id per stream: a replacement never collides with a dead one
             start=hop.start,
@@ -294,7 +299,8 @@ class InferenceSession:
             max_length=self.max_length,
             batch_size=self._batch_size,
         )
-        return _HopStream(self.swarm, hop, spec, StepTimer(self.min_step_timeout, self.initial_step_timeout))
+        timer = copy.copy(timer) if timer is not None else StepTimer(self.min_step_timeout, self.initial_step_timeout)
+        return _HopStream(self.swarm, hop, spec, timer)
 
     async def _close_hops(self) -> None:
         if self._leave_check is not None:
