@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from molink_swarm import __version__
 from molink_swarm.errors import UserError
@@ -128,20 +128,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
     from molink_swarm.client.chat import run_terminal_chat
     from molink_swarm.local_swarm import LocalSwarm
-
-    from rich.console import Console
+    from molink_swarm.models import resolve_model
 
     console = Console()
     model = DEFAULT_MODEL
-    from molink_swarm.models import resolve_model
-
     resolve_model(model, progress=True)  # convert once, before the servers race to do it
-    with LocalSwarm(model) as swarm, console.status("Starting a local swarm: bootstrap + 2 servers (blocks 0:15, 15:30)…"):
-        swarm.start(["0:15", "15:30"])
+    swarm = LocalSwarm(model)
     try:
-        console.print(f"Swarm online. Others can join with: molink-swarm join --model {model} --initial-peers {swarm.initial_peers[0]}")
+        with console.status("Starting a local swarm: a bootstrap peer and 2 servers (blocks 0:15 and 15:30)…"):
+            swarm.start(["0:15", "15:30"])
+        console.print(
+            f"Swarm online. Add your own server: molink-swarm join --model {model} --num-blocks 10 "
+            f"--initial-peers {swarm.initial_peers[0]}"
+        )
         run_terminal_chat(model, swarm.initial_peers)
     finally:
         swarm.stop()

@@ -69,7 +69,9 @@ class ForwardRequest(_Message):
     end: int = Field(gt=0)
 
 
-class ServerInfo(_Message):
+class ServerStatus(_Message):
+    """What a server says about itself when asked directly (rpc_info)."""
+
     model_id: str
     start: int
     end: int

@@ -65,3 +65,26 @@ def test_status_shows_every_server_and_missing_blocks(swarm, tiny_llama_path):
     assert "tiny-llama" in result.stdout
     assert "0:2" in result.stdout and "1:4" in result.stdout
     assert "Missing blocks: 4:6" in result.stdout
+
+
+def test_join_leaves_cleanly_on_sigterm(swarm, tiny_llama_path):
+    local = swarm(tiny_llama_path, ["0:6"])
+    server = local.servers[0]
+    assert server.stop() == 0
+    assert any("offline" in line for line in server.lines), server.output()
+
+
+def test_server_info_over_rpc(swarm, tiny_llama_path):
+    from molink_swarm.client.loop import run_sync
+    from molink_swarm.client.swarm import SwarmClient
+    from molink_swarm.models import resolve_model
+
+    local = swarm(tiny_llama_path, ["2:5"])
+    source = resolve_model(tiny_llama_path)
+    client = SwarmClient(local.initial_peers, source.model_id, source.fingerprint, 6)
+    try:
+        [server] = run_sync(client.servers())
+        status = run_sync(client.info(server.peer_id))
+        assert (status.model_id, status.start, status.end, status.active_sessions) == (source.model_id, 2, 5, 0)
+    finally:
+        client.shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TextIteratorStreamer
 
 from molink_swarm import AutoDistributedModelForCausalLM
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from molink_swarm.errors import ModelNotFoundError, UserError
 from molink_swarm.models import (
@@ -22,6 +22,7 @@ from molink_swarm.models import (
     tensor_names,
 )
 from molink_swarm.models import source as source_module
+from tests.conftest import make_tiny_llama
 
 MODEL_ID = re.compile(r"^[a-z0-9-]+-[0-9a-f]{8}$")
 FINGERPRINT_CACHE = ".molink-fingerprint.json"
@@ -35,17 +36,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_llama(num_layers=4)
 
 
 @pytest.fixture

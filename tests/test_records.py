@@ -9,7 +9,6 @@ import hivemind
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from molink_swarm.dht.records import (
     MODELS_KEY,

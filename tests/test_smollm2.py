@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from molink_swarm import AutoDistributedModelForCausalLM
+from molink_swarm.client.chat import ChatSession
 from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
 
 pytestmark = pytest.mark.slow
@@ -20,18 +21,42 @@ def smollm2():
     return source, tokenizer, local
 
 
-def test_greedy_chat_answer_is_token_identical(module_swarm, smollm2):
-    source, tokenizer, local = smollm2
+@pytest.fixture(scope="module")
+def distributed(module_swarm, smollm2):
     swarm = module_swarm(DEFAULT_MODEL_ALIAS, ["0:15", "15:30"])
     model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL_ALIAS, initial_peers=swarm.initial_peers)
+    yield model
+    model.shutdown()
+
+
+def local_answer(local, tokenizer, messages, max_new_tokens=32) -> str:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    out = local.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_greedy_chat_answer_is_token_identical(distributed, smollm2):
+    _source, tokenizer, local = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = local.generate(ids, **kwargs)
+    got = distributed.generate(ids, **kwargs)
+    assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
+    assert "Paris" in tokenizer.decode(got[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_two_turn_chat_keeps_the_cache_and_matches_local(distributed, smollm2):
+    _source, tokenizer, local = smollm2
+    chat = ChatSession(distributed, tokenizer, max_length=512)
     try:
-        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        expected = local.generate(ids, **kwargs)
-        got = model.generate(ids, **kwargs)
-        assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
-        answer = tokenizer.decode(got[0, ids.shape[1] :], skip_special_tokens=True)
-        assert "Paris" in answer
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        first = chat.reply(messages, max_new_tokens=32)
+        assert first == local_answer(local, tokenizer, messages)
+        session = chat._session
+        messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
+        second = chat.reply(messages, max_new_tokens=32)
+        assert second == local_answer(local, tokenizer, messages)
+        assert chat._session is session  # the same session went on: only the new turn was sent
     finally:
-        model.shutdown()
+        chat.close()

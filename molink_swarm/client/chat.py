@@ -55,7 +55,12 @@ class ChatSession:
             kwargs.update(do_sample=True, temperature=do_sample, top_p=sampling.pop("top_p", 1.0))
         else:
             kwargs.update(do_sample=False)
-        output = self.model.generate(new_ids, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **kwargs)
+        output = self.model.generate(
+            new_ids,
+            attention_mask=torch.ones_like(new_ids),
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            **kwargs,
+        )
         return self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 

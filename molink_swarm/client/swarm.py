@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 from typing import Optional, Sequence
 
 from hivemind.p2p import PeerID
 from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
 from molink_swarm.routing.planner import Candidate
 from molink_swarm.server.handler import BlockServicer
-from molink_swarm.wire import ServerInfo as ServerInfoMessage
+from molink_swarm.wire import ServerStatus, decode_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class SwarmClient:
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
+        self._closed = False
+        atexit.register(self.shutdown)  # users forget; a clean exit beats "Task was destroyed" noise
 
     async def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """Online servers of this model with the same fingerprint (a different copy is never chained)."""
@@ -92,8 +96,6 @@ class SwarmClient:
         return BlockServicer.get_stub(self.p2p, peer_id)
 
     async def ping(self, peer_id: PeerID, timeout: float = 5.0) -> Optional[float]:
-        from hivemind.proto import runtime_pb2
-
         started = time.perf_counter()
         try:
             await self.stub(peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
@@ -108,15 +110,15 @@ class SwarmClient:
     async def ping_all(self, peer_ids: Sequence[PeerID]) -> None:
         await asyncio.gather(*(self.ping(p) for p in peer_ids))
 
-    async def info(self, peer_id: PeerID, timeout: float = 10.0) -> ServerInfoMessage:
-        from hivemind.proto import runtime_pb2
-
-        from molink_swarm.wire import decode_metadata
-
+    async def info(self, peer_id: PeerID, timeout: float = 10.0) -> ServerStatus:
         reply = await self.stub(peer_id).rpc_info(runtime_pb2.ExpertRequest(), timeout=timeout)
-        return decode_metadata(reply.metadata, ServerInfoMessage)
+        return decode_metadata(reply.metadata, ServerStatus)
 
     def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
         try:
             run_sync(self.p2p.shutdown(), timeout=5)
         except Exception:  # the daemon may already be gone with the DHT process

@@ -9,3 +9,17 @@ from molink_swarm.dht.swarm_dht import (
     fetch_servers,
     start_dht,
 )
+
+__all__ = [
+    "ModelRecord",
+    "NoPeersReachableError",
+    "Reachability",
+    "ServerInfo",
+    "ServerRecord",
+    "ServerState",
+    "block_key",
+    "declare_server",
+    "fetch_models",
+    "fetch_servers",
+    "start_dht",
+]

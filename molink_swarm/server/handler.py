@@ -20,7 +20,7 @@ from molink_swarm.wire import (
     ForwardRequest,
     InferenceStep,
     ProtocolError,
-    ServerInfo,
+    ServerStatus,
     StepResult,
     decode_metadata,
     deserialize_tensor,
@@ -159,7 +159,7 @@ class BlockServicer(ServicerBase):
     # ---- info and ping
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        info = ServerInfo(
+        info = ServerStatus(
             model_id=self.model_id,
             start=self.blocks.start,
             end=self.blocks.end,
