@@ -18,16 +18,18 @@ Delay model, per direction (client->target and target->client are independent, l
 * With ``bandwidth_bps`` set, the link also serializes: a chunk occupies the link for
   ``len * 8 / bandwidth_bps`` seconds after the previous chunk finished transmitting, and then
   propagates for ``delay_s``: ``due = max(read_time, link_free_at) + len * 8 / bandwidth_bps + delay_s``.
-  The reader waits for its chunk's transmission to finish before reading the next one, so a fast sender
-  is pushed back through TCP flow control instead of piling data up in the proxy. Chunks are at most about
-  a millisecond of transmission (and at least one MTU), like packets on a real link.
+  The reader stops reading while more than a few milliseconds of transmission are queued, so a fast
+  sender is pushed back through TCP flow control instead of piling data up in the proxy. Chunks are at
+  most about a millisecond of transmission (and at least one MTU), like packets on a real link.
 * EOF (half-close) travels the same queue, so it arrives after all pending data; a connection reset
   travels it too and aborts the other side. A target that refuses the connection closes the client's.
 
 Both sockets use ``TCP_NODELAY`` so the relay adds no Nagle delay of its own.
 
-Caveat: the client's TCP handshake completes locally at the proxy, so a connect does not cost the extra
-round trip it would on a real WAN; everything after it (including TLS/Noise handshakes) does.
+Caveats: the client's TCP handshake completes locally at the proxy, so a connect does not cost the extra
+round trip it would on a real WAN; everything after it (including TLS/Noise handshakes) does. Delays are
+lower bounds: asyncio's epoll timers round up to whole milliseconds and the relay itself costs about
+0.1-0.2 ms per round trip, so a delivered chunk is typically up to ~1 ms later than due.
 
 Synchronous code (tests, benchmarks that start subprocesses) can use :class:`WanEmulator`, which runs links
 on a background thread; a single link can also run as a process:
@@ -52,8 +54,9 @@ logger = logging.getLogger(__name__)
 TO_TARGET = "to_target"
 TO_CLIENT = "to_client"
 
-_MAX_CHUNK = 65536
+_MAX_CHUNK = 256 * 1024
 _MIN_CHUNK = 1500  # one Ethernet MTU: a bandwidth-limited link never sends smaller "packets" than this
+_TX_QUEUE_S = 0.005  # how far ahead of the link's transmission the reader may read with a bandwidth cap
 _MAX_BUFFER = 8 * 1024 * 1024  # bytes queued in the proxy per direction before the reader stops reading
 
 
@@ -142,7 +145,10 @@ class _Direction:
                 self._put(_Eof(), 0)
                 return
             sent_at = self._put(data, len(data))
-            await _sleep_until(loop, sent_at)  # the link is busy transmitting this chunk
+            # The link is busy until sent_at. Reading a little ahead (a short transmit queue, as in a router)
+            # keeps the link saturated although timers wake up to a millisecond late; the due times are
+            # computed from link_free_at, not from when the reader woke, so this never exceeds the bandwidth.
+            await _sleep_until(loop, sent_at - _TX_QUEUE_S)
 
     async def write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -245,6 +251,10 @@ class WanLink:
         self._connections.add(task)
         try:
             await self._relay(client_reader, client_writer)
+        except asyncio.CancelledError:
+            # stop() cancels live connections; nothing awaits this task, and Python 3.11's StreamReaderProtocol
+            # logs a cancelled client_connected_cb task as an error, so end it quietly (transports are aborted).
+            pass
         finally:
             self._connections.discard(task)
 

@@ -150,3 +150,67 @@ def test_a_thousand_random_servers_over_80_blocks_give_a_contiguous_chain():
     assert hops[0].start == 0 and hops[-1].end == 80
     assert all(previous.end == following.start for previous, following in zip(hops, hops[1:]))
     assert all(by_id[hop.peer_id].start <= hop.start < hop.end <= by_id[hop.peer_id].end for hop in hops)
+
+
+def test_forwarding_mode_prefers_servers_that_announced_a_fast_link_between_them():
+    # Same client RTTs everywhere; only "a" announced a fast link to "b2", so a->b2 beats a->b1.
+    swarm = [
+        server("a", 0, 10, rtt_s=0.05, next_rtts={"b2": 0.002}),
+        server("b1", 10, 20, rtt_s=0.05),
+        server("b2", 10, 20, rtt_s=0.05),
+    ]
+
+    assert [hop.peer_id for hop in plan_chain(20, swarm, mode="forwarding")] == ["a", "b2"]
+
+
+def test_forwarding_makes_more_hops_affordable_when_servers_are_close_to_each_other():
+    # Relayed, every hop costs a full client round trip: one far server wins. Forwarding between close servers
+    # costs half a round trip in, tiny links between them, half a round trip out.
+    swarm = [
+        server("x", 0, 10, rtt_s=0.10, next_rtts={"y": 0.001}),
+        server("y", 10, 20, rtt_s=0.10, next_rtts={"z": 0.001}),
+        server("z", 20, 30, rtt_s=0.10),
+        server("whole", 0, 30, rtt_s=0.16),
+    ]
+
+    assert [hop.peer_id for hop in plan_chain(30, swarm, mode="relayed")] == ["whole"]
+    assert [hop.peer_id for hop in plan_chain(30, swarm, mode="forwarding")] == ["x", "y", "z"]
+
+
+def test_an_allow_list_restricts_the_chain():
+    swarm = [server("a", 0, 20, rtt_s=0.01), server("b", 0, 20, rtt_s=0.05), server("c", 0, 20, rtt_s=0.09)]
+
+    assert plan_chain(20, swarm, allowed={"b", "c"}) == [Hop("b", 0, 20)]
+    with pytest.raises(MissingBlocksError):
+        plan_chain(20, swarm, allowed={"nobody"})
+
+
+def test_throughput_mode_spreads_requests_over_equal_replicas():
+    swarm = [server(f"replica-{i}", 0, 20) for i in range(4)]
+    rng = random.Random(0)
+
+    chosen = {plan_chain(20, swarm, mode="throughput", rng=rng)[0].peer_id for _ in range(50)}
+
+    assert len(chosen) >= 3
+
+
+def test_throughput_mode_avoids_a_loaded_server():
+    swarm = [server("busy", 0, 20, load=0.9), server("idle", 0, 20, load=0.0)]
+
+    picks = [plan_chain(20, swarm, mode="throughput", rng=random.Random(i))[0].peer_id for i in range(20)]
+
+    assert picks.count("idle") == 20
+
+
+def test_plans_over_a_thousand_servers_with_announced_links_in_every_mode():
+    rng = random.Random(1)
+    swarm = []
+    for i in range(1000):
+        start = rng.randrange(0, 79)
+        end = min(80, start + rng.randint(1, 20))
+        links = {f"s{rng.randrange(1000)}": rng.uniform(0.001, 0.1) for _ in range(8)}
+        swarm.append(server(f"s{i}", start, end, rtt_s=rng.uniform(0.005, 0.2), next_rtts=links))
+    for mode in ("forwarding", "relayed", "throughput"):
+        hops = plan_chain(80, swarm, mode=mode)
+        assert hops[0].start == 0 and hops[-1].end == 80
+        assert all(a.end == b.start for a, b in zip(hops, hops[1:]))

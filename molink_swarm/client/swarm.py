@@ -88,6 +88,7 @@ class SwarmClient:
                 rtt_s=self.rtts.get(s.peer_id),
                 load=s.record.active_sessions / max(s.record.max_sessions, 1),
                 free_cache_tokens=s.record.free_cache_tokens,
+                next_rtts=_peer_keys(s.record.next_rtts),
             )
             for s in servers
         ]
@@ -124,3 +125,14 @@ class SwarmClient:
         except Exception:  # the daemon may already be gone with the DHT process
             logger.debug("P2P shutdown failed", exc_info=True)
         self.dht.shutdown()
+
+
+def _peer_keys(rtts: dict[str, float]) -> dict[PeerID, float]:
+    """Announced RTTs keyed by PeerID (as the planner's candidates are); malformed ids are dropped."""
+    parsed = {}
+    for peer, rtt in rtts.items():
+        try:
+            parsed[PeerID.from_base58(peer)] = rtt
+        except Exception:  # a malformed id in someone's record: ignore that entry
+            continue
+    return parsed

@@ -17,6 +17,7 @@ from molink_swarm.models import load_config, read_tensors, resolve_model, tensor
 from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.routing.placement import choose_blocks
 from molink_swarm.server.handler import BlockServicer
+from molink_swarm.server.neighbours import NextServerPinger
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
 
@@ -93,6 +94,7 @@ class Server:
         self.peer_id = None
         self.visible_maddrs: list[str] = []
         self.throughput = 0.0
+        self.next_rtts: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         cfg = self.config
@@ -134,10 +136,12 @@ class Server:
             await servicer.add_p2p_handlers(p2p)
             self._announce(dht, validator, ServerState.ONLINE, sessions)
             on_online(self)
+            pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), cfg.update_period)
                 except asyncio.TimeoutError:
+                    self.next_rtts = await pinger.refresh()
                     await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, sessions)
             # Leave: announce offline first so that clients move before streams close.
             servicer.closing = True
@@ -201,6 +205,7 @@ class Server:
             software_version=__version__,
             public_name=self.config.public_name,
             torch_dtype=self.config.dtype,
+            next_rtts=self.next_rtts,
         )
         ttl = self.config.update_period * 2.5 if state != ServerState.OFFLINE else self.config.update_period
         if not declare_server(dht, validator, self.model_record, record, ttl=ttl):
