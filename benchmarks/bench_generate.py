@@ -7,6 +7,7 @@ Prints one summary line: `P1 ratio=<swarm tok/s / local tok/s> ...` (target >= 0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -30,13 +31,15 @@ def split(num_blocks: int, parts: int) -> list[str]:
     return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
 
 
-def decode_rate(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+def decode_rate(model, ids: torch.Tensor, new_tokens: int, repeats: int, **session_options) -> float:
     """Median decode tokens/s: (time for N+1 new tokens - time for 1 new token) / N, so prefill is excluded."""
     kwargs = dict(do_sample=False, pad_token_id=0)
 
     def timed(n: int) -> float:
+        session = model.inference_session(max_length=ids.shape[1] + n + 1, **session_options) if session_options else None
         started = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        with session or contextlib.nullcontext():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
         return time.perf_counter() - started
 
     timed(4)  # warm-up
@@ -69,13 +72,16 @@ def main() -> None:
         swarm.start(split(num_blocks, args.servers))
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         try:
-            swarm_rate = decode_rate(model, ids, args.new_tokens, args.repeats)
+            swarm_rate = decode_rate(model, ids, args.new_tokens, args.repeats, forwarding=True)
+            relayed_rate = decode_rate(model, ids, args.new_tokens, args.repeats, forwarding=False)
         finally:
             model.shutdown()
 
     print(
         f"P1 ratio={swarm_rate / local_rate:.3f} swarm_tok_s={swarm_rate:.1f} local_tok_s={local_rate:.1f} "
-        f"servers={args.servers} model={source.name} dtype=float32 new_tokens={args.new_tokens} (target >= 0.85)"
+        f"relayed_tok_s={relayed_rate:.1f} servers={args.servers} model={source.name} dtype=float32 "
+        f"new_tokens={args.new_tokens} (target >= 0.85; swarm = server-to-server forwarding, relayed = client "
+        "talks to each server in turn)"
     )
 
 

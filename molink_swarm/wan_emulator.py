@@ -29,7 +29,7 @@ Both sockets use ``TCP_NODELAY`` so the relay adds no Nagle delay of its own.
 Caveats: the client's TCP handshake completes locally at the proxy, so a connect does not cost the extra
 round trip it would on a real WAN; everything after it (including TLS/Noise handshakes) does. Delays are
 lower bounds: asyncio's epoll timers round up to whole milliseconds and the relay itself costs about
-0.1-0.2 ms per round trip, so a delivered chunk is typically up to ~1 ms later than due.
+0.1-0.3 ms per round trip, so a delivered chunk is typically up to ~1 ms later than due.
 
 Synchronous code (tests, benchmarks that start subprocesses) can use :class:`WanEmulator`, which runs links
 on a background thread; a single link can also run as a process:

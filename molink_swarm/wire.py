@@ -45,15 +45,33 @@ class SessionSpec(_Message):
     batch_size: int = Field(gt=0, le=1024, default=1)
 
 
+class PushTarget(_Message):
+    """Where a server sends its output for the next hop of the chain (server-to-server forwarding)."""
+
+    peer_id: str = Field(min_length=10, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
+    session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+
+
 class InferenceStep(_Message):
     """One step of an inference session: hidden states for tokens ``position .. position+seq_len-1``.
 
     ``position`` below the number of tokens the server holds rolls the cache back first (used for replays
-    and by clients that regenerate from an earlier point)."""
+    and by clients that regenerate from an earlier point). With ``expect_push`` the message carries no
+    tensor: the input arrives by ``rpc_push`` from the previous server (or from the client as a fallback).
+    With ``push_to`` the server pushes its output to the next server before answering the client."""
 
     open: Optional[SessionSpec] = None
     position: int = Field(ge=0)
     step_id: int = Field(ge=0, default=0)
+    expect_push: bool = False
+    push_to: Optional[PushTarget] = None
+
+
+class PushStep(_Message):
+    """The input of step ``position`` of session ``session_id``, pushed by the previous hop."""
+
+    session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    position: int = Field(ge=0)
 
 
 class StepResult(_Message):
@@ -81,6 +99,7 @@ class ServerStatus(_Message):
     active_sessions: int
     free_cache_tokens: int
     max_length: int
+    inputs_from_servers: int = 0  # step inputs that arrived from the previous server before the client's copy
 
 
 M = TypeVar("M", bound=_Message)

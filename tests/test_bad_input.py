@@ -83,6 +83,10 @@ BAD_STEPS = {
         "Batch size",
     ),
     "past max_length": ([step(0, torch.randn(1, 70, HIDDEN), spec())], "max_length"),
+    "pushed step carrying a tensor": (
+        [wire.request(wire.InferenceStep(open=spec(), position=0, expect_push=True), torch.randn(1, 2, HIDDEN))],
+        "must not carry a tensor",
+    ),
 }
 
 
@@ -121,6 +125,19 @@ def test_bad_forward_requests_get_clear_errors(client):
     huge = wire.request(wire.ForwardRequest(start=0, end=6), torch.randn(64, 512, HIDDEN))
     with pytest.raises(P2PHandlerError, match="too large"):
         run_sync(call_forward(client, peer, huge))
+    assert_still_serving(client)
+
+
+def test_pushes_to_unknown_sessions_and_junk_pushes_are_refused(client):
+    stub = client.stub(server_of(client))
+    push = runtime_pb2.ExpertRequest(
+        metadata=wire.encode_metadata(wire.PushStep(session_id="no-such-session", position=0)),
+        tensors=[wire.serialize_tensor(torch.randn(1, 1, HIDDEN))],
+    )
+    with pytest.raises(P2PHandlerError, match="No open session"):
+        run_sync(stub.rpc_push(push, timeout=30))
+    with pytest.raises(P2PHandlerError, match="Invalid PushStep"):
+        run_sync(stub.rpc_push(runtime_pb2.ExpertRequest(metadata=b"{}"), timeout=30))
     assert_still_serving(client)
 
 

@@ -93,3 +93,23 @@ def test_session_longer_than_max_length_fails_clearly(distributed):
     with distributed.inference_session(max_length=16):
         with pytest.raises(SwarmError, match="max_length"):
             distributed.generate(prompt(12), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+
+
+def test_decode_steps_travel_server_to_server(distributed, tiny_llama_local):
+    from molink_swarm.client.loop import run_sync
+
+    ids = prompt(seed=8)
+    with distributed.inference_session(max_length=64, forwarding=True) as session:
+        got = distributed.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        chain = session.chain
+    assert torch.equal(got, tiny_llama_local.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False))
+    swarm = distributed.swarm
+    forwarded = [run_sync(swarm.info(hop.peer_id)).inputs_from_servers for hop in chain[1:]]
+    assert all(count > 0 for count in forwarded), forwarded
+
+
+def test_relayed_mode_gives_the_same_tokens(distributed, tiny_llama_local):
+    ids = prompt(seed=9)
+    with distributed.inference_session(max_length=64, forwarding=False):
+        got = distributed.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, tiny_llama_local.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False))

@@ -242,10 +242,11 @@ def test_cli_prints_listening_line_and_exits_on_sigterm(sync_echo_target):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
 
 
 async def test_libp2p_traffic_crosses_the_link():
-    import molink_swarm.dht.swarm_dht  # noqa: F401  (patches hivemind's /p2p/ multiaddr encoding)
+    import molink_swarm.dht.swarm_dht  # noqa: F401  (patches hivemind multiaddr encoding of /p2p/)
     from hivemind.p2p import P2P, P2PContext
     from hivemind.proto import runtime_pb2
 

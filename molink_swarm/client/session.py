@@ -28,6 +28,10 @@ from molink_swarm.routing.planner import Hop, MissingBlocksError, format_blocks,
 
 logger = logging.getLogger(__name__)
 
+# Steps up to this size go server to server (decode steps); larger ones (prefills) are relayed by the client,
+# since they are bandwidth-bound anyway and hivemind caps unary messages (pushes) at 4 MiB.
+FORWARD_MAX_BYTES = 1 << 20
+
 # What a failing server looks like from here; anything else is a bug and propagates.
 SERVER_FAILURES = (
     P2PHandlerError,
@@ -87,6 +91,7 @@ class _HopStream:
         self._inputs: list[torch.Tensor] = []
         self.created_at = time.monotonic()
         self.last_result: Optional[wire.StepResult] = None
+        self._pending: Optional[tuple[int, torch.Size, float]] = None
 
     @property
     def peer_id(self):
@@ -109,30 +114,61 @@ class _HopStream:
             yield item
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        tokens = hidden.shape[1]
-        timeout = self.timer.timeout(tokens)
-        started = time.perf_counter()
+        """Send the input of one step and wait for this server's output."""
+        await self.send(position, hidden.shape, hidden=hidden)
+        return await self.receive()
+
+    async def send(
+        self,
+        position: int,
+        shape: torch.Size,
+        *,
+        hidden: Optional[torch.Tensor] = None,
+        push_to: Optional[wire.PushTarget] = None,
+    ) -> None:
+        """Send a step; without ``hidden`` its input will be pushed (by the previous server or the client)."""
+        self._pending = (position, shape, time.perf_counter())
         if self._responses is None:
             self._responses = await asyncio.wait_for(
-                self._swarm.stub(self.peer_id).rpc_inference(self._request_iterator()), timeout
+                self._swarm.stub(self.peer_id).rpc_inference(self._request_iterator()), self.timer.initial_timeout
             )
-        message = wire.InferenceStep(open=None if self._opened else self.spec, position=position, step_id=self._step_id)
+        message = wire.InferenceStep(
+            open=None if self._opened else self.spec,
+            position=position,
+            step_id=self._step_id,
+            expect_push=hidden is None,
+            push_to=push_to,
+        )
         self._opened = True
         self._step_id += 1
-        self._requests.put_nowait(wire.request(message, hidden))
+        self._requests.put_nowait(wire.request(message, *([] if hidden is None else [hidden])))
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    async def receive(self, extra_timeout: float = 0.0) -> torch.Tensor:
+        """This server's output for the step sent last; ``extra_timeout`` covers the hops before it."""
+        position, shape, started = self._pending
+        tokens = shape[1]
         try:
-            reply = await asyncio.wait_for(anext(self._responses), timeout)
+            reply = await asyncio.wait_for(anext(self._responses), self.timer.timeout(tokens) + extra_timeout)
         except StopAsyncIteration:
             raise ConnectionError(f"Server {self.peer_id} closed the session") from None
+        self._pending = None
         result = wire.decode_metadata(reply.metadata, wire.StepResult)
         if len(reply.tensors) != 1 or result.position != position + tokens:
             raise wire.ProtocolError(f"Server {self.peer_id} sent an inconsistent step result")
         output = wire.deserialize_tensor(reply.tensors[0])
-        if output.shape != hidden.shape:
+        if output.shape != shape:
             raise wire.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
-        self.timer.record(tokens, time.perf_counter() - started)
+        if extra_timeout == 0.0:
+            self.timer.record(tokens, time.perf_counter() - started)
         self.last_result = result
         return output
+
+    def push_target(self) -> wire.PushTarget:
+        return wire.PushTarget(peer_id=self.peer_id.to_base58(), session_id=self.spec.session_id)
 
     async def close(self) -> None:
         self._requests.put_nowait(None)
@@ -158,6 +194,7 @@ class InferenceSession:
         min_step_timeout: float = 5.0,
         initial_step_timeout: float = 60.0,
         leave_check_period: float = 1.0,
+        forwarding: bool = True,
     ):
         self.swarm = swarm
         self.max_length = max_length
@@ -165,6 +202,7 @@ class InferenceSession:
         self.wait_for_blocks_s = wait_for_blocks_s
         self.min_step_timeout, self.initial_step_timeout = min_step_timeout, initial_step_timeout
         self.leave_check_period = leave_check_period
+        self.forwarding = forwarding
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.history: Optional[torch.Tensor] = None
@@ -173,6 +211,7 @@ class InferenceSession:
         self._hops: list[_HopStream] = []
         self._batch_size: Optional[int] = None
         self._leave_check: Optional[asyncio.Task] = None
+        self._push_tasks: set[asyncio.Task] = set()
         self._last_leave_check = time.monotonic()
         self.closed = False
 
@@ -214,22 +253,58 @@ class InferenceSession:
         if not self._hops:
             self._hops = await self._open_hops(0, self.swarm.num_blocks, replay=None)
         self._schedule_leave_check()
-        index = 0
-        while index < len(self._hops):
-            hop = self._hops[index]
+        for index, hop in enumerate(self._hops):
             if hop.peer_id in self.swarm.departed:
                 await self._replace(index, f"server {hop.peer_id} left the swarm")
-                continue
+        forwarded = self.forwarding and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
+        if forwarded:
+            await self._send_forwarded(hidden)
+        index, upstream_s = 0, 0.0
+        while index < len(self._hops):
+            hop = self._hops[index]
             try:
-                output = await hop.step(hidden, self.position)
+                if hop.pending:
+                    output = await hop.receive(extra_timeout=upstream_s)
+                else:
+                    output = await hop.step(hidden, self.position)
             except SERVER_FAILURES as e:
                 await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}")
                 continue
+            upstream_s += hop.timer.timeout(hidden.shape[1])
             hop.remember(hidden)
             hidden = output
             index += 1
+            if index < len(self._hops) and self._hops[index].pending:
+                # Also deliver the input ourselves: it keeps the chain going when the previous server could not
+                # push (or was replaced); the server uses whichever copy arrives first.
+                self._push(self._hops[index], hidden)
         self.position += hidden.shape[1]
         return hidden
+
+    async def _send_forwarded(self, hidden: torch.Tensor) -> None:
+        """Send the step to every hop at once: the first gets the input, each pushes its output to the next."""
+        for index, hop in enumerate(self._hops):
+            following = self._hops[index + 1] if index + 1 < len(self._hops) else None
+            await hop.send(
+                self.position,
+                hidden.shape,
+                hidden=hidden if index == 0 else None,
+                push_to=following.push_target() if following is not None else None,
+            )
+
+    def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
+        request = runtime_pb2.ExpertRequest(
+            metadata=wire.encode_metadata(wire.PushStep(session_id=hop.spec.session_id, position=self.position)),
+            tensors=[wire.serialize_tensor(hidden)],
+        )
+
+        async def push() -> None:
+            with contextlib.suppress(*SERVER_FAILURES):  # a dead hop is noticed (and replaced) by its receive()
+                await self.swarm.stub(hop.peer_id).rpc_push(request, timeout=hop.timer.timeout(hidden.shape[1]))
+
+        task = asyncio.create_task(push())
+        self._push_tasks.add(task)
+        task.add_done_callback(self._push_tasks.discard)
 
     def _schedule_leave_check(self) -> None:
         """Refresh the server list in the background so that servers that announced leaving are moved off early."""

@@ -9,7 +9,7 @@ import time
 from typing import AsyncIterator
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
@@ -20,12 +20,15 @@ from molink_swarm.wire import (
     ForwardRequest,
     InferenceStep,
     ProtocolError,
+    PushStep,
+    PushTarget,
     ServerStatus,
     StepResult,
     decode_metadata,
     deserialize_tensor,
     encode_metadata,
     response,
+    serialize_tensor,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,10 @@ class BlockServicer(ServicerBase):
         self.hidden_size = blocks.config.hidden_size
         self.tokens_served = 0
         self.closing = False
+        self.push_timeout = 30.0
+        self.inputs_from_servers = 0
+        self.p2p = None  # set once the handlers are registered; needed to push to the next server
+        self._push_tasks: set[asyncio.Task] = set()
 
     # ---- inference: one bidirectional stream per session, one message per step
 
@@ -78,13 +85,21 @@ class BlockServicer(ServicerBase):
                     session = self._open_session(step, context)
                 elif step.open is not None:
                     raise ProtocolError("A stream carries one session; open a new stream for another")
-                hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
+                if step.expect_push:
+                    if request.tensors:
+                        raise ProtocolError("A step that expects a pushed input must not carry a tensor")
+                    hidden = await self._await_push(session, step.position)
+                else:
+                    hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
                 self._check_step(session, step, hidden)
                 priority = Priority.DECODE if hidden.shape[1] <= DECODE_MAX_TOKENS else Priority.PREFILL
                 started = time.perf_counter()
                 output = await self.compute.run(lambda: self._run_step(session, step.position, hidden), priority)
                 session.last_active = time.monotonic()
                 self.tokens_served += hidden.shape[0] * hidden.shape[1]
+                if step.push_to is not None:
+                    # Next server first: it is on the critical path; the client's copy is for its records.
+                    self._push(step.push_to, step.position, output)
                 result = StepResult(
                     position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
                 )
@@ -93,6 +108,47 @@ class BlockServicer(ServicerBase):
             if session is not None:
                 self.sessions.close(session.spec.session_id)
                 logger.debug("Closed session %s", session.spec.session_id)
+
+    async def _await_push(self, session: Session, position: int) -> torch.Tensor:
+        future = session.pushed_input(position)
+        try:
+            return await asyncio.wait_for(future, self.push_timeout)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"No input was pushed for position {position} within {self.push_timeout:.0f} s") from None
+        finally:
+            session.inbox.pop(position, None)
+
+    def _push(self, target: PushTarget, position: int, output: torch.Tensor) -> None:
+        async def push() -> None:
+            try:
+                request = runtime_pb2.ExpertRequest(
+                    metadata=encode_metadata(PushStep(session_id=target.session_id, position=position)),
+                    tensors=[serialize_tensor(output)],
+                )
+                stub = BlockServicer.get_stub(self.p2p, PeerID.from_base58(target.peer_id))
+                await stub.rpc_push(request, timeout=self.push_timeout)
+            except Exception as e:  # the client pushes too: a failed forward only costs latency
+                logger.debug("Push to %s failed: %r", target.peer_id, e)
+
+        task = asyncio.create_task(push())
+        self._push_tasks.add(task)
+        task.add_done_callback(self._push_tasks.discard)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Receive a step's input from the previous server of a chain (or from the client)."""
+        push = decode_metadata(request.metadata, PushStep)
+        session = self.sessions.get(push.session_id)
+        if session is None:
+            raise ProtocolError(f"No open session {push.session_id}")
+        hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
+        if push.position < session.position:
+            return runtime_pb2.ExpertResponse()  # a late duplicate of an input already used
+        future = session.pushed_input(push.position)
+        if not future.done():
+            future.set_result(hidden)
+            if str(context.remote_id) != session.peer:
+                self.inputs_from_servers += 1  # the previous server beat the client's copy
+        return runtime_pb2.ExpertResponse()
 
     def _open_session(self, step: InferenceStep, context: P2PContext) -> Session:
         spec = step.open
@@ -168,6 +224,7 @@ class BlockServicer(ServicerBase):
             active_sessions=len(self.sessions),
             free_cache_tokens=self.sessions.free_cache_tokens,
             max_length=self.sessions.max_length,
+            inputs_from_servers=self.inputs_from_servers,
         )
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 

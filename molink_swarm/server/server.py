@@ -134,6 +134,7 @@ class Server:
             )
             p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p)
+            servicer.p2p = p2p
             self._announce(dht, validator, ServerState.ONLINE, sessions)
             on_online(self)
             pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)

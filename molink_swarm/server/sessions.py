@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -20,6 +21,16 @@ class Session:
     peer: str
     position: int = 0
     last_active: float = dataclasses.field(default_factory=time.monotonic)
+    # Inputs pushed by the previous server (or the client), by step position; the first push wins.
+    inbox: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)
+
+    def pushed_input(self, position: int) -> asyncio.Future:
+        future = self.inbox.get(position)
+        if future is None:
+            if len(self.inbox) > 64:
+                raise ProtocolError("Too many pushed inputs waiting for this session")
+            future = self.inbox[position] = asyncio.get_running_loop().create_future()
+        return future
 
     @property
     def reserved_tokens(self) -> int:
