@@ -84,6 +84,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         public_ip=args.public_ip,
+        announce_maddrs=tuple(args.announce_maddrs or ()),
         public_name=args.public_name,
         max_sessions=args.max_sessions,
         cache_tokens=args.cache_tokens,
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
     p.add_argument("--public-ip", default=None, help="public IP of a port-forwarded host (needs --port)")
+    p.add_argument("--announce-maddrs", nargs="+", default=None, metavar="MADDR",
+                   help="addresses to announce instead of the listening ones (a forwarded port, a relay, a proxy)")
     p.add_argument("--public-name", default=None, help="a name shown in `status`")
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget, in tokens, over all sessions")

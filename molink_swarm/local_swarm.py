@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -113,8 +114,20 @@ class SwarmProcess:
         return returncode
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def spawn(name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None) -> SwarmProcess:
-    cmd = [sys.executable, "-u", "-m", "molink_swarm", *args]
+    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env)
+
+
+def spawn_module(
+    name: str, module: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None
+) -> SwarmProcess:
+    cmd = [sys.executable, "-u", "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
@@ -133,6 +146,7 @@ class LocalSwarm:
         self.env = env
         self.bootstrap: Optional[SwarmProcess] = None
         self.servers: list[SwarmProcess] = []
+        self.links: list[SwarmProcess] = []
         self.initial_peers: list[str] = []
 
     def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
@@ -141,10 +155,29 @@ class LocalSwarm:
         self.initial_peers = [match.group(1)]
         return self.initial_peers
 
-    def start_server(self, blocks: str, *extra: str, wait: bool = True, timeout: float = 240.0) -> SwarmProcess:
+    def start_server(
+        self,
+        blocks: str,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 240.0,
+        link_delay_s: Optional[float] = None,
+        link_bandwidth_mbit: Optional[float] = None,
+    ) -> SwarmProcess:
+        """Start a `join` process; with ``link_delay_s`` it sits behind an emulated WAN link (a relay process
+        that delays each direction by that much), and announces the relay's address so all peers cross it."""
         name = f"server-{blocks.replace(':', '-')}-{len(self.servers)}"
         args = ["join", "--model", self.model, "--blocks", blocks, "--initial-peers", *self.initial_peers]
         args += ["--host", "127.0.0.1", *extra]
+        if link_delay_s is not None or link_bandwidth_mbit is not None:
+            port = free_port()
+            link_args = ["--target", f"127.0.0.1:{port}", "--delay-ms", str((link_delay_s or 0.0) * 1000)]
+            if link_bandwidth_mbit is not None:
+                link_args += ["--bandwidth-mbit", str(link_bandwidth_mbit)]
+            link = spawn_module(f"link-{name}", "molink_swarm.wan_emulator", link_args, log_dir=self.log_dir)
+            self.links.append(link)
+            link_port = int(link.wait_for(r"listening on [\d.]+:(\d+)", 30).group(1))
+            args += ["--port", str(port), "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{link_port}"]
         server = spawn(name, args, log_dir=self.log_dir, env=self.env)
         self.servers.append(server)
         if wait:
@@ -162,7 +195,7 @@ class LocalSwarm:
         return next(s for s in self.servers if s.peer_id == str(peer_id))
 
     def stop(self) -> None:
-        for process in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
+        for process in [*self.servers, *([self.bootstrap] if self.bootstrap else []), *self.links]:
             try:
                 process.stop()
             except Exception:  # teardown must reach every process

@@ -59,7 +59,7 @@ def _swarm_factory(log_dir: Path) -> Iterator[SwarmFactory]:
     def start(model: str | Path, blocks: Sequence[str], *server_args: str) -> LocalSwarm:
         swarm = LocalSwarm(str(model), log_dir=log_dir)
         swarms.append(swarm)
-        swarm.start(list(blocks), *server_args)
+        swarm.start(list(blocks), *server_args)  # no blocks: just the bootstrap peer (add servers yourself)
         return swarm
 
     try:

@@ -24,7 +24,7 @@ from molink_swarm import wire
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.errors import UserError
-from molink_swarm.routing.planner import Hop, MissingBlocksError, format_blocks, plan_chain
+from molink_swarm.routing.planner import Hop, MissingBlocksError, Mode, format_blocks, plan_chain
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +333,7 @@ class InferenceSession:
                 start=start,
                 end=end,
                 refresh=refresh,
+                mode="forwarding" if self.forwarding else "relayed",
             )
             streams = [self._stream(hop, timer) for hop in hops]
             if replay is None:
@@ -393,6 +394,7 @@ async def plan_with_wait(
     start: int = 0,
     end: Optional[int] = None,
     refresh: bool = False,
+    mode: Mode = "relayed",
 ) -> list[Hop]:
     """Plan a chain; if some blocks have no server, wait up to ``wait_s`` for one to join, then fail clearly."""
     deadline = time.monotonic() + wait_s
@@ -400,7 +402,13 @@ async def plan_with_wait(
         candidates = await swarm.candidates(refresh=refresh)
         try:
             return plan_chain(
-                swarm.num_blocks, candidates, start=start, end=end, banned=swarm.banned(), min_cache_tokens=cache_tokens
+                swarm.num_blocks,
+                candidates,
+                start=start,
+                end=end,
+                banned=swarm.banned(),
+                min_cache_tokens=cache_tokens,
+                mode=mode,
             )
         except MissingBlocksError as e:
             if time.monotonic() >= deadline:
@@ -422,7 +430,8 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
     position, end = 0, swarm.num_blocks
     deadline = time.monotonic() + wait_s
     while position < end:
-        hop = (await plan_with_wait(swarm, max(0.0, deadline - time.monotonic()), model_name, start=position))[0]
+        remaining = max(0.0, deadline - time.monotonic())
+        hop = (await plan_with_wait(swarm, remaining, model_name, start=position, mode="throughput"))[0]
         request = wire.request(wire.ForwardRequest(start=hop.start, end=hop.end), hidden)
         try:
             reply = await asyncio.wait_for(call_forward(swarm, hop.peer_id, request), 600)

@@ -44,6 +44,7 @@ class ServerConfig(BaseModel):
     host: str = "0.0.0.0"
     port: int = 0
     public_ip: Optional[str] = None
+    announce_maddrs: tuple[str, ...] = ()
     public_name: Optional[str] = None
     max_sessions: int = Field(default=32, gt=0)
     cache_tokens: int = Field(default=32768, gt=0)
@@ -99,8 +100,8 @@ class Server:
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         cfg = self.config
         host_maddrs = [f"/ip4/{cfg.host}/tcp/{cfg.port}"]
-        announce = [f"/ip4/{cfg.public_ip}/tcp/{cfg.port}"] if cfg.public_ip else None
-        if announce and cfg.port == 0:
+        announce = [f"/ip4/{cfg.public_ip}/tcp/{cfg.port}"] if cfg.public_ip else list(cfg.announce_maddrs) or None
+        if cfg.public_ip and cfg.port == 0:
             raise UserError("--public-ip needs an explicit --port (the port forwarded to this machine)")
         dht, validator = start_dht(
             cfg.initial_peers,
