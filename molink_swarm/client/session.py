@@ -24,6 +24,7 @@ from molink_swarm import wire
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.errors import UserError
+from molink_swarm.push import PushChannel
 from molink_swarm.routing.planner import Hop, MissingBlocksError, Mode, format_blocks, plan_chain
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class _HopStream:
         self.created_at = time.monotonic()
         self.last_result: Optional[wire.StepResult] = None
         self._pending: Optional[tuple[int, torch.Size, float]] = None
+        self.push_channel: Optional[PushChannel] = None  # the client's fallback copies of pushed inputs
 
     @property
     def peer_id(self):
@@ -171,6 +173,8 @@ class _HopStream:
         return wire.PushTarget(peer_id=self.peer_id.to_base58(), session_id=self.spec.session_id)
 
     async def close(self) -> None:
+        if self.push_channel is not None:
+            self.push_channel.close()
         self._requests.put_nowait(None)
         if self._responses is not None:
             with contextlib.suppress(Exception):  # closing must never raise, whatever state the peer is in
@@ -211,7 +215,6 @@ class InferenceSession:
         self._hops: list[_HopStream] = []
         self._batch_size: Optional[int] = None
         self._leave_check: Optional[asyncio.Task] = None
-        self._push_tasks: set[asyncio.Task] = set()
         self._last_leave_check = time.monotonic()
         self.closed = False
 
@@ -293,18 +296,9 @@ class InferenceSession:
             )
 
     def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
-        request = runtime_pb2.ExpertRequest(
-            metadata=wire.encode_metadata(wire.PushStep(session_id=hop.spec.session_id, position=self.position)),
-            tensors=[wire.serialize_tensor(hidden)],
-        )
-
-        async def push() -> None:
-            with contextlib.suppress(*SERVER_FAILURES):  # a dead hop is noticed (and replaced) by its receive()
-                await self.swarm.stub(hop.peer_id).rpc_push(request, timeout=hop.timer.timeout(hidden.shape[1]))
-
-        task = asyncio.create_task(push())
-        self._push_tasks.add(task)
-        task.add_done_callback(self._push_tasks.discard)
+        if hop.push_channel is None:
+            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id)
+        hop.push_channel.push(self.position, hidden)
 
     def _schedule_leave_check(self) -> None:
         """Refresh the server list in the background so that servers that announced leaving are moved off early."""

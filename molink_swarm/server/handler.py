@@ -14,6 +14,7 @@ from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
 from molink_swarm.models.family import BlockSpan
+from molink_swarm.push import PushChannel
 from molink_swarm.server.scheduler import ComputeQueue, Priority
 from molink_swarm.server.sessions import Session, SessionTable
 from molink_swarm.wire import (
@@ -28,13 +29,16 @@ from molink_swarm.wire import (
     deserialize_tensor,
     encode_metadata,
     response,
-    serialize_tensor,
 )
 
 logger = logging.getLogger(__name__)
 
 # A step of at most this many tokens per sequence counts as decoding and jumps ahead of prefills.
 DECODE_MAX_TOKENS = 4
+
+
+class UnknownSessionError(ProtocolError):
+    pass
 
 
 class BlockServicer(ServicerBase):
@@ -64,7 +68,6 @@ class BlockServicer(ServicerBase):
         self.push_timeout = 30.0
         self.inputs_from_servers = 0
         self.p2p = None  # set once the handlers are registered; needed to push to the next server
-        self._push_tasks: set[asyncio.Task] = set()
 
     # ---- inference: one bidirectional stream per session, one message per step
 
@@ -72,6 +75,7 @@ class BlockServicer(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session: Session | None = None
+        channels: dict[PushTarget, PushChannel] = {}
         try:
             while True:
                 try:
@@ -99,12 +103,20 @@ class BlockServicer(ServicerBase):
                 self.tokens_served += hidden.shape[0] * hidden.shape[1]
                 if step.push_to is not None:
                     # Next server first: it is on the critical path; the client's copy is for its records.
-                    self._push(step.push_to, step.position, output)
+                    channel = channels.get(step.push_to)
+                    if channel is None:
+                        if len(channels) >= 8:
+                            raise ProtocolError("Too many push targets for one session")
+                        peer = PeerID.from_base58(step.push_to.peer_id)
+                        channel = channels[step.push_to] = PushChannel(self.p2p, peer, step.push_to.session_id)
+                    channel.push(step.position, output)
                 result = StepResult(
                     position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
                 )
                 yield response(result, output)
         finally:
+            for channel in channels.values():
+                channel.close()
             if session is not None:
                 self.sessions.close(session.spec.session_id)
                 logger.debug("Closed session %s", session.spec.session_id)
@@ -118,37 +130,37 @@ class BlockServicer(ServicerBase):
         finally:
             session.inbox.pop(position, None)
 
-    def _push(self, target: PushTarget, position: int, output: torch.Tensor) -> None:
-        async def push() -> None:
-            try:
-                request = runtime_pb2.ExpertRequest(
-                    metadata=encode_metadata(PushStep(session_id=target.session_id, position=position)),
-                    tensors=[serialize_tensor(output)],
-                )
-                stub = BlockServicer.get_stub(self.p2p, PeerID.from_base58(target.peer_id))
-                await stub.rpc_push(request, timeout=self.push_timeout)
-            except Exception as e:  # the client pushes too: a failed forward only costs latency
-                logger.debug("Push to %s failed: %r", target.peer_id, e)
-
-        task = asyncio.create_task(push())
-        self._push_tasks.add(task)
-        task.add_done_callback(self._push_tasks.discard)
-
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Receive a step's input from the previous server of a chain (or from the client)."""
+        self._accept_push(request, context)
+        return runtime_pb2.ExpertResponse()
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Many pushes over one stream (see push.py). A push for a session that is not open (yet, or any more)
+        is dropped: the client's own copy covers it; malformed pushes end the stream with an error."""
+        async for request in requests:
+            try:
+                self._accept_push(request, context)
+            except UnknownSessionError as e:
+                logger.debug("Dropped a push: %s", e)
+        return
+        yield  # an async generator that answers nothing until the sender ends the stream
+
+    def _accept_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
         push = decode_metadata(request.metadata, PushStep)
         session = self.sessions.get(push.session_id)
         if session is None:
-            raise ProtocolError(f"No open session {push.session_id}")
+            raise UnknownSessionError(f"No open session {push.session_id}")
         hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
         if push.position < session.position:
-            return runtime_pb2.ExpertResponse()  # a late duplicate of an input already used
+            return  # a late duplicate of an input already used
         future = session.pushed_input(push.position)
         if not future.done():
             future.set_result(hidden)
             if str(context.remote_id) != session.peer:
                 self.inputs_from_servers += 1  # the previous server beat the client's copy
-        return runtime_pb2.ExpertResponse()
 
     def _open_session(self, step: InferenceStep, context: P2PContext) -> Session:
         spec = step.open
