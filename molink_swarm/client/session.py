@@ -145,6 +145,10 @@ class _HopStream:
         self._step_id += 1
         self._requests.put_nowait(wire.request(message, *([] if hidden is None else [hidden])))
 
+    def cancel_pending(self) -> None:
+        """Forget a step whose sending failed, so that it is sent again (or the server replaced)."""
+        self._pending = None
+
     @property
     def pending(self) -> bool:
         return self._pending is not None
@@ -285,15 +289,24 @@ class InferenceSession:
         return hidden
 
     async def _send_forwarded(self, hidden: torch.Tensor) -> None:
-        """Send the step to every hop at once: the first gets the input, each pushes its output to the next."""
+        """Send the step to every hop at once: the first gets the input, each pushes its output to the next.
+
+        If a server cannot be reached, it and the hops after it get the step from the client instead (the step
+        loop then replaces the unreachable one).
+        """
         for index, hop in enumerate(self._hops):
             following = self._hops[index + 1] if index + 1 < len(self._hops) else None
-            await hop.send(
-                self.position,
-                hidden.shape,
-                hidden=hidden if index == 0 else None,
-                push_to=following.push_target() if following is not None else None,
-            )
+            try:
+                await hop.send(
+                    self.position,
+                    hidden.shape,
+                    hidden=hidden if index == 0 else None,
+                    push_to=following.push_target() if following is not None else None,
+                )
+            except SERVER_FAILURES as e:
+                logger.info("Could not forward the step to %s (%r); the client relays it", hop.peer_id, e)
+                hop.cancel_pending()
+                return
 
     def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
         if hop.push_channel is None:
