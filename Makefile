@@ -1,4 +1,4 @@
-.PHONY: demo test test-fast bench setup
+.PHONY: demo test test-fast bench setup test-deps
 
 setup:
 	@scripts/setup.sh
@@ -6,7 +6,10 @@ setup:
 demo: setup
 	.venv/bin/molink-swarm demo
 
-test: setup
+test-deps:
+	@scripts/setup-test-deps.sh
+
+test: setup test-deps
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup

@@ -1,4 +1,4 @@
-"""The `molink-swarm` command: dht, join, status, chat, demo."""
+"""The `molink-swarm` command: dht, join, status, chat, web, demo."""
 
 from __future__ import annotations
 
@@ -90,13 +90,14 @@ def cmd_join(args: argparse.Namespace) -> None:
         cache_tokens=args.cache_tokens,
         update_period=args.update_period,
         identity_path=args.identity,
+        metrics_port=args.metrics_port,
     )
     server = Server(config)
 
     def online(s: Server) -> None:
         print(
             f"Server {s.peer_id} online: blocks {s.start}:{s.end} of {s.source.name} "
-            f"({s.throughput:.0f} tokens/s per block)",
+            f"({s.throughput:.0f} tokens/s per block)" + (f"; metrics at {s.metrics_url}" if s.metrics_url else ""),
             flush=True,
         )
 
@@ -125,15 +126,52 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_terminal_chat(args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
 
+# ---- web
+
+
+def _web_limits(args: argparse.Namespace):
+    from molink_swarm.web import Limits
+
+    return Limits(
+        max_new_tokens=args.max_new_tokens,
+        default_new_tokens=min(256, args.max_new_tokens),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_sessions_per_client=args.max_sessions_per_client,
+    )
+
+
+def _serve_web(
+    models: Sequence[str], initial_peers: Sequence[str], host: str, port: int, limits, max_concurrent: int, wait_for_blocks_s: float = 10.0
+) -> None:
+    from molink_swarm.web import run_web
+
+    def ready(url: str) -> None:
+        print(f"Web demo online at {url}  (OpenAI API: {url}v1, status: {url}status)", flush=True)
+
+    async def run() -> None:
+        await run_web(
+            models, initial_peers, host=host, port=port, limits=limits, max_concurrent=max_concurrent,
+            wait_for_blocks_s=wait_for_blocks_s, stop=_stop_event_on_signals(), on_ready=ready,
+        )
+
+    asyncio.run(run())
+
+
+def cmd_web(args: argparse.Namespace) -> None:
+    _serve_web(
+        args.model, args.initial_peers, args.host, args.port, _web_limits(args), args.max_concurrent, args.wait_for_blocks
+    )
+
+
 # ---- demo
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from molink_swarm.client.chat import run_terminal_chat
-    from molink_swarm.local_swarm import LocalSwarm
+    from molink_swarm.local_swarm import LocalSwarm, free_port, port_is_free
     from molink_swarm.models import resolve_model
+    from molink_swarm.web import Limits
 
     console = Console()
     model = DEFAULT_MODEL
@@ -146,7 +184,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"Swarm online. Add your own server: molink-swarm join --model {model} --num-blocks 10 "
             f"--initial-peers {swarm.initial_peers[0]}"
         )
-        run_terminal_chat(model, swarm.initial_peers)
+        port = 8080 if port_is_free(8080) else free_port()
+        _serve_web([model], swarm.initial_peers, "127.0.0.1", port, Limits(), max_concurrent=8)
     finally:
         swarm.stop()
 
@@ -197,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget, in tokens, over all sessions")
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT heartbeats")
     p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics at http://HOST:P/metrics (0: any free port; default: off)")
     p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("status", help="show the swarm: models, servers, blocks")
@@ -211,7 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("demo", help="start a local swarm of the embedded model and chat with it")
+    p = sub.add_parser("web", help="serve the chat web demo, the OpenAI-compatible API and the status page")
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], help="model(s) to serve (default: %(default)s)")
+    peers(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: public)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens one request may generate")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted, in tokens")
+    p.add_argument("--max-sessions-per-client", type=int, default=2, help="concurrent generations per client address")
+    p.add_argument("--max-concurrent", type=int, default=8, help="generations at once over all clients (others queue)")
+    p.add_argument("--wait-for-blocks", type=float, default=10.0, metavar="S",
+                   help="how long a request waits for missing blocks to appear before failing")
+    p.set_defaults(func=cmd_web)
+
+    p = sub.add_parser("demo", help="start a local swarm of the embedded model and its web demo")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -120,6 +120,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def spawn(name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None) -> SwarmProcess:
     return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env)
 
@@ -147,6 +156,7 @@ class LocalSwarm:
         self.bootstrap: Optional[SwarmProcess] = None
         self.servers: list[SwarmProcess] = []
         self.links: list[SwarmProcess] = []
+        self.webs: list[SwarmProcess] = []
         self.initial_peers: list[str] = []
 
     def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
@@ -191,11 +201,19 @@ class LocalSwarm:
             server.wait_online(timeout)
         return self
 
+    def start_web(self, *extra: str, port: Optional[int] = None, timeout: float = 120.0) -> tuple[SwarmProcess, str]:
+        """Start `molink-swarm web` for this swarm's model; returns the process and its URL."""
+        args = ["web", "--model", self.model, "--initial-peers", *self.initial_peers, "--port", str(port or free_port()), *extra]
+        web = spawn(f"web-{len(self.webs)}", args, log_dir=self.log_dir, env=self.env)
+        self.webs.append(web)
+        url = web.wait_for(r"Web demo online at (\S+)", timeout).group(1)
+        return web, url
+
     def server_by_peer(self, peer_id) -> SwarmProcess:
         return next(s for s in self.servers if s.peer_id == str(peer_id))
 
     def stop(self) -> None:
-        for process in [*self.servers, *([self.bootstrap] if self.bootstrap else []), *self.links]:
+        for process in [*self.webs, *self.servers, *([self.bootstrap] if self.bootstrap else []), *self.links]:
             try:
                 process.stop()
             except Exception:  # teardown must reach every process

@@ -1,10 +1,14 @@
-"""`molink-swarm status`: a table of the swarm as seen from here."""
+"""The swarm as seen from one peer: a snapshot (models, servers, block coverage) for `status` and the web app."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Optional, Sequence
 
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -14,64 +18,131 @@ from molink_swarm.routing.placement import block_coverage
 from molink_swarm.routing.planner import format_blocks
 
 
-def print_status(initial_peers: Sequence[str], model: Optional[str] = None, console: Optional[Console] = None) -> None:
-    from hivemind.proto import runtime_pb2
+class ServerView(BaseModel):
+    peer_id: str
+    name: Optional[str]
+    start: int
+    end: int
+    state: str
+    throughput: float
+    active_sessions: int
+    max_sessions: int
+    free_cache_tokens: int
+    reachability: str
+    version: str
+    dtype: str
+    rtt_ms: Optional[float] = None
 
+
+class ModelView(BaseModel):
+    model_id: str
+    name: str
+    model_type: str
+    num_blocks: int
+    servers: list[ServerView]
+    coverage: list[int]  # online servers per block
+    missing: str  # uncovered blocks as "a:b,c:d" ("" when all are served)
+
+
+class SwarmView(BaseModel):
+    models: list[ModelView]
+    taken_at: float
+
+
+async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = None) -> SwarmView:
+    """Every announced model with its servers; with ``p2p``, also the RTT from here to each server."""
+    models = await asyncio.to_thread(fetch_models, dht)
+    if model:
+        models = {k: v for k, v in models.items() if model in (k, v.name)}
+    servers_by_model = {
+        m: await asyncio.to_thread(fetch_servers, dht, m, r.num_blocks) for m, r in sorted(models.items())
+    }
+    rtts: dict[PeerID, Optional[float]] = {}
+    if p2p is not None:
+        peers = {s.peer_id for servers in servers_by_model.values() for s in servers}
+        rtts = dict(await asyncio.gather(*(_ping(p2p, peer) for peer in peers)))
+    views = []
+    for model_id, servers in servers_by_model.items():
+        record = models[model_id]
+        online = [(s.record.start, s.record.end) for s in servers if s.record.state == ServerState.ONLINE]
+        coverage = block_coverage(record.num_blocks, online)
+        rows = [
+            ServerView(
+                peer_id=str(s.peer_id),
+                name=s.record.public_name,
+                start=s.record.start,
+                end=s.record.end,
+                state=s.record.state.value,
+                throughput=s.record.throughput,
+                active_sessions=s.record.active_sessions,
+                max_sessions=s.record.max_sessions,
+                free_cache_tokens=s.record.free_cache_tokens,
+                reachability=s.record.reachability.value,
+                version=s.record.software_version,
+                dtype=s.record.torch_dtype,
+                rtt_ms=None if rtts.get(s.peer_id) is None else rtts[s.peer_id] * 1000,
+            )
+            for s in sorted(servers, key=lambda s: (s.record.start, s.record.end, str(s.peer_id)))
+        ]
+        views.append(
+            ModelView(
+                model_id=model_id,
+                name=record.name,
+                model_type=record.model_type,
+                num_blocks=record.num_blocks,
+                servers=rows,
+                coverage=coverage,
+                missing=format_blocks([i for i, c in enumerate(coverage) if c == 0]),
+            )
+        )
+    return SwarmView(models=views, taken_at=time.time())
+
+
+async def _ping(p2p: P2P, peer_id: PeerID) -> tuple[PeerID, Optional[float]]:
     from molink_swarm.server.handler import BlockServicer
 
+    started = time.perf_counter()
+    try:
+        await BlockServicer.get_stub(p2p, peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=5)
+    except Exception:  # unreachable: shown as such
+        return peer_id, None
+    return peer_id, time.perf_counter() - started
+
+
+def print_status(initial_peers: Sequence[str], model: Optional[str] = None, console: Optional[Console] = None) -> None:
+    """`molink-swarm status`: one rich table per model."""
     console = console or Console()
     dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
-        models = fetch_models(dht)
-        if model:
-            models = {k: v for k, v in models.items() if model in (k, v.name)}
-        if not models:
-            console.print("No models are announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers ...")
-            return
 
-        async def ping_all(peer_ids) -> dict:
-            p2p = await dht.replicate_p2p()
+        async def take() -> SwarmView:
+            return await swarm_snapshot(dht, await dht.replicate_p2p(), model)
 
-            async def ping(peer_id):
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                try:
-                    await BlockServicer.get_stub(p2p, peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=5)
-                    return peer_id, loop.time() - started
-                except Exception:  # unreachable: shown as such
-                    return peer_id, None
-
-            return dict(await asyncio.gather(*(ping(p) for p in peer_ids)))
-
-        servers_by_model = {m: fetch_servers(dht, m, r.num_blocks) for m, r in models.items()}
-        all_peers = {s.peer_id for servers in servers_by_model.values() for s in servers}
-        rtts = asyncio.run(ping_all(all_peers)) if all_peers else {}
-        for model_id, record in sorted(models.items()):
-            servers = servers_by_model[model_id]
-            table = Table(title=f"{record.name}  ({model_id}, {record.num_blocks} blocks, {record.model_type})")
-            for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "reach", "RTT"):
-                table.add_column(column)
-            for s in servers:
-                r = s.record
-                rtt = rtts.get(s.peer_id)
-                state_style = {ServerState.ONLINE: "green", ServerState.JOINING: "yellow"}.get(r.state, "red")
-                table.add_row(
-                    str(s.peer_id)[-10:],
-                    r.public_name or "",
-                    f"{r.start}:{r.end}",
-                    Text(r.state.value, style=state_style),
-                    f"{r.throughput:.0f}",
-                    f"{r.active_sessions}/{r.max_sessions}",
-                    str(r.free_cache_tokens),
-                    r.reachability.value,
-                    f"{rtt * 1000:.1f} ms" if rtt is not None else Text("unreachable", style="red"),
-                )
-            console.print(table)
-            online = [(s.record.start, s.record.end) for s in servers if s.record.state == ServerState.ONLINE]
-            missing = [i for i, c in enumerate(block_coverage(record.num_blocks, online)) if c == 0]
-            if missing:
-                console.print(Text(f"Missing blocks: {format_blocks(missing)}", style="bold red"))
-            else:
-                console.print(Text(f"All {record.num_blocks} blocks are served.", style="green"))
+        view = asyncio.run(take())
     finally:
         dht.shutdown()
+    if not view.models:
+        console.print("No models are announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers ...")
+        return
+    for m in view.models:
+        table = Table(title=f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})")
+        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "reach", "RTT"):
+            table.add_column(column)
+        for s in m.servers:
+            state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
+            table.add_row(
+                s.peer_id[-10:],
+                s.name or "",
+                f"{s.start}:{s.end}",
+                Text(s.state, style=state_style),
+                f"{s.throughput:.0f}",
+                f"{s.active_sessions}/{s.max_sessions}",
+                str(s.free_cache_tokens),
+                s.reachability,
+                f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
+            )
+        console.print(table)
+        if m.missing:
+            console.print(Text(f"Missing blocks: {m.missing}", style="bold red"))
+        else:
+            console.print(Text(f"All {m.num_blocks} blocks are served.", style="green"))

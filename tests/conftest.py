@@ -8,9 +8,10 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from molink_swarm.local_swarm import LocalSwarm
+from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 
@@ -50,6 +51,22 @@ def tiny_llama_local(tiny_llama_path: Path) -> LlamaForCausalLM:
     return AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct: (source, tokenizer, local transformers model) for reference answers."""
+    source = resolve_model(DEFAULT_MODEL_ALIAS, progress=True)  # converts the GGUF once, before servers start
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    return source, tokenizer, local
+
+
+def local_answer(local, tokenizer, messages, max_new_tokens=32) -> str:
+    """Greedy chat answer of plain transformers (what every swarm answer is compared to)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    out = local.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 SwarmFactory = Callable[..., LocalSwarm]
 
 
@@ -79,3 +96,16 @@ def swarm(tmp_path: Path) -> Iterator[SwarmFactory]:
 def module_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmFactory]:
     """Like ``swarm`` but shared by the tests of one module (starting processes costs seconds)."""
     yield from _swarm_factory(tmp_path_factory.mktemp("swarm-logs"))
+
+
+WEB_MAX_NEW_TOKENS = 200
+
+
+@pytest.fixture(scope="session")
+def smollm2_web(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Iterator[str]:
+    """SmolLM2 over two servers (0:15, 15:30) and `molink-swarm web` in front: its URL. Shared by the web tests."""
+    for start in _swarm_factory(tmp_path_factory.mktemp("web-swarm-logs")):
+        swarm = start(DEFAULT_MODEL_ALIAS, ["0:15", "15:30"])
+        _process, url = swarm.start_web("--max-new-tokens", str(WEB_MAX_NEW_TOKENS), "--max-sessions-per-client", "2")
+        yield url
+

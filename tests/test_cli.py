@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -51,7 +52,16 @@ def test_usage_mistakes_are_one_line():
     assert_one_line_error(result, "--blocks", "--help")
 
 
-@pytest.mark.parametrize("command", ["dht", "join", "status", "chat", "demo"])
+def test_web_on_a_taken_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("web", "--initial-peers", UNREACHABLE_PEER, "--port", str(port))
+    assert_one_line_error(result, "Cannot listen on", "--port")
+
+
+@pytest.mark.parametrize("command", ["dht", "join", "status", "chat", "web", "demo"])
 def test_every_subcommand_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0

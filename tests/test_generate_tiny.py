@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import re
+import urllib.request
+
 import pytest
 import torch
 
@@ -9,9 +13,13 @@ from molink_swarm import AutoDistributedModelForCausalLM
 
 
 @pytest.fixture(scope="module")
-def distributed(module_swarm, tiny_llama_path):
-    swarm = module_swarm(tiny_llama_path, ["0:2", "2:4", "4:6"])
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=swarm.initial_peers)
+def tiny_swarm(module_swarm, tiny_llama_path):
+    return module_swarm(tiny_llama_path, ["0:2", "2:4", "4:6"], "--metrics-port", "0")
+
+
+@pytest.fixture(scope="module")
+def distributed(tiny_swarm, tiny_llama_path):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=tiny_swarm.initial_peers)
     yield model
     model.shutdown()
 
@@ -113,3 +121,32 @@ def test_relayed_mode_gives_the_same_tokens(distributed, tiny_llama_local):
     with distributed.inference_session(max_length=64, forwarding=False):
         got = distributed.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert torch.equal(got, tiny_llama_local.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False))
+
+
+def test_threads_generate_at_once_each_in_its_own_session(distributed, tiny_llama_local):
+    prompts = [prompt(8, seed=20 + i) for i in range(3)]
+
+    def run(ids):
+        return distributed.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outputs = list(pool.map(run, prompts))
+    for ids, got in zip(prompts, outputs):
+        assert torch.equal(got, tiny_llama_local.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12))
+
+
+def test_servers_export_prometheus_metrics(tiny_swarm, distributed):
+    distributed.generate(prompt(10, seed=7), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    for server in tiny_swarm.servers:
+        url = server.wait_for(r"metrics at (\S+)", 5).group(1)
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.headers["Content-Type"].startswith("text/plain")
+            text = reply.read().decode()
+        values = dict(re.findall(r"^(molink_server_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text, re.MULTILINE))
+        assert float(values['molink_server_tokens_total{kind="decode"}']) >= 5
+        assert float(values['molink_server_tokens_total{kind="prefill"}']) >= 10
+        assert float(values['molink_server_step_seconds_count{kind="decode"}']) >= 5
+        assert float(values["molink_server_cache_tokens_total"]) == 32768
+        assert float(values["molink_server_blocks"]) == 2
+        assert "molink_server_active_sessions" in values and "molink_server_cache_tokens_reserved" in values
+

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from molink_swarm import AutoDistributedModelForCausalLM
 from molink_swarm.client.chat import ChatSession
-from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
+from molink_swarm.models import DEFAULT_MODEL_ALIAS
+from tests.conftest import local_answer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    source = resolve_model(DEFAULT_MODEL_ALIAS, progress=True)  # converts the GGUF once, before servers start
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    return source, tokenizer, local
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +19,6 @@ def distributed(module_swarm, smollm2):
     model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL_ALIAS, initial_peers=swarm.initial_peers)
     yield model
     model.shutdown()
-
-
-def local_answer(local, tokenizer, messages, max_new_tokens=32) -> str:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    out = local.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_greedy_chat_answer_is_token_identical(distributed, smollm2):

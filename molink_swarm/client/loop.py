@@ -31,3 +31,8 @@ def run_sync(coro: Awaitable[T], timeout: Optional[float] = None) -> T:
         if "client loop" in str(e):
             raise
     return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+async def run_on_client_loop(coro: Awaitable[T]) -> T:
+    """Await ``coro`` on the client loop from another event loop (the web app's): P2P objects live there."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, event_loop()))

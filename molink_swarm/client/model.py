@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -40,16 +41,27 @@ class RemoteCache(DynamicCache):
 
 
 class DistributedCausalLMMixin:
-    """Mixed into a family's ``*ForCausalLM`` class (built with no layers)."""
+    """Mixed into a family's ``*ForCausalLM`` class (built with no layers).
+
+    The active inference session is per thread: several threads can generate with one model at once (the web
+    app does), each in its own session.
+    """
 
     swarm: SwarmClient
     source: ModelSource
-    _active_session: Optional[InferenceSession]
 
     def _setup_swarm(self, swarm: SwarmClient, source: ModelSource, full_config: PretrainedConfig, wait_s: float):
         self.swarm, self.source, self.full_config = swarm, source, full_config
         self.wait_for_blocks_s = wait_s
-        self._active_session = None
+        self._thread_state = threading.local()
+
+    @property
+    def _active_session(self) -> Optional[InferenceSession]:
+        return getattr(self._thread_state, "session", None)
+
+    @_active_session.setter
+    def _active_session(self, session: Optional[InferenceSession]) -> None:
+        self._thread_state.session = session
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int = 2048, **kwargs) -> Iterator[InferenceSession]:

@@ -13,6 +13,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
+from molink_swarm.metrics import ServerMetrics
 from molink_swarm.models.family import BlockSpan
 from molink_swarm.push import PushChannel
 from molink_swarm.server.scheduler import ComputeQueue, Priority
@@ -54,6 +55,7 @@ class BlockServicer(ServicerBase):
         dtype: torch.dtype,
         device: torch.device,
         session_idle_timeout: float = 300.0,
+        metrics: ServerMetrics | None = None,
     ):
         self.blocks = blocks
         self.compute = compute
@@ -62,6 +64,7 @@ class BlockServicer(ServicerBase):
         self.dtype = dtype
         self.device = device
         self.session_idle_timeout = session_idle_timeout
+        self.metrics = metrics or ServerMetrics()
         self.hidden_size = blocks.config.hidden_size
         self.tokens_served = 0
         self.closing = False
@@ -100,7 +103,7 @@ class BlockServicer(ServicerBase):
                 started = time.perf_counter()
                 output = await self.compute.run(lambda: self._run_step(session, step.position, hidden), priority)
                 session.last_active = time.monotonic()
-                self.tokens_served += hidden.shape[0] * hidden.shape[1]
+                self._count(priority, hidden, time.perf_counter() - started)
                 if step.push_to is not None:
                     # Next server first: it is on the critical path; the client's copy is for its records.
                     channel = channels.get(step.push_to)
@@ -114,6 +117,9 @@ class BlockServicer(ServicerBase):
                     position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
                 )
                 yield response(result, output)
+        except Exception:
+            self.metrics.errors.labels("inference").inc()
+            raise
         finally:
             for channel in channels.values():
                 channel.close()
@@ -204,25 +210,37 @@ class BlockServicer(ServicerBase):
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        request = await anext(requests, None)
-        if request is None:
-            raise ProtocolError("Empty forward request")
-        spec = decode_metadata(request.metadata, ForwardRequest)
-        self._check_span(spec.start, spec.end)
-        hidden = self._parse_hidden(request)
-        if hidden.shape[0] * hidden.shape[1] > self.sessions.max_length * 8:
-            raise ProtocolError(f"Forward pass of {hidden.shape[0]}x{hidden.shape[1]} tokens is too large")
+        try:
+            request = await anext(requests, None)
+            if request is None:
+                raise ProtocolError("Empty forward request")
+            spec = decode_metadata(request.metadata, ForwardRequest)
+            self._check_span(spec.start, spec.end)
+            hidden = self._parse_hidden(request)
+            if hidden.shape[0] * hidden.shape[1] > self.sessions.max_length * 8:
+                raise ProtocolError(f"Forward pass of {hidden.shape[0]}x{hidden.shape[1]} tokens is too large")
 
-        def run() -> torch.Tensor:
-            output = self.blocks(hidden.to(self.device, self.dtype), start=spec.start, end=spec.end)
-            return output.to("cpu", hidden.dtype)
+            def run() -> torch.Tensor:
+                output = self.blocks(hidden.to(self.device, self.dtype), start=spec.start, end=spec.end)
+                return output.to("cpu", hidden.dtype)
 
-        output = await self.compute.run(run, Priority.FORWARD)
-        self.tokens_served += hidden.shape[0] * hidden.shape[1]
-        yield response(None, output)
-        # Let the client end the stream: closing it from here first can break the client's pending write.
-        with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
-            await asyncio.wait_for(anext(requests), 5.0)
+            started = time.perf_counter()
+            output = await self.compute.run(run, Priority.FORWARD)
+            self._count(Priority.FORWARD, hidden, time.perf_counter() - started)
+            yield response(None, output)
+            # Let the client end the stream: closing it from here first can break the client's pending write.
+            with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+                await asyncio.wait_for(anext(requests), 5.0)
+        except Exception:
+            self.metrics.errors.labels("forward").inc()
+            raise
+
+    def _count(self, priority: Priority, hidden: torch.Tensor, seconds: float) -> None:
+        tokens = hidden.shape[0] * hidden.shape[1]
+        self.tokens_served += tokens
+        kind = priority.name.lower()
+        self.metrics.tokens.labels(kind).inc(tokens)
+        self.metrics.step_seconds.labels(kind).observe(seconds)
 
     # ---- info and ping
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from molink_swarm import __version__
 from molink_swarm.dht import ModelRecord, ServerRecord, ServerState, declare_server, fetch_servers, start_dht
 from molink_swarm.errors import UserError
+from molink_swarm.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.routing.placement import choose_blocks
@@ -53,6 +54,7 @@ class ServerConfig(BaseModel):
     identity_path: Optional[str] = None
     session_idle_timeout: float = Field(default=300.0, gt=0)
     shutdown_grace: float = Field(default=5.0, ge=0)
+    metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
 
 
 def parse_block_range(text: str) -> tuple[int, int]:
@@ -96,6 +98,7 @@ class Server:
         self.visible_maddrs: list[str] = []
         self.throughput = 0.0
         self.next_rtts: dict[str, float] = {}
+        self.metrics_url: Optional[str] = None
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         cfg = self.config
@@ -110,7 +113,7 @@ class Server:
             identity_path=cfg.identity_path,
             announcing=True,
         )
-        compute = None
+        compute = metrics_runner = None
         try:
             self.peer_id = dht.peer_id
             self.visible_maddrs = [str(m) for m in dht.get_visible_maddrs()]
@@ -124,6 +127,13 @@ class Server:
                 cache_tokens=cfg.cache_tokens,
                 max_length=min(cfg.max_length, getattr(self.model_config, "max_position_embeddings", cfg.max_length)),
             )
+            metrics = ServerMetrics()
+            metrics.blocks.set(self.end - self.start)
+            metrics.track_sessions(
+                lambda: len(sessions), lambda: sessions.cache_tokens - sessions.free_cache_tokens, sessions.cache_tokens
+            )
+            if cfg.metrics_port is not None:
+                metrics_runner = await self._serve_metrics(metrics)
             servicer = BlockServicer(
                 blocks,
                 compute,
@@ -132,6 +142,7 @@ class Server:
                 dtype=self.dtype,
                 device=self.device,
                 session_idle_timeout=cfg.session_idle_timeout,
+                metrics=metrics,
             )
             p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p)
@@ -153,9 +164,22 @@ class Server:
                 await asyncio.sleep(0.1)
             await servicer.remove_p2p_handlers(p2p)
         finally:
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             if compute is not None:
                 compute.shutdown()
             dht.shutdown()
+
+    async def _serve_metrics(self, metrics: ServerMetrics):
+        host = "127.0.0.1" if self.config.host == "127.0.0.1" else "0.0.0.0"
+        try:
+            runner = await start_metrics_server(metrics.registry, host, self.config.metrics_port)
+        except OSError as e:
+            raise UserError(f"Cannot serve metrics on port {self.config.metrics_port} ({e.strerror}); pass another --metrics-port") from None
+        port = runner.addresses[0][1]
+        self.metrics_url = f"http://{'127.0.0.1' if host == '127.0.0.1' else 'localhost'}:{port}/metrics"
+        logger.info("Metrics at %s", self.metrics_url)
+        return runner
 
     def _choose_blocks(self, dht) -> tuple[int, int]:
         servers = fetch_servers(dht, self.source.model_id, self.total_blocks)

@@ -1,0 +1,68 @@
+// The status page: block coverage per model and per server, from /api/v1/swarm.
+"use strict";
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "class") node.className = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+
+function blockBar(numBlocks, covered, title) {
+  // One cell per block; covered(i) gives the cell's class.
+  const bar = el("div", { class: "blocks", title, style: `grid-template-columns: repeat(${numBlocks}, 1fr)` });
+  for (let i = 0; i < numBlocks; i++) bar.append(el("span", { class: covered(i), title: `block ${i}` }));
+  return bar;
+}
+
+function modelSection(model, peers) {
+  const section = el("section", { class: "model", "data-model": model.model_id });
+  section.append(el("h2", {}, `${model.name} `, el("small", {}, `${model.model_type}, ${model.num_blocks} blocks`)));
+  section.append(el("div", { class: "coverage-label" }, "Coverage (online servers per block)"));
+  section.append(blockBar(model.num_blocks, (i) => (model.coverage[i] ? `c${Math.min(model.coverage[i], 3)}` : "missing"),
+    "coverage"));
+  const summary = model.missing
+    ? el("p", { class: "missing-blocks" }, `Missing blocks: ${model.missing}. Connect your GPU: molink-swarm join --model ${model.name} ` +
+        `--blocks ${model.missing.split(",")[0].trim()} --initial-peers ${peers}`)
+    : el("p", { class: "all-covered" }, `All ${model.num_blocks} blocks are served.`);
+  section.append(summary);
+  const table = el("table", {},
+    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Sessions", "Free cache", "Reach", "RTT"]
+      .map((h) => el("th", {}, h)))));
+  const body = el("tbody");
+  for (const s of model.servers) {
+    body.append(el("tr", { class: `server ${s.state}` },
+      el("td", { title: s.peer_id }, s.name || `…${s.peer_id.slice(-8)}`),
+      el("td", {}, `${s.start}:${s.end}`),
+      el("td", { class: "bar-cell" }, blockBar(model.num_blocks, (i) => (i >= s.start && i < s.end ? "held" : ""), `${s.start}:${s.end}`)),
+      el("td", { class: `state ${s.state}` }, s.state),
+      el("td", {}, s.throughput.toFixed(0)),
+      el("td", {}, `${s.active_sessions}/${s.max_sessions}`),
+      el("td", {}, s.free_cache_tokens),
+      el("td", {}, s.reachability),
+      el("td", {}, s.rtt_ms == null ? "unreachable" : `${s.rtt_ms.toFixed(1)} ms`)));
+  }
+  table.append(body);
+  section.append(el("div", { class: "table-wrap" }, table));
+  return section;
+}
+
+async function refresh() {
+  const root = document.getElementById("swarm");
+  try {
+    const swarm = await (await fetch("/api/v1/swarm")).json();
+    const peers = swarm.initial_peers.length ? swarm.initial_peers[0] : "ADDR";
+    root.replaceChildren(...(swarm.models.length
+      ? swarm.models.map((m) => modelSection(m, peers))
+      : [el("p", { class: "missing-blocks" }, "No model is announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers " + peers)]));
+    document.getElementById("updated").textContent = new Date(swarm.taken_at * 1000).toLocaleTimeString();
+  } catch (e) {
+    root.replaceChildren(el("p", { class: "error" }, `Could not read the swarm: ${e.message}`));
+  }
+}
+
+refresh();
+setInterval(refresh, 5000);
