@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# System packages the tests drive (not needed to run the swarm): Debian's chromium for the browser tests.
-# Needs root and apt-get; without them the browser tests are skipped, each saying why.
+# System packages the tests drive (not needed to run the swarm): Debian's chromium for the browser tests,
+# iproute2 and iptables for the NAT lab. Needs root and apt-get; without them those tests are skipped, saying why.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
