@@ -128,14 +128,29 @@ def test_bad_forward_requests_get_clear_errors(client):
     assert_still_serving(client)
 
 
-def test_pushes_to_unknown_sessions_and_junk_pushes_are_refused(client):
+def test_a_push_that_arrives_before_its_session_opens_is_used(client):
+    """The previous server of a chain can outrun the stream that opens the session here."""
     stub = client.stub(server_of(client))
+    hidden = torch.randn(1, 5, HIDDEN, generator=torch.Generator().manual_seed(1))
     push = runtime_pb2.ExpertRequest(
-        metadata=wire.encode_metadata(wire.PushStep(session_id="no-such-session", position=0)),
-        tensors=[wire.serialize_tensor(torch.randn(1, 1, HIDDEN))],
+        metadata=wire.encode_metadata(wire.PushStep(session_id="early-push-session", position=0)),
+        tensors=[wire.serialize_tensor(hidden)],
     )
-    with pytest.raises(P2PHandlerError, match="No open session"):
-        run_sync(stub.rpc_push(push, timeout=30))
+    run_sync(stub.rpc_push(push, timeout=30))
+    expecting = wire.InferenceStep(open=spec(session_id="early-push-session"), position=0, expect_push=True)
+    [pushed] = inference(client, wire.request(expecting))
+    [direct] = inference(client, step(0, hidden, spec(session_id="direct-session")))
+    assert torch.equal(wire.deserialize_tensor(pushed.tensors[0]), wire.deserialize_tensor(direct.tensors[0]))
+
+
+def test_junk_pushes_are_refused(client):
+    stub = client.stub(server_of(client))
+    wrong_size = runtime_pb2.ExpertRequest(
+        metadata=wire.encode_metadata(wire.PushStep(session_id="no-such-session", position=0)),
+        tensors=[wire.serialize_tensor(torch.randn(1, 1, HIDDEN + 3))],
+    )
+    with pytest.raises(P2PHandlerError, match="Hidden states must be"):
+        run_sync(stub.rpc_push(wrong_size, timeout=30))
     with pytest.raises(P2PHandlerError, match="Invalid PushStep"):
         run_sync(stub.rpc_push(runtime_pb2.ExpertRequest(metadata=b"{}"), timeout=30))
     assert_still_serving(client)

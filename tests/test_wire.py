@@ -172,3 +172,4 @@ def test_a_session_id_with_odd_characters_is_rejected(session_id):
 
 def test_a_plain_session_id_is_accepted():
     assert SessionSpec(**{**SPEC, "session_id": "Abc_123-xyz"}).session_id == "Abc_123-xyz"
+

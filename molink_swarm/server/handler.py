@@ -17,7 +17,7 @@ from molink_swarm.metrics import ServerMetrics
 from molink_swarm.models.family import BlockSpan
 from molink_swarm.push import PushChannel
 from molink_swarm.server.scheduler import ComputeQueue, Priority
-from molink_swarm.server.sessions import Session, SessionTable
+from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
 from molink_swarm.wire import (
     ForwardRequest,
     InferenceStep,
@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 
 # A step of at most this many tokens per sequence counts as decoding and jumps ahead of prefills.
 DECODE_MAX_TOKENS = 4
-
-
-class UnknownSessionError(ProtocolError):
-    pass
 
 
 class BlockServicer(ServicerBase):
@@ -70,6 +66,7 @@ class BlockServicer(ServicerBase):
         self.closing = False
         self.push_timeout = 30.0
         self.inputs_from_servers = 0
+        self.early_pushes = EarlyPushes(ttl=self.push_timeout)
         self.p2p = None  # set once the handlers are registered; needed to push to the next server
 
     # ---- inference: one bidirectional stream per session, one message per step
@@ -144,29 +141,26 @@ class BlockServicer(ServicerBase):
     async def rpc_push_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Many pushes over one stream (see push.py). A push for a session that is not open (yet, or any more)
-        is dropped: the client's own copy covers it; malformed pushes end the stream with an error."""
+        """Many pushes over one stream (see push.py); a malformed push ends the stream with an error."""
         async for request in requests:
-            try:
-                self._accept_push(request, context)
-            except UnknownSessionError as e:
-                logger.debug("Dropped a push: %s", e)
+            self._accept_push(request, context)
         return
         yield  # an async generator that answers nothing until the sender ends the stream
 
     def _accept_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
         push = decode_metadata(request.metadata, PushStep)
         session = self.sessions.get(push.session_id)
+        hidden = self._parse_hidden(request, batch_size=None if session is None else session.spec.batch_size)
         if session is None:
-            raise UnknownSessionError(f"No open session {push.session_id}")
-        hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
-        if push.position < session.position:
-            return  # a late duplicate of an input already used
-        future = session.pushed_input(push.position)
-        if not future.done():
-            future.set_result(hidden)
-            if str(context.remote_id) != session.peer:
-                self.inputs_from_servers += 1  # the previous server beat the client's copy
+            # Not open yet (the previous server outran the stream that opens it) or closed already (then it
+            # expires unused).
+            self.early_pushes.keep(push.session_id, push.position, hidden, str(context.remote_id))
+        else:
+            self._deliver(session, push.position, hidden, str(context.remote_id))
+
+    def _deliver(self, session: Session, position: int, hidden: torch.Tensor, sender: str) -> None:
+        if session.deliver(position, hidden) and sender != session.peer:
+            self.inputs_from_servers += 1  # the previous server beat the client's copy
 
     def _open_session(self, step: InferenceStep, context: P2PContext) -> Session:
         spec = step.open
@@ -177,6 +171,9 @@ class BlockServicer(ServicerBase):
         self._check_span(spec.start, spec.end)
         cache = self.blocks.new_cache(spec.start, spec.end)
         session = self.sessions.open(spec, cache, peer=str(context.remote_id))
+        for position, hidden, sender in self.early_pushes.take(spec.session_id):
+            if hidden.shape[0] == spec.batch_size:
+                self._deliver(session, position, hidden, sender)
         logger.debug("Opened session %s for blocks %d:%d", spec.session_id, spec.start, spec.end)
         return session
 

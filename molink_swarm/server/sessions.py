@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
 from typing import Optional
+
+import torch
 
 from molink_swarm.models.family import SpanCache
 from molink_swarm.wire import ProtocolError, SessionSpec
@@ -31,6 +34,16 @@ class Session:
                 raise ProtocolError("Too many pushed inputs waiting for this session")
             future = self.inbox[position] = asyncio.get_running_loop().create_future()
         return future
+
+    def deliver(self, position: int, hidden: torch.Tensor) -> bool:
+        """Hand over the input of step ``position``; False if one was already delivered (the first copy wins)."""
+        if position < self.position:
+            return False  # a late duplicate of an input already used
+        future = self.pushed_input(position)
+        if future.done():
+            return False
+        future.set_result(hidden)
+        return True
 
     @property
     def reserved_tokens(self) -> int:
@@ -78,3 +91,47 @@ class SessionTable:
 
     def close(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+
+
+class EarlyPushes:
+    """Pushes that arrive before their session is open: the previous server can be faster than the stream
+    that opens the session here. They wait (bounded in count, bytes and time) until the session opens."""
+
+    def __init__(self, *, max_items: int = 256, max_bytes: int = 64 << 20, ttl: float = 30.0):
+        self.max_items, self.max_bytes, self.ttl = max_items, max_bytes, ttl
+        self._items: collections.OrderedDict[tuple[str, int], tuple[torch.Tensor, str, float]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keep(self, session_id: str, position: int, hidden: torch.Tensor, sender: str) -> None:
+        self._expire()
+        key = (session_id, position)
+        if key in self._items:
+            return  # the first copy wins
+        size = hidden.numel() * hidden.element_size()
+        if size > self.max_bytes:
+            return
+        while self._items and (len(self._items) >= self.max_items or self._bytes + size > self.max_bytes):
+            self._drop(next(iter(self._items)))
+        self._items[key] = (hidden, sender, time.monotonic() + self.ttl)
+        self._bytes += size
+
+    def take(self, session_id: str) -> list[tuple[int, torch.Tensor, str]]:
+        """Remove and return ``(position, hidden, sender)`` of every push kept for ``session_id``."""
+        self._expire()
+        keys = [key for key in self._items if key[0] == session_id]
+        taken = [(key[1], *self._items[key][:2]) for key in keys]
+        for key in keys:
+            self._drop(key)
+        return taken
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        hidden, _, _ = self._items.pop(key)
+        self._bytes -= hidden.numel() * hidden.element_size()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._items and next(iter(self._items.values()))[2] < now:
+            self._drop(next(iter(self._items)))
