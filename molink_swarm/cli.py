@@ -45,6 +45,7 @@ def _stop_event_on_signals() -> asyncio.Event:
 
 def cmd_dht(args: argparse.Namespace) -> None:
     from molink_swarm.dht import start_dht
+    from molink_swarm.relay import RelayService
 
     async def run() -> None:
         stop = _stop_event_on_signals()
@@ -55,6 +56,9 @@ def cmd_dht(args: argparse.Namespace) -> None:
             identity_path=args.identity,
         )
         try:
+            # Every bootstrap peer also checks joining servers' reachability and relays for those behind NATs.
+            p2p = await dht.replicate_p2p()
+            await RelayService(p2p).add_p2p_handlers(p2p)
             maddrs = [str(m) for m in dht.get_visible_maddrs()]
             print("Bootstrap peer online. Give others these addresses (--initial-peers):", flush=True)
             for maddr in maddrs:
@@ -91,13 +95,18 @@ def cmd_join(args: argparse.Namespace) -> None:
         update_period=args.update_period,
         identity_path=args.identity,
         metrics_port=args.metrics_port,
+        force_relay=args.force_relay,
     )
     server = Server(config)
 
     def online(s: Server) -> None:
+        reach = s.reachability.value
+        if s.relays is not None:
+            reach += " via " + ", ".join(sorted(s.relays.active))
         print(
             f"Server {s.peer_id} online: blocks {s.start}:{s.end} of {s.source.name} "
-            f"({s.throughput:.0f} tokens/s per block)" + (f"; metrics at {s.metrics_url}" if s.metrics_url else ""),
+            f"({s.throughput:.0f} tokens/s per block; {reach})"
+            + (f"; metrics at {s.metrics_url}" if s.metrics_url else ""),
             flush=True,
         )
 
@@ -232,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", default=None, metavar="MADDR",
                    help="addresses to announce instead of the listening ones (a forwarded port, a relay, a proxy)")
     p.add_argument("--public-name", default=None, help="a name shown in `status`")
+    p.add_argument("--force-relay", action="store_true",
+                   help="be reached through a relay (an initial peer) even if the swarm could dial this machine")
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget, in tokens, over all sessions")
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT heartbeats")

@@ -129,14 +129,23 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def spawn(name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None) -> SwarmProcess:
-    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env)
+def spawn(
+    name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None, prefix: Sequence[str] = ()
+) -> SwarmProcess:
+    """Run ``molink-swarm <args>``; ``prefix`` wraps the command (e.g. ``ip netns exec NS`` to run it in a namespace)."""
+    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env, prefix=prefix)
 
 
 def spawn_module(
-    name: str, module: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None
+    name: str,
+    module: str,
+    args: Sequence[str],
+    *,
+    log_dir: Optional[Path] = None,
+    env: Optional[dict] = None,
+    prefix: Sequence[str] = (),
 ) -> SwarmProcess:
-    cmd = [sys.executable, "-u", "-m", module, *args]
+    cmd = [*prefix, sys.executable, "-u", "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class PushChannel:
-    def __init__(self, p2p: P2P, peer_id: PeerID, session_id: str):
-        self.p2p, self.peer_id, self.session_id = p2p, peer_id, session_id
+    def __init__(self, p2p: P2P, peer_id: PeerID, session_id: str, relay: Optional[str] = None):
+        self.p2p, self.peer_id, self.session_id, self.relay = p2p, peer_id, session_id, relay
         self._queue: asyncio.Queue[Optional[runtime_pb2.ExpertRequest]] = asyncio.Queue()
         self._task: Optional[asyncio.Task] = None
 
@@ -46,10 +46,10 @@ class PushChannel:
             yield item
 
     async def _run(self) -> None:
-        from molink_swarm.server.handler import BlockServicer
+        from molink_swarm.relay import server_stub
 
         try:
-            replies = await BlockServicer.get_stub(self.p2p, self.peer_id).rpc_push_stream(self._requests())
+            replies = await server_stub(self.p2p, self.peer_id, self.relay).rpc_push_stream(self._requests())
             async for _ in replies:  # the receiver answers only at the end (or with an error)
                 pass
         except Exception as e:  # the receiving server died or refused: pushes stop, the chain falls back

@@ -14,6 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from molink_swarm.dht import ServerState, fetch_models, fetch_servers, start_dht
+from molink_swarm.relay import connect, relay_of, server_stub
+from molink_swarm.wire import relay_peer_id
 from molink_swarm.routing.placement import block_coverage
 from molink_swarm.routing.planner import format_blocks
 
@@ -28,7 +30,8 @@ class ServerView(BaseModel):
     active_sessions: int
     max_sessions: int
     free_cache_tokens: int
-    reachability: str
+    reachability: str  # direct | hole_punched | relayed
+    relay: Optional[str] = None  # peer id of the relay a relayed server is reached through
     version: str
     dtype: str
     rtt_ms: Optional[float] = None
@@ -59,8 +62,9 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
     }
     rtts: dict[PeerID, Optional[float]] = {}
     if p2p is not None:
-        peers = {s.peer_id for servers in servers_by_model.values() for s in servers}
-        rtts = dict(await asyncio.gather(*(_ping(p2p, peer) for peer in peers)))
+        routes = {s.peer_id: relay_of(s.record) for servers in servers_by_model.values() for s in servers}
+        await asyncio.gather(*(connect(p2p, r) for r in set(routes.values()) if r is not None), return_exceptions=True)
+        rtts = dict(await asyncio.gather(*(_ping(p2p, peer, relay) for peer, relay in routes.items())))
     views = []
     for model_id, servers in servers_by_model.items():
         record = models[model_id]
@@ -78,6 +82,7 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
                 max_sessions=s.record.max_sessions,
                 free_cache_tokens=s.record.free_cache_tokens,
                 reachability=s.record.reachability.value,
+                relay=str(relay_peer_id(relay)) if (relay := relay_of(s.record)) else None,
                 version=s.record.software_version,
                 dtype=s.record.torch_dtype,
                 rtt_ms=None if rtts.get(s.peer_id) is None else rtts[s.peer_id] * 1000,
@@ -98,12 +103,10 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
     return SwarmView(models=views, taken_at=time.time())
 
 
-async def _ping(p2p: P2P, peer_id: PeerID) -> tuple[PeerID, Optional[float]]:
-    from molink_swarm.server.handler import BlockServicer
-
+async def _ping(p2p: P2P, peer_id: PeerID, relay: Optional[str]) -> tuple[PeerID, Optional[float]]:
     started = time.perf_counter()
     try:
-        await BlockServicer.get_stub(p2p, peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=5)
+        await server_stub(p2p, peer_id, relay).rpc_ping(runtime_pb2.ExpertRequest(), timeout=5)
     except Exception:  # unreachable: shown as such
         return peer_id, None
     return peer_id, time.perf_counter() - started
@@ -138,7 +141,7 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
                 f"{s.throughput:.0f}",
                 f"{s.active_sessions}/{s.max_sessions}",
                 str(s.free_cache_tokens),
-                s.reachability,
+                s.reachability + (f" via …{s.relay[-8:]}" if s.relay else ""),
                 f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
             )
         console.print(table)

@@ -8,13 +8,15 @@ models below. Requests are validated strictly (unknown fields rejected); nothing
 from __future__ import annotations
 
 import math
-from typing import Optional, TypeVar
+from typing import Annotated, Optional, TypeVar
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.compression.base import USE_LEGACY_BFLOAT16
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from hivemind.utils.multiaddr import Multiaddr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROTOCOL_VERSION = 1
 MAX_TENSOR_BYTES = 512 * 2**20
@@ -50,6 +52,14 @@ class PushTarget(_Message):
 
     peer_id: str = Field(min_length=10, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
     session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    relay: Optional[str] = Field(default=None, max_length=256, description="multiaddr of the relay to go through")
+
+    @field_validator("relay")
+    @classmethod
+    def _relay_names_a_peer(cls, relay: Optional[str]) -> Optional[str]:
+        if relay is not None:
+            relay_peer_id(relay)
+        return relay
 
 
 class InferenceStep(_Message):
@@ -72,6 +82,23 @@ class PushStep(_Message):
 
     session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
     position: int = Field(ge=0)
+
+
+class DialBackRequest(_Message):
+    """Asks a relay to dial the caller back on these ports at its observed IP (reachability check at join)."""
+
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(min_length=1, max_length=4)
+
+
+class DialBackReply(_Message):
+    observed_ip: Optional[str] = None
+    reachable_ports: list[int] = Field(default_factory=list)
+
+
+class RelayRegistered(_Message):
+    """A relay's answer when a server behind a NAT registers with it."""
+
+    observed_ip: Optional[str] = None
 
 
 class StepResult(_Message):
@@ -103,6 +130,14 @@ class ServerStatus(_Message):
 
 
 M = TypeVar("M", bound=_Message)
+
+
+def relay_peer_id(maddr: str) -> PeerID:
+    """The peer id at the end of a relay's multiaddr (``/ip4/.../tcp/.../p2p/<id>``)."""
+    try:
+        return PeerID.from_base58(Multiaddr(maddr).value_for_protocol("p2p"))
+    except Exception:
+        raise ValueError(f"not a multiaddr ending in /p2p/<peer id>: {maddr[:80]!r}") from None
 
 
 def encode_metadata(message: _Message) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from molink_swarm.local_swarm import LocalSwarm
 from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
+from molink_swarm.nat_lab import NatLab, lab_unavailable_reason
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 
@@ -109,3 +111,17 @@ def smollm2_web(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Iterator[s
         _process, url = swarm.start_web("--max-new-tokens", str(WEB_MAX_NEW_TOKENS), "--max-sessions-per-client", "2")
         yield url
 
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Iterator[NatLab]:
+    """An empty NAT lab (network namespaces) named after the module's ``LAB_PREFIX``; removed at teardown.
+
+    Skips, saying why, where namespaces cannot be made (no root, no iproute2/iptables)."""
+    reason = lab_unavailable_reason()
+    if reason:
+        pytest.skip(f"NAT lab unavailable: {reason}")
+    prefix = getattr(request.module, "LAB_PREFIX", "lab")
+    with NatLab(prefix) as lab:
+        yield lab
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{prefix}-" not in listing, "namespaces left behind"

@@ -47,6 +47,17 @@ def test_join_with_unreachable_peers(tiny_llama_path):
     assert_one_line_error(result, "Could not reach any of the initial peers")
 
 
+def test_join_on_a_taken_port(tiny_llama_path):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "join", "--model", str(tiny_llama_path), "--blocks", "0:2", "--port", str(port), "--initial-peers", UNREACHABLE_PEER
+        )
+    assert_one_line_error(result, f"Cannot listen on 0.0.0.0:{port}", "another --port")
+
+
 def test_usage_mistakes_are_one_line():
     result = run_cli("join", "--blocks")
     assert_one_line_error(result, "--blocks", "--help")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from molink_swarm.nat_lab import NatLab, lab_unavailable_reason
+from molink_swarm.nat_lab import NatLab
 
 CONNECT = """
 import socket, sys
@@ -27,15 +27,7 @@ c, addr = s.accept(); print(addr[0], flush=True)
 """
 
 
-@pytest.fixture
-def lab():
-    reason = lab_unavailable_reason()
-    if reason:
-        pytest.skip(f"NAT lab unavailable: {reason}")
-    with NatLab("tl") as lab:
-        yield lab
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "tl-" not in listing, "namespaces left behind"
+LAB_PREFIX = "tl"  # namespaces of this module are named tl-*
 
 
 def connect(lab: NatLab, namespace: str, ip: str) -> str:

@@ -174,7 +174,9 @@ class _HopStream:
         return output
 
     def push_target(self) -> wire.PushTarget:
-        return wire.PushTarget(peer_id=self.peer_id.to_base58(), session_id=self.spec.session_id)
+        return wire.PushTarget(
+            peer_id=self.peer_id.to_base58(), session_id=self.spec.session_id, relay=self._swarm.routes.get(self.peer_id)
+        )
 
     async def close(self) -> None:
         if self.push_channel is not None:
@@ -310,7 +312,7 @@ class InferenceSession:
 
     def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
         if hop.push_channel is None:
-            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id)
+            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.routes.get(hop.peer_id))
         hop.push_channel.push(self.position, hidden)
 
     def _schedule_leave_check(self) -> None:

@@ -14,8 +14,8 @@ from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
+from molink_swarm.relay import connect, relay_of, server_stub
 from molink_swarm.routing.planner import Candidate
-from molink_swarm.server.handler import BlockServicer
 from molink_swarm.wire import ServerStatus, decode_metadata
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class SwarmClient:
         self.p2p: P2P = run_sync(self.dht.replicate_p2p())
         self.rtts: dict[PeerID, float] = {}
         self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
+        self.routes: dict[PeerID, str] = {}  # servers behind NATs -> the relay (multiaddr) to reach them through
+        self._relays_dialled: set[str] = set()
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
@@ -56,7 +58,16 @@ class SwarmClient:
             self.departed = (self.departed | {s.peer_id for s in self._servers}) - now_online
             self._servers = online
             self._fetched_at = time.monotonic()
+            self.routes = {s.peer_id: relay for s in online if (relay := relay_of(s.record)) is not None}
+            await asyncio.gather(*(self._dial_relay(r) for r in set(self.routes.values()) - self._relays_dialled))
         return self._servers
+
+    async def _dial_relay(self, relay: str) -> None:
+        try:
+            await connect(self.p2p, relay)
+            self._relays_dialled.add(relay)
+        except Exception as e:  # calls through it will fail and ban the servers behind it
+            logger.warning("Cannot reach relay %s: %r", relay, e)
 
     async def refresh_departures(self) -> None:
         try:
@@ -94,7 +105,7 @@ class SwarmClient:
         ]
 
     def stub(self, peer_id: PeerID):
-        return BlockServicer.get_stub(self.p2p, peer_id)
+        return server_stub(self.p2p, peer_id, self.routes.get(peer_id))
 
     async def ping(self, peer_id: PeerID, timeout: float = 5.0) -> Optional[float]:
         started = time.perf_counter()

@@ -76,12 +76,16 @@ def start_dht(
         )
     except Exception as e:
         if initial_peers:
-            raise NoPeersReachableError(
-                f"Could not reach any of the initial peers ({', '.join(initial_peers)}): {e}. "
-                "Check the addresses printed by `molink-swarm dht` and that the bootstrap peer is running."
-            ) from e
+            raise peers_unreachable(initial_peers, e) from e
         raise
     return dht, signature_validator
+
+
+def peers_unreachable(initial_peers: Sequence[str], error: Exception) -> NoPeersReachableError:
+    return NoPeersReachableError(
+        f"Could not reach any of the initial peers ({', '.join(initial_peers)}): {error}. "
+        "Check the addresses printed by `molink-swarm dht` and that the bootstrap peer is running."
+    )
 
 
 def owner_subkey(peer_id: PeerID, validator: RSASignatureValidator) -> bytes:

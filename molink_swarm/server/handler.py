@@ -108,7 +108,9 @@ class BlockServicer(ServicerBase):
                         if len(channels) >= 8:
                             raise ProtocolError("Too many push targets for one session")
                         peer = PeerID.from_base58(step.push_to.peer_id)
-                        channel = channels[step.push_to] = PushChannel(self.p2p, peer, step.push_to.session_id)
+                        channel = channels[step.push_to] = PushChannel(
+                            self.p2p, peer, step.push_to.session_id, step.push_to.relay
+                        )
                     channel.push(step.position, output)
                 result = StepResult(
                     position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
@@ -160,7 +162,8 @@ class BlockServicer(ServicerBase):
 
     def _deliver(self, session: Session, position: int, hidden: torch.Tensor, sender: str) -> None:
         if session.deliver(position, hidden) and sender != session.peer:
-            self.inputs_from_servers += 1  # the previous server beat the client's copy
+            # The previous server beat the client's copy. (Through a relay both come from the relay: not counted.)
+            self.inputs_from_servers += 1
 
     def _open_session(self, step: InferenceStep, context: P2PContext) -> Session:
         spec = step.open

@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.dht import ServerState, fetch_servers
-from molink_swarm.server.handler import BlockServicer
+from molink_swarm.relay import relay_of, server_stub
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,13 @@ class NextServerPinger:
         self.model_id, self.num_blocks, self.end, self.own_peer_id = model_id, num_blocks, end, own_peer_id
         self.rtts: dict[PeerID, float] = {}
 
-    def next_candidates(self, servers) -> list[PeerID]:
-        """Online servers that can take a chain from where this server's span ends."""
-        return [
-            s.peer_id
+    def next_candidates(self, servers) -> dict[PeerID, Optional[str]]:
+        """Online servers that can take a chain from where this server's span ends, with their relays."""
+        return {
+            s.peer_id: relay_of(s.record)
             for s in servers
             if s.peer_id != self.own_peer_id and s.record.state == ServerState.ONLINE and s.record.start <= self.end < s.record.end
-        ]
+        }
 
     async def refresh(self, timeout: float = 2.0) -> dict[str, float]:
         """Ping the candidates; returns ``{peer id: smoothed RTT in seconds}`` of the closest ones."""
@@ -42,7 +42,7 @@ class NextServerPinger:
             return {}
         servers = await asyncio.to_thread(fetch_servers, self.dht, self.model_id, self.num_blocks)
         peers = self.next_candidates(servers)
-        results = await asyncio.gather(*(self._ping(peer, timeout) for peer in peers))
+        results = await asyncio.gather(*(self._ping(peer, relay, timeout) for peer, relay in peers.items()))
         for peer, rtt in zip(peers, results):
             if rtt is None:
                 self.rtts.pop(peer, None)
@@ -54,10 +54,10 @@ class NextServerPinger:
         closest = sorted(self.rtts.items(), key=lambda item: item[1])[:MAX_ANNOUNCED]
         return {peer.to_base58(): round(rtt, 6) for peer, rtt in closest}
 
-    async def _ping(self, peer: PeerID, timeout: float) -> Optional[float]:
+    async def _ping(self, peer: PeerID, relay: Optional[str], timeout: float) -> Optional[float]:
         started = time.perf_counter()
         try:
-            await BlockServicer.get_stub(self.p2p, peer).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
+            await server_stub(self.p2p, peer, relay).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
         except Exception as e:  # unreachable neighbours are simply not announced
             logger.debug("Ping to next server %s failed: %r", peer, e)
             return None

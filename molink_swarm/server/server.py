@@ -11,11 +11,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from molink_swarm import __version__
-from molink_swarm.dht import ModelRecord, ServerRecord, ServerState, declare_server, fetch_servers, start_dht
+from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, declare_server, fetch_servers, start_dht
 from molink_swarm.errors import UserError
 from molink_swarm.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
+from molink_swarm.relay import RelayRegistration, check_reachability, free_port
 from molink_swarm.routing.placement import choose_blocks
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.neighbours import NextServerPinger
@@ -55,6 +56,7 @@ class ServerConfig(BaseModel):
     session_idle_timeout: float = Field(default=300.0, gt=0)
     shutdown_grace: float = Field(default=5.0, ge=0)
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
+    force_relay: bool = False
 
 
 def parse_block_range(text: str) -> tuple[int, int]:
@@ -99,24 +101,49 @@ class Server:
         self.throughput = 0.0
         self.next_rtts: dict[str, float] = {}
         self.metrics_url: Optional[str] = None
+        self.reachability = Reachability.DIRECT
+        self.relays: Optional[RelayRegistration] = None
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         cfg = self.config
-        host_maddrs = [f"/ip4/{cfg.host}/tcp/{cfg.port}"]
+        port = cfg.port
         announce = [f"/ip4/{cfg.public_ip}/tcp/{cfg.port}"] if cfg.public_ip else list(cfg.announce_maddrs) or None
         if cfg.public_ip and cfg.port == 0:
             raise UserError("--public-ip needs an explicit --port (the port forwarded to this machine)")
+        relays: list[str] = []
+        if (announce is None or cfg.force_relay) and cfg.initial_peers:
+            # Can the swarm dial us? Behind a NAT it cannot: then we go through relays (see relay.py).
+            port = port or free_port(cfg.host)
+            started = time.perf_counter()
+            reach = await check_reachability(cfg.initial_peers, cfg.host, port)
+            if not reach.reachable or cfg.force_relay:
+                self.reachability, relays = Reachability.RELAYED, reach.relays
+            if cfg.force_relay and not relays:
+                raise UserError("--force-relay: none of the initial peers runs a relay (start them with `molink-swarm dht`)")
+            logger.info(
+                "Reachability: %s (public IP %s, checked in %.1f s)",
+                self.reachability.value, reach.observed_ip, time.perf_counter() - started,
+            )
         dht, validator = start_dht(
             cfg.initial_peers,
-            host_maddrs=host_maddrs,
+            host_maddrs=[f"/ip4/{cfg.host}/tcp/{port}"],
             announce_maddrs=announce,
             identity_path=cfg.identity_path,
             announcing=True,
+            client_mode=self.reachability == Reachability.RELAYED,  # peers could not dial our DHT node
         )
         compute = metrics_runner = None
         try:
             self.peer_id = dht.peer_id
             self.visible_maddrs = [str(m) for m in dht.get_visible_maddrs()]
+            p2p = await dht.replicate_p2p()
+            if relays:
+                self.relays = RelayRegistration(p2p, relays)
+                if not await self.relays.wait_registered(timeout=30.0):
+                    raise UserError(
+                        "This machine cannot be reached from the swarm and no relay accepted it; "
+                        "forward a port and pass --public-ip IP --port P"
+                    )
             self.start, self.end = cfg.blocks or self._choose_blocks(dht)
             self._announce(dht, validator, ServerState.JOINING, sessions=None)
             blocks = await asyncio.to_thread(self._load_blocks)
@@ -144,7 +171,6 @@ class Server:
                 session_idle_timeout=cfg.session_idle_timeout,
                 metrics=metrics,
             )
-            p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p)
             servicer.p2p = p2p
             self._announce(dht, validator, ServerState.ONLINE, sessions)
@@ -164,6 +190,8 @@ class Server:
                 await asyncio.sleep(0.1)
             await servicer.remove_p2p_handlers(p2p)
         finally:
+            if self.relays is not None:
+                await self.relays.close()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             if compute is not None:
@@ -228,6 +256,8 @@ class Server:
             max_sessions=self.config.max_sessions,
             active_sessions=len(sessions) if sessions is not None else 0,
             addrs=tuple(self.visible_maddrs[:16]),
+            reachability=self.reachability,
+            relay_addrs=tuple(sorted(self.relays.active))[:16] if self.relays is not None else (),
             software_version=__version__,
             public_name=self.config.public_name,
             torch_dtype=self.config.dtype,

@@ -42,7 +42,7 @@ function modelSection(model, peers) {
       el("td", {}, s.throughput.toFixed(0)),
       el("td", {}, `${s.active_sessions}/${s.max_sessions}`),
       el("td", {}, s.free_cache_tokens),
-      el("td", {}, s.reachability),
+      el("td", {}, s.relay ? `${s.reachability} via …${s.relay.slice(-8)}` : s.reachability),
       el("td", {}, s.rtt_ms == null ? "unreachable" : `${s.rtt_ms.toFixed(1)} ms`)));
   }
   table.append(body);

@@ -1,0 +1,94 @@
+"""Relays on loopback: the reachability check, servers reached only through a relay, and what a relay refuses."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from hivemind.p2p import P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
+
+from molink_swarm import AutoDistributedModelForCausalLM, wire
+from molink_swarm.client.loop import run_sync
+from molink_swarm.relay import RelayService, RelayedStub, check_reachability, free_port
+from molink_swarm.status import swarm_snapshot
+
+
+@pytest.fixture(scope="module")
+def relayed_swarm(module_swarm, tiny_llama_path):
+    """Blocks 0:2 direct, 2:4 and 4:6 only through the bootstrap peer's relay."""
+    swarm = module_swarm(tiny_llama_path, [])
+    swarm.start_server("0:2")
+    swarm.start_server("2:4", "--force-relay")
+    swarm.start_server("4:6", "--force-relay")
+    return swarm
+
+
+@pytest.fixture(scope="module")
+def distributed(relayed_swarm, tiny_llama_path):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=relayed_swarm.initial_peers)
+    yield model
+    model.swarm.shutdown()
+
+
+def test_servers_say_how_they_are_reached(relayed_swarm):
+    lines = [s.wait_for(r"Server \S+ online: .*", 10).group(0) for s in relayed_swarm.servers]
+    assert lines[0].endswith("; direct)")
+    assert all(f"relayed via {relayed_swarm.initial_peers[0]}" in line for line in lines[1:])
+
+
+def test_generation_through_relays_is_token_identical(distributed, tiny_llama_local):
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    expected = tiny_llama_local.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    with distributed.inference_session(max_length=32) as session:
+        got = distributed.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        relayed = {hop.start for hop in session.chain if hop.peer_id in distributed.swarm.routes}
+    assert torch.equal(got, expected)
+    assert relayed == {2, 4}
+    # A full forward (no session) goes through the relay too.
+    assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)
+
+
+def test_status_shows_the_relay(relayed_swarm, distributed):
+    swarm = distributed.swarm
+    view = run_sync(swarm_snapshot(swarm.dht, swarm.p2p))
+    [model] = view.models
+    relay_id = relayed_swarm.initial_peers[0].rsplit("/", 1)[1]
+    reach = {(s.start, s.reachability, s.relay) for s in model.servers}
+    assert reach == {(0, "direct", None), (2, "relayed", relay_id), (4, "relayed", relay_id)}
+    assert all(s.rtt_ms is not None for s in model.servers)  # pinged through the relay
+
+
+def test_reachability_check_dials_back(relayed_swarm):
+    open_port = free_port("127.0.0.1")
+    reach = run_sync(check_reachability(relayed_swarm.initial_peers, "127.0.0.1", open_port))
+    assert reach.reachable and reach.observed_ip == "127.0.0.1" and reach.relays == relayed_swarm.initial_peers
+
+
+def test_a_relay_refuses_what_it_should_not_carry(relayed_swarm, distributed):
+    p2p = distributed.swarm.p2p
+    relay = PeerID.from_base58(relayed_swarm.initial_peers[0].rsplit("/", 1)[1])
+    direct_server = PeerID.from_base58(relayed_swarm.servers[0].peer_id)
+    relayed_server = PeerID.from_base58(relayed_swarm.servers[1].peer_id)
+    ping = runtime_pb2.ExpertRequest()
+    with pytest.raises(P2PHandlerError, match="not registered"):  # not an open proxy
+        run_sync(RelayedStub(p2p, relay, direct_server).rpc_ping(ping, timeout=10))
+    stub = RelayService.get_stub(p2p, relay)
+    for route, message in [
+        ("", "must start with its route"),
+        ("relay-to:nonsense", "Malformed relay route"),
+        (f"relay-to:{relayed_server.to_base58()}:rpc_shutdown", "cannot be relayed"),
+    ]:
+        with pytest.raises(P2PHandlerError, match=message):
+            run_sync(stub.rpc_relay_call(runtime_pb2.ExpertRequest(uid=route), timeout=10))
+    with pytest.raises(P2PHandlerError, match="Invalid DialBackRequest"):
+        run_sync(stub.rpc_dial_back(runtime_pb2.ExpertRequest(metadata=b'{"ports": [0]}'), timeout=10))
+    closed_port = free_port("127.0.0.1")
+    reply = run_sync(
+        stub.rpc_dial_back(
+            runtime_pb2.ExpertRequest(metadata=wire.encode_metadata(wire.DialBackRequest(ports=[closed_port]))), timeout=10
+        )
+    )
+    assert wire.decode_metadata(reply.metadata, wire.DialBackReply).reachable_ports == []
+    # The relay still serves.
+    assert run_sync(RelayedStub(p2p, relay, relayed_server).rpc_ping(ping, timeout=10)) is not None
