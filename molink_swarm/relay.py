@@ -218,6 +218,34 @@ async def connect(p2p: P2P, maddr: str) -> None:
     await p2p._client.connect(peer, [addr.decapsulate(Multiaddr(f"/p2p/{peer.to_base58()}"))])
 
 
+async def hole_punch(p2p: P2P, peer: PeerID, relay: str, *, attempts: int = 1, wait_s: float = 5.0) -> bool:
+    """Try to get a direct connection to a server behind a NAT; True if we hold one.
+
+    We open a libp2p circuit-relay connection through ``relay`` (where the server holds a reservation). That
+    connection carries little (libp2p caps it), but over it both sides run DCUtR: they learn each other's
+    public addresses and dial each other at once, which NATs that drop unsolicited packets let through."""
+    for _ in range(attempts):
+        if await directly_connected(p2p, peer):
+            return True
+        try:
+            await p2p._client.connect(peer, [Multiaddr(f"{relay}/p2p-circuit")])
+        except Exception as e:  # no reservation there (yet)
+            logger.debug("Circuit connection to %s failed: %r", peer, e)
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while asyncio.get_running_loop().time() < deadline:
+            if await directly_connected(p2p, peer):
+                return True
+            await asyncio.sleep(0.25)
+    return False
+
+
+async def directly_connected(p2p: P2P, peer: PeerID) -> bool:
+    for info in await p2p.list_peers():
+        if info.peer_id == peer and any("p2p-circuit" not in str(addr) for addr in info.addrs):
+            return True
+    return False
+
+
 # ---- the server side
 
 

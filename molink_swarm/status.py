@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from molink_swarm.dht import ServerState, fetch_models, fetch_servers, start_dht
-from molink_swarm.relay import connect, relay_of, server_stub
+from molink_swarm.relay import connect, hole_punch, relay_of, server_stub
 from molink_swarm.wire import relay_peer_id
 from molink_swarm.routing.placement import block_coverage
 from molink_swarm.routing.planner import format_blocks
@@ -30,8 +30,9 @@ class ServerView(BaseModel):
     active_sessions: int
     max_sessions: int
     free_cache_tokens: int
-    reachability: str  # direct | hole_punched | relayed
+    reachability: str  # as announced: direct | relayed
     relay: Optional[str] = None  # peer id of the relay a relayed server is reached through
+    path: Optional[str] = None  # from here: direct | hole-punched | relayed (None: not checked)
     version: str
     dtype: str
     rtt_ms: Optional[float] = None
@@ -61,9 +62,15 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
         m: await asyncio.to_thread(fetch_servers, dht, m, r.num_blocks) for m, r in sorted(models.items())
     }
     rtts: dict[PeerID, Optional[float]] = {}
+    paths: dict[PeerID, str] = {}
     if p2p is not None:
         routes = {s.peer_id: relay_of(s.record) for servers in servers_by_model.values() for s in servers}
         await asyncio.gather(*(connect(p2p, r) for r in set(routes.values()) if r is not None), return_exceptions=True)
+        relayed = [peer for peer, relay in routes.items() if relay is not None]
+        punched = await asyncio.gather(*(hole_punch(p2p, peer, routes[peer], wait_s=3.0) for peer in relayed))
+        paths = {peer: "direct" for peer, relay in routes.items() if relay is None}
+        paths.update({peer: "hole-punched" if ok else "relayed" for peer, ok in zip(relayed, punched)})
+        routes.update({peer: None for peer in relayed if paths[peer] == "hole-punched"})
         rtts = dict(await asyncio.gather(*(_ping(p2p, peer, relay) for peer, relay in routes.items())))
     views = []
     for model_id, servers in servers_by_model.items():
@@ -83,6 +90,7 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
                 free_cache_tokens=s.record.free_cache_tokens,
                 reachability=s.record.reachability.value,
                 relay=str(relay_peer_id(relay)) if (relay := relay_of(s.record)) else None,
+                path=paths.get(s.peer_id),
                 version=s.record.software_version,
                 dtype=s.record.torch_dtype,
                 rtt_ms=None if rtts.get(s.peer_id) is None else rtts[s.peer_id] * 1000,
@@ -129,7 +137,7 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
         return
     for m in view.models:
         table = Table(title=f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})")
-        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "reach", "RTT"):
+        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "path", "RTT"):
             table.add_column(column)
         for s in m.servers:
             state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
@@ -141,7 +149,7 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
                 f"{s.throughput:.0f}",
                 f"{s.active_sessions}/{s.max_sessions}",
                 str(s.free_cache_tokens),
-                s.reachability + (f" via …{s.relay[-8:]}" if s.relay else ""),
+                describe_path(s),
                 f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
             )
         console.print(table)
@@ -149,3 +157,9 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
             console.print(Text(f"Missing blocks: {m.missing}", style="bold red"))
         else:
             console.print(Text(f"All {m.num_blocks} blocks are served.", style="green"))
+
+
+def describe_path(server: ServerView) -> str:
+    """How this peer reaches the server: "direct", "hole-punched", or "relayed via …<relay>"."""
+    path = server.path or server.reachability
+    return f"relayed via …{server.relay[-8:]}" if path == "relayed" and server.relay else path

@@ -180,8 +180,10 @@ class AutoDistributedModelForCausalLM:
         *,
         torch_dtype: torch.dtype = torch.float32,
         wait_for_blocks_s: float = 30.0,
+        hole_punching: bool = True,
         **kwargs,
     ):
+        """``hole_punching=False`` keeps servers behind NATs on their relays (no direct connection attempts)."""
         if not initial_peers:
             raise SwarmError("Pass initial_peers=[...]: the multiaddrs printed by `molink-swarm dht`")
         source = resolve_model(model)
@@ -203,6 +205,6 @@ class AutoDistributedModelForCausalLM:
             )
         finally:
             transformers.logging.set_verbosity(verbosity)
-        swarm = SwarmClient(initial_peers, source.model_id, source.fingerprint, adapter.num_blocks)
+        swarm = SwarmClient(initial_peers, source.model_id, source.fingerprint, adapter.num_blocks, hole_punching=hole_punching)
         client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)
         return client_model.eval()

@@ -312,7 +312,7 @@ class InferenceSession:
 
     def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
         if hop.push_channel is None:
-            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.routes.get(hop.peer_id))
+            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.relay_for(hop.peer_id))
         hop.push_channel.push(self.position, hidden)
 
     def _schedule_leave_check(self) -> None:

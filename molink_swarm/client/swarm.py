@@ -14,8 +14,9 @@ from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
-from molink_swarm.relay import connect, relay_of, server_stub
+from molink_swarm.relay import connect, hole_punch, relay_of, server_stub
 from molink_swarm.routing.planner import Candidate
+from molink_swarm.wire import relay_peer_id
 from molink_swarm.wire import ServerStatus, decode_metadata
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,21 @@ class SwarmClient:
         num_blocks: int,
         *,
         refresh_period: float = 5.0,
+        hole_punching: bool = True,
     ):
         self.model_id, self.fingerprint, self.num_blocks = model_id, fingerprint, num_blocks
         self.refresh_period = refresh_period
-        self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        self.hole_punching = hole_punching
+        # Listening on every interface makes outgoing connections leave from that port, so a NAT maps them all
+        # to one public address that peers can observe: hole punching needs it.
+        self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/0.0.0.0/tcp/0"])
         self.p2p: P2P = run_sync(self.dht.replicate_p2p())
         self.rtts: dict[PeerID, float] = {}
         self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
         self.routes: dict[PeerID, str] = {}  # servers behind NATs -> the relay (multiaddr) to reach them through
         self._relays_dialled: set[str] = set()
+        self.hole_punched: set[PeerID] = set()  # relayed servers we now hold a direct connection to
+        self._punching: dict[PeerID, asyncio.Task] = {}
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
@@ -60,7 +67,39 @@ class SwarmClient:
             self._fetched_at = time.monotonic()
             self.routes = {s.peer_id: relay for s in online if (relay := relay_of(s.record)) is not None}
             await asyncio.gather(*(self._dial_relay(r) for r in set(self.routes.values()) - self._relays_dialled))
+            for peer, relay in self.routes.items() if self.hole_punching else ():
+                if peer not in self.hole_punched and (peer not in self._punching or self._punching[peer].done()):
+                    self._punching[peer] = asyncio.create_task(self._hole_punch(peer, relay))
         return self._servers
+
+    async def _hole_punch(self, peer: PeerID, relay: str) -> None:
+        """Until then, the relay carries the calls; a fresh peer's public address takes seconds to be confirmed,
+        so this tries a few times."""
+        if await hole_punch(self.p2p, peer, relay, attempts=6):
+            self.hole_punched.add(peer)
+            logger.info("Hole punched to %s", peer)
+        else:
+            logger.info("No direct connection to %s (its NAT or ours does not allow it); staying relayed", peer)
+
+    async def wait_hole_punching(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every hole-punching attempt started so far has succeeded or given up."""
+        tasks = [task for task in self._punching.values() if not task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    async def _stop_punching(self) -> None:
+        for task in self._punching.values():
+            task.cancel()
+
+    def relay_for(self, peer_id: PeerID) -> Optional[str]:
+        """The relay this client goes through to reach ``peer_id`` (None: directly, or hole-punched)."""
+        return None if peer_id in self.hole_punched else self.routes.get(peer_id)
+
+    def path(self, peer_id: PeerID) -> str:
+        if peer_id in self.hole_punched:
+            return "hole-punched"
+        relay = self.routes.get(peer_id)
+        return f"relayed via {relay_peer_id(relay)}" if relay else "direct"
 
     async def _dial_relay(self, relay: str) -> None:
         try:
@@ -105,7 +144,7 @@ class SwarmClient:
         ]
 
     def stub(self, peer_id: PeerID):
-        return server_stub(self.p2p, peer_id, self.routes.get(peer_id))
+        return server_stub(self.p2p, peer_id, self.relay_for(peer_id))
 
     async def ping(self, peer_id: PeerID, timeout: float = 5.0) -> Optional[float]:
         started = time.perf_counter()
@@ -131,6 +170,10 @@ class SwarmClient:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
+        try:
+            run_sync(self._stop_punching(), timeout=5)
+        except Exception:  # the loop may be gone at interpreter exit
+            logger.debug("Could not stop hole punching", exc_info=True)
         try:
             run_sync(self.p2p.shutdown(), timeout=5)
         except Exception:  # the daemon may already be gone with the DHT process

@@ -131,6 +131,9 @@ class Server:
             identity_path=cfg.identity_path,
             announcing=True,
             client_mode=self.reachability == Reachability.RELAYED,  # peers could not dial our DHT node
+            # Behind a NAT: also hold libp2p circuit reservations at the relays, so that clients can reach us
+            # over a circuit and upgrade it to a direct connection by hole punching (DCUtR).
+            **(dict(use_auto_relay=True, trusted_relays=relays, force_reachability="private") if relays else {}),
         )
         compute = metrics_runner = None
         try:

@@ -18,6 +18,12 @@ function blockBar(numBlocks, covered, title) {
   return bar;
 }
 
+function describePath(server) {
+  // How the web app reaches the server: direct, hole-punched, or through a relay.
+  const path = server.path || server.reachability;
+  return path === "relayed" && server.relay ? `relayed via …${server.relay.slice(-8)}` : path;
+}
+
 function modelSection(model, peers) {
   const section = el("section", { class: "model", "data-model": model.model_id });
   section.append(el("h2", {}, `${model.name} `, el("small", {}, `${model.model_type}, ${model.num_blocks} blocks`)));
@@ -30,7 +36,7 @@ function modelSection(model, peers) {
     : el("p", { class: "all-covered" }, `All ${model.num_blocks} blocks are served.`);
   section.append(summary);
   const table = el("table", {},
-    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Sessions", "Free cache", "Reach", "RTT"]
+    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Sessions", "Free cache", "Path", "RTT"]
       .map((h) => el("th", {}, h)))));
   const body = el("tbody");
   for (const s of model.servers) {
@@ -42,7 +48,7 @@ function modelSection(model, peers) {
       el("td", {}, s.throughput.toFixed(0)),
       el("td", {}, `${s.active_sessions}/${s.max_sessions}`),
       el("td", {}, s.free_cache_tokens),
-      el("td", {}, s.relay ? `${s.reachability} via …${s.relay.slice(-8)}` : s.reachability),
+      el("td", {}, describePath(s)),
       el("td", {}, s.rtt_ms == null ? "unreachable" : `${s.rtt_ms.toFixed(1)} ms`)));
   }
   table.append(body);
