@@ -54,6 +54,9 @@ def cmd_dht(args: argparse.Namespace) -> None:
             host_maddrs=args.host_maddrs,
             announce_maddrs=args.announce_maddrs,
             identity_path=args.identity,
+            # A relay must stay one: with reachability left to AutoNAT, libp2p drops the relay service whenever
+            # its checks flap. A bootstrap peer is public by definition.
+            force_reachability="public",
         )
         try:
             # Every bootstrap peer also checks joining servers' reachability and relays for those behind NATs.

@@ -46,10 +46,12 @@ class PushChannel:
             yield item
 
     async def _run(self) -> None:
-        from molink_swarm.relay import server_stub
+        from molink_swarm.relay import directly_connected, server_stub
 
         try:
-            replies = await server_stub(self.p2p, self.peer_id, self.relay).rpc_push_stream(self._requests())
+            # A hole punched to a relayed server (see NextServerPinger) makes the relay unnecessary.
+            relay = None if self.relay is not None and await directly_connected(self.p2p, self.peer_id) else self.relay
+            replies = await server_stub(self.p2p, self.peer_id, relay).rpc_push_stream(self._requests())
             async for _ in replies:  # the receiver answers only at the end (or with an error)
                 pass
         except Exception as e:  # the receiving server died or refused: pushes stop, the chain falls back

@@ -44,9 +44,12 @@ DIAL_BACK_TIMEOUT = 3.0
 class RelayService(ServicerBase):
     """Runs on public peers: dial-back checks for joining servers, and RPC relaying to registered servers."""
 
-    def __init__(self, p2p: P2P, *, max_registered: int = 1024, max_streams_per_target: int = 256):
+    def __init__(
+        self, p2p: P2P, *, max_registered: int = 1024, max_streams_per_target: int = 256, max_streams: int = 2048
+    ):
         self.p2p = p2p
         self.max_registered, self.max_streams_per_target = max_registered, max_streams_per_target
+        self.max_streams = max_streams
         self.registered: dict[PeerID, int] = {}  # server -> open registration streams
         self._streams: dict[PeerID, int] = {}
         self.relayed_streams = 0
@@ -90,6 +93,8 @@ class RelayService(ServicerBase):
         target, method = self._route(first, STREAM_METHODS)
         if self._streams.get(target, 0) >= self.max_streams_per_target:
             raise wire.ProtocolError(f"Too many relayed streams to {target}")
+        if self.open_streams >= self.max_streams:
+            raise wire.ProtocolError("This relay is busy; try another one")
 
         async def forward() -> AsyncIterator[runtime_pb2.ExpertRequest]:
             yield first
@@ -106,6 +111,15 @@ class RelayService(ServicerBase):
             self._streams[target] -= 1
             if not self._streams[target]:
                 del self._streams[target]
+
+    @property
+    def open_streams(self) -> int:
+        return sum(self._streams.values())
+
+    async def rpc_relay_load(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """What clients weigh when they route through this relay."""
+        load = wire.RelayLoad(streams=self.open_streams, max_streams=self.max_streams)
+        return runtime_pb2.ExpertResponse(metadata=wire.encode_metadata(load))
 
     async def rpc_relay_call(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         target, method = self._route(request, UNARY_METHODS)
@@ -237,6 +251,19 @@ async def hole_punch(p2p: P2P, peer: PeerID, relay: str, *, attempts: int = 1, w
                 return True
             await asyncio.sleep(0.25)
     return False
+
+
+async def relay_load(p2p: P2P, relay: str, timeout: float = 5.0) -> float:
+    """The fraction of its stream capacity a relay uses (1.0 if it does not answer)."""
+    try:
+        reply = await RelayService.get_stub(p2p, wire.relay_peer_id(relay)).rpc_relay_load(
+            runtime_pb2.ExpertRequest(), timeout=timeout
+        )
+        load = wire.decode_metadata(reply.metadata, wire.RelayLoad)
+    except Exception as e:
+        logger.debug("Relay %s did not say its load: %r", relay, e)
+        return 1.0
+    return min(1.0, load.streams / load.max_streams)
 
 
 async def directly_connected(p2p: P2P, peer: PeerID) -> bool:

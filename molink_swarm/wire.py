@@ -95,6 +95,13 @@ class DialBackReply(_Message):
     reachable_ports: list[int] = Field(default_factory=list)
 
 
+class RelayLoad(_Message):
+    """How busy a relay is: streams it pipes now, and the most it takes."""
+
+    streams: int = Field(ge=0)
+    max_streams: int = Field(gt=0)
+
+
 class RelayRegistered(_Message):
     """A relay's answer when a server behind a NAT registers with it."""
 

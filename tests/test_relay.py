@@ -39,7 +39,7 @@ def test_servers_say_how_they_are_reached(relayed_swarm):
     assert all(f"relayed via {relayed_swarm.initial_peers[0]}" in line for line in lines[1:])
 
 
-def test_generation_through_relays_is_token_identical(distributed, tiny_llama_local):
+def test_generation_through_relays_is_token_identical(relayed_swarm, distributed, tiny_llama_local):
     ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(5))
     expected = tiny_llama_local.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     with distributed.inference_session(max_length=32) as session:
@@ -47,6 +47,9 @@ def test_generation_through_relays_is_token_identical(distributed, tiny_llama_lo
         relayed = {hop.start for hop in session.chain if distributed.swarm.path(hop.peer_id).startswith("relayed via")}
     assert torch.equal(got, expected)
     assert relayed == {2, 4}
+    # The relay said how busy it is; a relayed hop weighs that in.
+    assert list(distributed.swarm.relay_loads) == relayed_swarm.initial_peers
+    assert 0.0 <= distributed.swarm.relay_loads[relayed_swarm.initial_peers[0]] < 1.0
     # A full forward (no session) goes through the relay too.
     assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)
 

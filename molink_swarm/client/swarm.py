@@ -14,7 +14,7 @@ from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
-from molink_swarm.relay import connect, hole_punch, relay_of, server_stub
+from molink_swarm.relay import connect, hole_punch, relay_load, relay_of, server_stub
 from molink_swarm.routing.planner import Candidate
 from molink_swarm.wire import relay_peer_id
 from molink_swarm.wire import ServerStatus, decode_metadata
@@ -47,6 +47,7 @@ class SwarmClient:
         self.routes: dict[PeerID, str] = {}  # servers behind NATs -> the relay (multiaddr) to reach them through
         self._relays_dialled: set[str] = set()
         self.hole_punched: set[PeerID] = set()  # relayed servers we now hold a direct connection to
+        self.relay_loads: dict[str, float] = {}  # relay multiaddr -> fraction of its capacity in use
         self._punching: dict[PeerID, asyncio.Task] = {}
         self._servers: list[ServerInfo] = []
         self._fetched_at = -float("inf")
@@ -67,6 +68,8 @@ class SwarmClient:
             self._fetched_at = time.monotonic()
             self.routes = {s.peer_id: relay for s in online if (relay := relay_of(s.record)) is not None}
             await asyncio.gather(*(self._dial_relay(r) for r in set(self.routes.values()) - self._relays_dialled))
+            relays = sorted(set(self.routes.values()))
+            self.relay_loads = dict(zip(relays, await asyncio.gather(*(relay_load(self.p2p, r) for r in relays))))
             for peer, relay in self.routes.items() if self.hole_punching else ():
                 if peer not in self.hole_punched and (peer not in self._punching or self._punching[peer].done()):
                     self._punching[peer] = asyncio.create_task(self._hole_punch(peer, relay))
@@ -90,6 +93,12 @@ class SwarmClient:
     async def _stop_punching(self) -> None:
         for task in self._punching.values():
             task.cancel()
+
+    def _load(self, server: ServerInfo) -> float:
+        """The server's load, or its relay's if that is busier (a relayed hop shares the relay with others)."""
+        load = server.record.active_sessions / max(server.record.max_sessions, 1)
+        relay = self.relay_for(server.peer_id)
+        return max(load, self.relay_loads.get(relay, 0.0)) if relay is not None else load
 
     def relay_for(self, peer_id: PeerID) -> Optional[str]:
         """The relay this client goes through to reach ``peer_id`` (None: directly, or hole-punched)."""
@@ -136,7 +145,7 @@ class SwarmClient:
                 end=s.record.end,
                 throughput=s.record.throughput,
                 rtt_s=self.rtts.get(s.peer_id),
-                load=s.record.active_sessions / max(s.record.max_sessions, 1),
+                load=self._load(s),
                 free_cache_tokens=s.record.free_cache_tokens,
                 next_rtts=_peer_keys(s.record.next_rtts),
             )

@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.dht import ServerState, fetch_servers
-from molink_swarm.relay import relay_of, server_stub
+from molink_swarm.relay import hole_punch, relay_of, server_stub
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class NextServerPinger:
         self.dht, self.p2p = dht, p2p
         self.model_id, self.num_blocks, self.end, self.own_peer_id = model_id, num_blocks, end, own_peer_id
         self.rtts: dict[PeerID, float] = {}
+        self.hole_punched: set[PeerID] = set()
 
     def next_candidates(self, servers) -> dict[PeerID, Optional[str]]:
         """Online servers that can take a chain from where this server's span ends, with their relays."""
@@ -55,6 +56,11 @@ class NextServerPinger:
         return {peer.to_base58(): round(rtt, 6) for peer, rtt in closest}
 
     async def _ping(self, peer: PeerID, relay: Optional[str], timeout: float) -> Optional[float]:
+        if relay is not None and await hole_punch(self.p2p, peer, relay, wait_s=timeout):
+            relay = None  # pushes to it will go direct too (PushChannel checks for the connection)
+            if peer not in self.hole_punched:
+                self.hole_punched.add(peer)
+                logger.info("Hole punched to the next server %s", peer)
         started = time.perf_counter()
         try:
             await server_stub(self.p2p, peer, relay).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
