@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import socket
 from typing import AsyncIterator, Optional, Sequence
 
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, ServicerBase
@@ -26,6 +25,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from molink_swarm import wire
+from molink_swarm.dht.records import Reachability
 from molink_swarm.dht.swarm_dht import peers_unreachable
 from molink_swarm.errors import UserError
 from molink_swarm.server.handler import BlockServicer
@@ -51,8 +51,7 @@ class RelayService(ServicerBase):
         self.max_registered, self.max_streams_per_target = max_registered, max_streams_per_target
         self.max_streams = max_streams
         self.registered: dict[PeerID, int] = {}  # server -> open registration streams
-        self._streams: dict[PeerID, int] = {}
-        self.relayed_streams = 0
+        self._streams: dict[PeerID, int] = {}  # server -> streams piped to it now
 
     async def rpc_dial_back(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Try to open a TCP connection to the caller's observed IP on each port it names."""
@@ -102,7 +101,6 @@ class RelayService(ServicerBase):
                 yield item
 
         self._streams[target] = self._streams.get(target, 0) + 1
-        self.relayed_streams += 1
         try:
             replies = await getattr(BlockServicer.get_stub(self.p2p, target), method)(forward())
             async for reply in replies:
@@ -154,10 +152,11 @@ async def observed_ip(p2p: P2P, peer: PeerID) -> Optional[str]:
 
 
 def _ip_of(addr: Multiaddr) -> Optional[str]:
+    if "p2p-circuit" in str(addr):
+        return None  # a relayed connection: the address is the relay's
     for proto in ("ip4", "ip6"):
         with contextlib.suppress(Exception):
-            if "p2p-circuit" not in str(addr):
-                return str(ipaddress.ip_address(addr.value_for_protocol(proto)))
+            return str(ipaddress.ip_address(addr.value_for_protocol(proto)))
     return None
 
 
@@ -186,29 +185,29 @@ class RelayedStub:
         if method in STREAM_METHODS:
 
             async def call(requests: AsyncIterator[runtime_pb2.ExpertRequest]):
-                return await self._relay.rpc_relay_stream(self._tagged(requests, method))
+                return await self._relay.rpc_relay_stream(self._tagged_stream(requests, method))
 
         elif method in UNARY_METHODS:
 
             async def call(request: runtime_pb2.ExpertRequest, timeout: Optional[float] = None):
-                tagged = runtime_pb2.ExpertRequest()
-                tagged.CopyFrom(request)
-                tagged.uid = self._route + method
-                return await self._relay.rpc_relay_call(tagged, timeout=timeout)
+                return await self._relay.rpc_relay_call(self._tagged(request, method), timeout=timeout)
 
         else:
             raise AttributeError(method)
         return call
 
-    async def _tagged(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], method: str):
+    def _tagged(self, request: runtime_pb2.ExpertRequest, method: str) -> runtime_pb2.ExpertRequest:
+        """A copy of ``request`` that carries the route (the caller's message is left as it is)."""
+        tagged = runtime_pb2.ExpertRequest()
+        tagged.CopyFrom(request)
+        tagged.uid = self._route + method
+        return tagged
+
+    async def _tagged_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], method: str):
         first = True
         async for request in requests:
-            if first:
-                tagged = runtime_pb2.ExpertRequest()
-                tagged.CopyFrom(request)
-                tagged.uid = self._route + method
-                request, first = tagged, False
-            yield request
+            yield self._tagged(request, method) if first else request
+            first = False
 
 
 def server_stub(p2p: P2P, peer: PeerID, relay: Optional[str] = None):
@@ -220,7 +219,7 @@ def server_stub(p2p: P2P, peer: PeerID, relay: Optional[str] = None):
 
 def relay_of(record) -> Optional[str]:
     """The relay to reach a server through (None: dial it directly), from its :class:`ServerRecord`."""
-    if record.reachability.value != "relayed" or not record.relay_addrs:
+    if record.reachability != Reachability.RELAYED or not record.relay_addrs:
         return None
     return record.relay_addrs[0]
 
@@ -277,13 +276,13 @@ async def directly_connected(p2p: P2P, peer: PeerID) -> bool:
 
 
 @dataclasses.dataclass
-class Reachability:
+class ReachabilityCheck:
     reachable: bool
     observed_ip: Optional[str]
     relays: list[str]  # multiaddrs (with /p2p/<id>) of the initial peers that answered
 
 
-async def check_reachability(initial_peers: Sequence[str], host: str, port: int, timeout: float = 10.0) -> Reachability:
+async def check_reachability(initial_peers: Sequence[str], host: str, port: int, timeout: float = 10.0) -> ReachabilityCheck:
     """Ask the initial peers to dial ``port`` back at our public IP; a temporary listener answers them."""
 
     def on_connect(reader, writer):
@@ -319,7 +318,7 @@ async def check_reachability(initial_peers: Sequence[str], host: str, port: int,
     answered = [(m, r) for m, r in zip(peers, replies) if r is not None]
     reachable = any(port in r.reachable_ports for _, r in answered)
     observed = next((r.observed_ip for _, r in answered if r.observed_ip), None)
-    return Reachability(reachable=reachable or not answered, observed_ip=observed, relays=[m for m, _ in answered])
+    return ReachabilityCheck(reachable=reachable or not answered, observed_ip=observed, relays=[m for m, _ in answered])
 
 
 class RelayRegistration:
@@ -369,10 +368,3 @@ class RelayRegistration:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def free_port(host: str) -> int:
-    """A free TCP port on ``host`` (for a server that was given --port 0 and must know its port up front)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

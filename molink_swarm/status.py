@@ -15,9 +15,9 @@ from rich.text import Text
 
 from molink_swarm.dht import ServerState, fetch_models, fetch_servers, start_dht
 from molink_swarm.relay import connect, hole_punch, relay_of, server_stub
-from molink_swarm.wire import relay_peer_id
 from molink_swarm.routing.placement import block_coverage
 from molink_swarm.routing.planner import format_blocks
+from molink_swarm.wire import relay_peer_id
 
 
 class ServerView(BaseModel):

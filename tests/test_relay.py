@@ -10,7 +10,8 @@ from hivemind.proto import runtime_pb2
 
 from molink_swarm import AutoDistributedModelForCausalLM, wire
 from molink_swarm.client.loop import run_sync
-from molink_swarm.relay import RelayService, RelayedStub, check_reachability, free_port
+from molink_swarm.local_swarm import free_port
+from molink_swarm.relay import RelayService, RelayedStub, check_reachability
 from molink_swarm.status import swarm_snapshot
 
 

@@ -16,8 +16,7 @@ from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
 from molink_swarm.relay import connect, hole_punch, relay_load, relay_of, server_stub
 from molink_swarm.routing.planner import Candidate
-from molink_swarm.wire import relay_peer_id
-from molink_swarm.wire import ServerStatus, decode_metadata
+from molink_swarm.wire import ServerStatus, decode_metadata, relay_peer_id
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from molink_swarm.errors import UserError
 from molink_swarm.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
-from molink_swarm.relay import RelayRegistration, check_reachability, free_port
+from molink_swarm.local_swarm import free_port
+from molink_swarm.relay import RelayRegistration, check_reachability
 from molink_swarm.routing.placement import choose_blocks
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.neighbours import NextServerPinger
