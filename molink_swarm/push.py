@@ -3,6 +3,11 @@
 Opening a libp2p stream costs a protocol negotiation, a round trip on a WAN link; a channel opens its stream
 once per (sender, receiving session) and then every push costs one one-way trip. Servers use channels to
 forward their outputs to the next server of a chain; the client uses them for its fallback copies.
+
+A push is an optimisation (the client delivers a copy of every input itself), so a channel never blocks and
+never grows without bound: it holds a few pushes, drops the oldest when the receiver falls behind, and when
+its stream breaks it opens a new one for the next push, after a pause that grows while the receiver keeps
+failing.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import AsyncIterator, Optional
 
 import torch
@@ -20,27 +26,42 @@ from molink_swarm import wire
 
 logger = logging.getLogger(__name__)
 
+MAX_QUEUED = 8
+
 
 class PushChannel:
     def __init__(self, p2p: P2P, peer_id: PeerID, session_id: str, relay: Optional[str] = None):
         self.p2p, self.peer_id, self.session_id, self.relay = p2p, peer_id, session_id, relay
-        self._queue: asyncio.Queue[Optional[runtime_pb2.ExpertRequest]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Optional[runtime_pb2.ExpertRequest]] = asyncio.Queue(MAX_QUEUED)
         self._task: Optional[asyncio.Task] = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self.dropped = 0
+        self._closed = False
 
     def push(self, position: int, hidden: torch.Tensor) -> None:
         """Queue the input of step ``position``; never blocks, never raises (a lost push only costs latency)."""
+        if self._closed:
+            return
+        if self._task is None or self._task.done():
+            if time.monotonic() < self._retry_at:
+                self.dropped += 1
+                return  # the receiver failed recently: the chain falls back to the client's copies meanwhile
+            self._queue = asyncio.Queue(MAX_QUEUED)  # whatever the dead stream held is stale now
+            self._task = asyncio.create_task(self._run())
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
         self._queue.put_nowait(
             runtime_pb2.ExpertRequest(
                 metadata=wire.encode_metadata(wire.PushStep(session_id=self.session_id, position=position)),
                 tensors=[wire.serialize_tensor(hidden)],
             )
         )
-        if self._task is None:
-            self._task = asyncio.create_task(self._run())
 
-    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    async def _requests(self, queue: asyncio.Queue) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
-            item = await self._queue.get()
+            item = await queue.get()
             if item is None:
                 return
             yield item
@@ -51,13 +72,21 @@ class PushChannel:
         try:
             # A hole punched to a relayed server (see NextServerPinger) makes the relay unnecessary.
             relay = None if self.relay is not None and await directly_connected(self.p2p, self.peer_id) else self.relay
-            replies = await server_stub(self.p2p, self.peer_id, relay).rpc_push_stream(self._requests())
+            replies = await server_stub(self.p2p, self.peer_id, relay).rpc_push_stream(self._requests(self._queue))
             async for _ in replies:  # the receiver answers only at the end (or with an error)
                 pass
-        except Exception as e:  # the receiving server died or refused: pushes stop, the chain falls back
-            logger.debug("Push channel to %s closed: %r", self.peer_id, e)
+            self._failures = 0
+        except Exception as e:  # the receiving server died or refused: pushes pause, the chain falls back
+            self._failures += 1
+            pause = min(30.0, 0.5 * 2 ** (self._failures - 1))
+            self._retry_at = time.monotonic() + pause
+            log = logger.info if self._failures == 1 else logger.debug
+            log("Push channel to %s broke (%s); client copies carry the steps, retrying in %.1f s", self.peer_id, e, pause)
 
     def close(self) -> None:
+        self._closed = True
+        if self._queue.full():
+            self._queue.get_nowait()
         self._queue.put_nowait(None)
 
     async def aclose(self) -> None:

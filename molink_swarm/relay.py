@@ -20,7 +20,7 @@ import ipaddress
 import logging
 from typing import AsyncIterator, Optional, Sequence
 
-from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, ServicerBase
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -28,6 +28,7 @@ from molink_swarm import wire
 from molink_swarm.dht.records import Reachability
 from molink_swarm.dht.swarm_dht import peers_unreachable
 from molink_swarm.errors import UserError
+from molink_swarm.protocol.streams import GuardedServicer
 from molink_swarm.server.handler import BlockServicer
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,13 @@ DIAL_BACK_TIMEOUT = 3.0
 # ---- the relay side
 
 
-class RelayService(ServicerBase):
+class RelayService(GuardedServicer):
     """Runs on public peers: dial-back checks for joining servers, and RPC relaying to registered servers."""
 
     def __init__(
         self, p2p: P2P, *, max_registered: int = 1024, max_streams_per_target: int = 256, max_streams: int = 2048
     ):
+        super().__init__()
         self.p2p = p2p
         self.max_registered, self.max_streams_per_target = max_registered, max_streams_per_target
         self.max_streams = max_streams
@@ -89,7 +91,7 @@ class RelayService(ServicerBase):
         first = await anext(requests, None)
         if first is None:
             return
-        target, method = self._route(first, STREAM_METHODS)
+        target, method = self._route(first, STREAM_METHODS, context)
         if self._streams.get(target, 0) >= self.max_streams_per_target:
             raise wire.ProtocolError(f"Too many relayed streams to {target}")
         if self.open_streams >= self.max_streams:
@@ -120,11 +122,14 @@ class RelayService(ServicerBase):
         return runtime_pb2.ExpertResponse(metadata=wire.encode_metadata(load))
 
     async def rpc_relay_call(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        target, method = self._route(request, UNARY_METHODS)
+        target, method = self._route(request, UNARY_METHODS, context)
         return await getattr(BlockServicer.get_stub(self.p2p, target), method)(request, timeout=30.0)
 
-    def _route(self, request: runtime_pb2.ExpertRequest, allowed: frozenset[str]) -> tuple[PeerID, str]:
-        """Parse and check the route in the first message's uid, then clear it (the server never sees it)."""
+    def _route(
+        self, request: runtime_pb2.ExpertRequest, allowed: frozenset[str], context: P2PContext
+    ) -> tuple[PeerID, str]:
+        """Parse and check the route in the first message's uid, then replace it with the caller's peer id (the
+        server takes a session's inputs only from the peers its owner named)."""
         if not request.uid.startswith(_ROUTE_PREFIX):
             raise wire.ProtocolError("A relayed call must start with its route (relay-to:<peer id>:<method>)")
         try:
@@ -136,7 +141,7 @@ class RelayService(ServicerBase):
             raise wire.ProtocolError(f"{method!r} cannot be relayed")
         if target not in self.registered:
             raise wire.ProtocolError(f"{peer_text} is not registered with this relay")
-        request.uid = ""
+        request.uid = wire.RELAYED_FROM + context.remote_id.to_base58()
         return target, method
 
 

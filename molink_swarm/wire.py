@@ -29,6 +29,12 @@ _COMPRESSION_BY_NAME = {
 }
 
 
+_PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]+$"  # base58
+# A relay puts this, plus the caller's peer id, in the uid of a call it pipes to a server behind a NAT; the
+# server believes it only from the relays it registered with.
+RELAYED_FROM = "relayed-from:"
+
+
 class ProtocolError(Exception):
     """The peer sent something invalid; the message is sent back to it verbatim."""
 
@@ -50,7 +56,7 @@ class SessionSpec(_Message):
 class PushTarget(_Message):
     """Where a server sends its output for the next hop of the chain (server-to-server forwarding)."""
 
-    peer_id: str = Field(min_length=10, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
+    peer_id: str = Field(min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
     session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
     relay: Optional[str] = Field(default=None, max_length=256, description="multiaddr of the relay to go through")
 
@@ -67,13 +73,15 @@ class InferenceStep(_Message):
 
     ``position`` below the number of tokens the server holds rolls the cache back first (used for replays
     and by clients that regenerate from an earlier point). With ``expect_push`` the message carries no
-    tensor: the input arrives by ``rpc_push`` from the previous server (or from the client as a fallback).
-    With ``push_to`` the server pushes its output to the next server before answering the client."""
+    tensor: the input arrives by ``rpc_push`` from the previous server ``push_from`` (or from the client as a
+    fallback); pushes from anyone else are not taken. With ``push_to`` the server pushes its output to the next
+    server before answering the client."""
 
     open: Optional[SessionSpec] = None
     position: int = Field(ge=0)
     step_id: int = Field(ge=0, default=0)
     expect_push: bool = False
+    push_from: Optional[str] = Field(default=None, min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
     push_to: Optional[PushTarget] = None
 
 
@@ -147,6 +155,13 @@ def relay_peer_id(maddr: str) -> PeerID:
         raise ValueError(f"not a multiaddr ending in /p2p/<peer id>: {maddr[:80]!r}") from None
 
 
+def origin(uid: str, remote_id: PeerID, trusted_relays: set[PeerID] | frozenset[PeerID]) -> str:
+    """Who made a call: the peer at the other end, or the caller a trusted relay says it pipes the call for."""
+    if remote_id in trusted_relays and uid.startswith(RELAYED_FROM):
+        return uid.removeprefix(RELAYED_FROM)
+    return remote_id.to_base58()
+
+
 def encode_metadata(message: _Message) -> bytes:
     return message.model_dump_json(exclude_defaults=False).encode()
 
@@ -166,13 +181,23 @@ def serialize_tensor(tensor: torch.Tensor, compression: str = "none") -> runtime
 
 def deserialize_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) -> torch.Tensor:
     """Checks the declared dtype, shape and byte size before hivemind decodes the buffer."""
+    check_tensor(proto, max_bytes=max_bytes)
+    return deserialize_torch_tensor(proto)
+
+
+def check_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) -> None:
+    """Refuses a tensor whose dtype, compression, shape or buffer size is not one we decode."""
     itemsize = _ALLOWED_DTYPES.get(proto.dtype)
     if itemsize is None:
         raise ProtocolError(f"Unsupported tensor dtype {proto.dtype!r}; expected one of {sorted(_ALLOWED_DTYPES)}")
     if proto.compression not in _COMPRESSION_BY_NAME.values():
         raise ProtocolError(f"Unsupported tensor compression {proto.compression}")
+    if proto.compression == runtime_pb2.CompressionType.FLOAT16 and proto.dtype != "float32":
+        raise ProtocolError(f"16-bit compression applies to float32 tensors, not {proto.dtype}")
     if not 1 <= len(proto.size) <= 4:
         raise ProtocolError(f"Tensor rank {len(proto.size)} is not supported")
+    if any(dim <= 0 for dim in proto.size):
+        raise ProtocolError(f"Tensor of shape {list(proto.size)} is empty")
     numel = math.prod(proto.size)
     if numel * itemsize > max_bytes:
         raise ProtocolError(f"Tensor of shape {list(proto.size)} exceeds the {max_bytes} byte limit")
@@ -181,7 +206,6 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR
         raise ProtocolError(f"Tensor buffer holds {len(proto.buffer)} bytes, shape/dtype need {expected}")
     if proto.requires_grad:
         raise ProtocolError("Tensors with requires_grad are not accepted")
-    return deserialize_torch_tensor(proto)
 
 
 def request(message: _Message, *tensors: torch.Tensor, compression: str = "none") -> runtime_pb2.ExpertRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -19,10 +20,27 @@ HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
-def client(module_swarm, tiny_llama_path):
-    local = module_swarm(tiny_llama_path, ["0:6"], "--cache-tokens", "4096", "--max-sessions", "4")
+def local(module_swarm, tiny_llama_path):
+    return module_swarm(tiny_llama_path, ["0:6"], "--cache-tokens", "4096", "--max-sessions", "4")
+
+
+def connect(local, tiny_llama_path) -> SwarmClient:
+    """A client with its own peer identity."""
     source = resolve_model(tiny_llama_path)
-    swarm = SwarmClient(local.initial_peers, source.model_id, source.fingerprint, load_config(source).num_hidden_layers)
+    return SwarmClient(local.initial_peers, source.model_id, source.fingerprint, load_config(source).num_hidden_layers)
+
+
+@pytest.fixture(scope="module")
+def client(local, tiny_llama_path):
+    swarm = connect(local, tiny_llama_path)
+    yield swarm
+    swarm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stranger(local, tiny_llama_path):
+    """Another peer: a second client, or someone who learned a session id (every upstream server and relay does)."""
+    swarm = connect(local, tiny_llama_path)
     yield swarm
     swarm.shutdown()
 
@@ -37,8 +55,9 @@ def spec(**overrides) -> wire.SessionSpec:
     return wire.SessionSpec(**{**fields, **overrides})
 
 
-def inference(client, *requests: runtime_pb2.ExpertRequest) -> list[runtime_pb2.ExpertResponse]:
-    """Send the requests on one inference stream and collect the replies (raises the server's error)."""
+def inference(client, *requests: runtime_pb2.ExpertRequest, between=None) -> list[runtime_pb2.ExpertResponse]:
+    """Send the requests on one inference stream and collect the replies (raises the server's error).
+    ``between(i)``, if given, is awaited before request ``i`` is sent."""
 
     stub = client.stub(server_of(client))
 
@@ -46,7 +65,9 @@ def inference(client, *requests: runtime_pb2.ExpertRequest) -> list[runtime_pb2.
         done = asyncio.Event()
 
         async def it():  # like a real client: the stream stays open until the replies are in
-            for r in requests:
+            for i, r in enumerate(requests):
+                if between is not None:
+                    await between(i)
                 yield r
             await done.wait()
 
@@ -83,6 +104,18 @@ BAD_STEPS = {
         "Batch size",
     ),
     "past max_length": ([step(0, torch.randn(1, 70, HIDDEN), spec())], "max_length"),
+    "batch of zero": ([step(0, torch.randn(0, 2, HIDDEN), spec())], "empty"),
+    "zero tokens": ([step(0, torch.randn(1, 0, HIDDEN), spec())], "empty"),
+    "5-D tensor": ([step(0, torch.randn(1, 1, 1, 2, HIDDEN), spec())], "rank 5"),
+    "bfloat16 sent with 16-bit compression": (
+        [
+            wire.request(wire.InferenceStep(open=spec(), position=0), torch.randn(1, 2, HIDDEN)).__class__(
+                metadata=wire.encode_metadata(wire.InferenceStep(open=spec(), position=0)),
+                tensors=[runtime_pb2.Tensor(buffer=b"\0" * 2 * 2 * HIDDEN, size=[1, 2, HIDDEN], dtype="bfloat16", compression=runtime_pb2.CompressionType.FLOAT16)],
+            )
+        ],
+        "16-bit compression applies to float32",
+    ),
     "pushed step carrying a tensor": (
         [wire.request(wire.InferenceStep(open=spec(), position=0, expect_push=True), torch.randn(1, 2, HIDDEN))],
         "must not carry a tensor",
@@ -122,8 +155,11 @@ def test_bad_forward_requests_get_clear_errors(client):
     request = wire.request(wire.ForwardRequest(start=2, end=1), torch.randn(1, 2, HIDDEN))
     with pytest.raises(P2PHandlerError, match="this server holds"):
         run_sync(call_forward(client, peer, request))
-    huge = wire.request(wire.ForwardRequest(start=0, end=6), torch.randn(64, 512, HIDDEN))
+    too_many_tokens = wire.request(wire.ForwardRequest(start=0, end=6), torch.randn(4, 512, HIDDEN))
     with pytest.raises(P2PHandlerError, match="too large"):
+        run_sync(call_forward(client, peer, too_many_tokens))
+    huge = wire.request(wire.ForwardRequest(start=0, end=6), torch.randn(64, 512, HIDDEN))
+    with pytest.raises(P2PHandlerError, match="exceeds the .* byte limit"):  # refused before it is read into memory
         run_sync(call_forward(client, peer, huge))
     assert_still_serving(client)
 
@@ -170,3 +206,112 @@ def assert_still_serving(client):
     hidden = torch.randn(1, 3, HIDDEN)
     [reply] = inference(client, step(0, hidden, spec(session_id="healthy-session")))
     assert wire.decode_metadata(reply.metadata, wire.StepResult).position == 3
+
+
+def pushed_step(session_id: str, position: int, push_from=None) -> runtime_pb2.ExpertRequest:
+    return wire.request(
+        wire.InferenceStep(
+            open=spec(session_id=session_id) if position == 0 else None,
+            position=position,
+            expect_push=True,
+            push_from=push_from,
+        )
+    )
+
+
+async def push(swarm, peer, session_id: str, position: int, hidden: torch.Tensor) -> None:
+    request = wire.request(wire.PushStep(session_id=session_id, position=position), hidden)
+    await swarm.stub(peer).rpc_push(request, timeout=30)
+
+
+def output_of_pushed_step(client, session_id: str, pushes, push_from=None) -> torch.Tensor:
+    """Open ``session_id`` with a step whose input is pushed, run ``pushes()`` once it waits, return its output."""
+
+    peer = server_of(client)
+
+    async def run():
+        done = asyncio.Event()
+
+        async def requests():
+            yield pushed_step(session_id, 0, push_from)
+            await asyncio.sleep(0.5)  # the session is open and waits for its input
+            await pushes()
+            await done.wait()
+
+        try:
+            async for reply in await client.stub(peer).rpc_inference(requests()):
+                return wire.deserialize_tensor(reply.tensors[0])
+        finally:
+            done.set()
+
+    return run_sync(asyncio.wait_for(run(), 60))
+
+
+def test_pushes_from_a_peer_the_owner_did_not_name_never_reach_the_session(client, stranger):
+    """A stranger who learned a session id pushes forged inputs, before the session opens and while it waits;
+    the session computes on its owner's input."""
+    peer = server_of(client)
+    genuine, forged = torch.randn(1, 3, HIDDEN), torch.randn(1, 3, HIDDEN)
+    [expected] = inference(client, step(0, genuine, spec(session_id="reference-session")))
+    run_sync(push(stranger, peer, "hijacked-session", 0, forged))  # before the session opens
+
+    async def pushes():
+        await push(stranger, peer, "hijacked-session", 0, forged)
+        await push(client, peer, "hijacked-session", 0, genuine)
+
+    got = output_of_pushed_step(client, "hijacked-session", pushes)
+    assert torch.equal(got, wire.deserialize_tensor(expected.tensors[0]))
+
+
+def test_the_upstream_server_the_owner_names_may_push(client, stranger):
+    peer = server_of(client)
+    upstream_output = torch.randn(1, 3, HIDDEN)
+    [expected] = inference(client, step(0, upstream_output, spec(session_id="reference-session-2")))
+
+    async def pushes():
+        await push(stranger, peer, "forwarded-session", 0, upstream_output)
+
+    got = output_of_pushed_step(client, "forwarded-session", pushes, push_from=stranger.p2p.peer_id.to_base58())
+    assert torch.equal(got, wire.deserialize_tensor(expected.tensors[0]))
+
+
+def test_one_peer_cannot_fill_the_server_with_sessions(client, stranger):
+    """The server takes 4 sessions; one peer gets 3 of them, and the last slot stays for others."""
+    peer = server_of(client)
+
+    async def run():
+        release = asyncio.Event()
+        held = []
+
+        async def hold(swarm, session_id: str):
+            async def requests():
+                yield step(0, torch.randn(1, 2, HIDDEN), spec(session_id=session_id))
+                await release.wait()
+
+            replies = await swarm.stub(peer).rpc_inference(requests())
+            held.append(replies)
+            await anext(replies)  # the session is open (or the server's refusal is raised)
+
+        try:
+            for i in range(3):
+                await hold(client, f"flood-session-{i}")
+            with pytest.raises(P2PHandlerError, match="the most one peer may"):
+                await hold(client, "flood-session-3")
+            await hold(stranger, "other-peer-session")
+        finally:
+            release.set()
+            for replies in held:
+                with contextlib.suppress(StopAsyncIteration, P2PHandlerError):
+                    await anext(replies)
+
+    run_sync(asyncio.wait_for(run(), 60))
+    assert_still_serving(client)
+
+
+def test_refusals_leave_one_short_line_each_in_the_server_log(local, client):
+    """Run last in this module: every refusal above is in the log at most once a period, with no traceback."""
+    lines = local.servers[0].lines
+    assert any("Refused" in line for line in lines)
+    assert not [line for line in lines if "Traceback" in line or "Handler failed" in line]
+    # Over twenty refused calls above; at most one line per peer every 10 s (two peers, a module of ~30 s).
+    assert len([line for line in lines if "Refused" in line]) <= 6

@@ -150,3 +150,14 @@ def test_servers_export_prometheus_metrics(tiny_swarm, distributed):
         assert float(values["molink_server_blocks"]) == 2
         assert "molink_server_active_sessions" in values and "molink_server_cache_tokens_reserved" in values
 
+
+
+def test_long_generation_in_one_session_needs_no_failover(distributed, tiny_llama_local):
+    """Well past the ~65 steps after which duplicate pushes used to fill a server's inbox and break the session."""
+    ids = prompt(seed=7)
+    expected = tiny_llama_local.generate(ids, max_new_tokens=150, do_sample=False, min_new_tokens=150)
+    with distributed.inference_session(max_length=200) as session:
+        got = distributed.generate(ids, max_new_tokens=150, do_sample=False, min_new_tokens=150)
+        assert session.failovers == 0
+        assert len(session.chain) == 3  # forwarded server to server over every hop
+    assert torch.equal(got, expected)

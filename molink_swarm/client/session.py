@@ -126,9 +126,11 @@ class _HopStream:
         shape: torch.Size,
         *,
         hidden: Optional[torch.Tensor] = None,
+        push_from: Optional[str] = None,
         push_to: Optional[wire.PushTarget] = None,
     ) -> None:
-        """Send a step; without ``hidden`` its input will be pushed (by the previous server or the client)."""
+        """Send a step; without ``hidden`` its input will be pushed (by the previous server ``push_from`` or the
+        client)."""
         self._pending = (position, shape, time.perf_counter())
         if self._responses is None:
             self._responses = await asyncio.wait_for(
@@ -139,6 +141,7 @@ class _HopStream:
             position=position,
             step_id=self._step_id,
             expect_push=hidden is None,
+            push_from=push_from,
             push_to=push_to,
         )
         self._opened = True
@@ -303,6 +306,7 @@ class InferenceSession:
                     self.position,
                     hidden.shape,
                     hidden=hidden if index == 0 else None,
+                    push_from=self._hops[index - 1].peer_id.to_base58() if index > 0 else None,
                     push_to=following.push_target() if following is not None else None,
                 )
             except SERVER_FAILURES as e:

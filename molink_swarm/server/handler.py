@@ -1,23 +1,31 @@
-"""The RPCs a server answers over hivemind P2P: inference streams, forward passes, info and ping."""
+"""The RPCs a server answers over hivemind P2P: inference streams, forward passes, pushes, info and ping.
+
+Every call is checked before it costs anything (see protocol/streams.py for the stream layer): sizes before
+bytes are read, shapes and values before compute, budgets per peer before a session or a forward pass is
+admitted. A refused call gets a clear error; everyone else keeps being served.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
-from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
 from molink_swarm.metrics import ServerMetrics
 from molink_swarm.models.family import BlockSpan
+from molink_swarm.protocol.streams import GuardedServicer, StreamLimits
 from molink_swarm.push import PushChannel
 from molink_swarm.server.scheduler import ComputeQueue, Priority
 from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
+from molink_swarm import wire
 from molink_swarm.wire import (
     ForwardRequest,
     InferenceStep,
@@ -36,9 +44,11 @@ logger = logging.getLogger(__name__)
 
 # A step of at most this many tokens per sequence counts as decoding and jumps ahead of prefills.
 DECODE_MAX_TOKENS = 4
+# Inputs larger than this are decoded and checked on a worker thread, not on the event loop.
+_OFF_LOOP_BYTES = 1 << 20
 
 
-class BlockServicer(ServicerBase):
+class BlockServicer(GuardedServicer):
     """Serves the blocks of one :class:`BlockSpan`. Bad input gets a clear error on that call only."""
 
     def __init__(
@@ -51,6 +61,9 @@ class BlockServicer(ServicerBase):
         dtype: torch.dtype,
         device: torch.device,
         session_idle_timeout: float = 300.0,
+        chunk_tokens: int = 256,
+        max_forwards_per_peer: int = 2,
+        max_forwards: int = 8,
         metrics: ServerMetrics | None = None,
     ):
         self.blocks = blocks
@@ -59,15 +72,28 @@ class BlockServicer(ServicerBase):
         self.model_id = model_id
         self.dtype = dtype
         self.device = device
-        self.session_idle_timeout = session_idle_timeout
         self.metrics = metrics or ServerMetrics()
         self.hidden_size = blocks.config.hidden_size
+        self.chunk_tokens = chunk_tokens
+        # A forward pass is at most one session's worth of tokens; a few at once per peer, a few more in all.
+        self.max_forward_tokens = sessions.max_length
+        self.max_forwards_per_peer, self.max_forwards = max_forwards_per_peer, max_forwards
+        self._forwards: collections.Counter[str] = collections.Counter()
         self.tokens_served = 0
         self.closing = False
         self.push_timeout = 30.0
         self.inputs_from_servers = 0
         self.early_pushes = EarlyPushes(ttl=self.push_timeout)
+        self.trusted_relays: set[PeerID] = set()  # relays we registered with: they say whom they pipe calls for
         self.p2p = None  # set once the handlers are registered; needed to push to the next server
+        max_message = min(256 << 20, max(1 << 20, sessions.max_length * self.hidden_size * 4 + (64 << 10)))
+        super().__init__(
+            {
+                "rpc_inference": StreamLimits(max_message_bytes=max_message, idle_s=session_idle_timeout),
+                "rpc_push_stream": StreamLimits(max_message_bytes=max_message, idle_s=session_idle_timeout),
+                "rpc_forward": StreamLimits(max_message_bytes=max_message, idle_s=30.0),
+            }
+        )
 
     # ---- inference: one bidirectional stream per session, one message per step
 
@@ -75,42 +101,25 @@ class BlockServicer(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session: Session | None = None
-        channels: dict[PushTarget, PushChannel] = {}
+        channel: PushChannel | None = None
         try:
-            while True:
-                try:
-                    request = await asyncio.wait_for(anext(requests), self.session_idle_timeout)
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise ProtocolError(f"Session closed after {self.session_idle_timeout:.0f} s without a step")
+            async for request in requests:
                 step = decode_metadata(request.metadata, InferenceStep)
                 if session is None:
-                    session = self._open_session(step, context)
+                    session = self._open_session(step, wire.origin(request.uid, context.remote_id, self.trusted_relays))
                 elif step.open is not None:
                     raise ProtocolError("A stream carries one session; open a new stream for another")
-                if step.expect_push:
-                    if request.tensors:
-                        raise ProtocolError("A step that expects a pushed input must not carry a tensor")
-                    hidden = await self._await_push(session, step.position)
-                else:
-                    hidden = self._parse_hidden(request, batch_size=session.spec.batch_size)
+                hidden = await self._step_input(session, step, request)
                 self._check_step(session, step, hidden)
-                priority = Priority.DECODE if hidden.shape[1] <= DECODE_MAX_TOKENS else Priority.PREFILL
                 started = time.perf_counter()
-                output = await self.compute.run(lambda: self._run_step(session, step.position, hidden), priority)
-                session.last_active = time.monotonic()
-                self._count(priority, hidden, time.perf_counter() - started)
+                output = await self._compute(
+                    lambda offset, chunk: self._run_step(session, step.position + offset, chunk), hidden
+                )
+                session.stepped(step.position, hidden.shape[1])
+                self._count(hidden, time.perf_counter() - started, kind="decode" if hidden.shape[1] <= DECODE_MAX_TOKENS else "prefill")
                 if step.push_to is not None:
                     # Next server first: it is on the critical path; the client's copy is for its records.
-                    channel = channels.get(step.push_to)
-                    if channel is None:
-                        if len(channels) >= 8:
-                            raise ProtocolError("Too many push targets for one session")
-                        peer = PeerID.from_base58(step.push_to.peer_id)
-                        channel = channels[step.push_to] = PushChannel(
-                            self.p2p, peer, step.push_to.session_id, step.push_to.relay
-                        )
+                    channel = self._push_channel(channel, session, step.push_to)
                     channel.push(step.position, output)
                 result = StepResult(
                     position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
@@ -120,65 +129,80 @@ class BlockServicer(ServicerBase):
             self.metrics.errors.labels("inference").inc()
             raise
         finally:
-            for channel in channels.values():
+            if channel is not None:
                 channel.close()
             if session is not None:
                 self.sessions.close(session.spec.session_id)
                 logger.debug("Closed session %s", session.spec.session_id)
 
-    async def _await_push(self, session: Session, position: int) -> torch.Tensor:
-        future = session.pushed_input(position)
-        try:
-            return await asyncio.wait_for(future, self.push_timeout)
-        except asyncio.TimeoutError:
-            raise ProtocolError(f"No input was pushed for position {position} within {self.push_timeout:.0f} s") from None
-        finally:
-            session.inbox.pop(position, None)
-
-    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """Receive a step's input from the previous server of a chain (or from the client)."""
-        self._accept_push(request, context)
-        return runtime_pb2.ExpertResponse()
-
-    async def rpc_push_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Many pushes over one stream (see push.py); a malformed push ends the stream with an error."""
-        async for request in requests:
-            self._accept_push(request, context)
-        return
-        yield  # an async generator that answers nothing until the sender ends the stream
-
-    def _accept_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> None:
-        push = decode_metadata(request.metadata, PushStep)
-        session = self.sessions.get(push.session_id)
-        hidden = self._parse_hidden(request, batch_size=None if session is None else session.spec.batch_size)
-        if session is None:
-            # Not open yet (the previous server outran the stream that opens it) or closed already (then it
-            # expires unused).
-            self.early_pushes.keep(push.session_id, push.position, hidden, str(context.remote_id))
-        else:
-            self._deliver(session, push.position, hidden, str(context.remote_id))
-
-    def _deliver(self, session: Session, position: int, hidden: torch.Tensor, sender: str) -> None:
-        if session.deliver(position, hidden) and sender != session.peer:
-            # The previous server beat the client's copy. (Through a relay both come from the relay: not counted.)
-            self.inputs_from_servers += 1
-
-    def _open_session(self, step: InferenceStep, context: P2PContext) -> Session:
+    def _open_session(self, step: InferenceStep, owner: str) -> Session:
         spec = step.open
         if spec is None:
             raise ProtocolError("The first message of an inference stream must open a session")
         if self.closing:
             raise ProtocolError("Server is shutting down; use another server")
         self._check_span(spec.start, spec.end)
-        cache = self.blocks.new_cache(spec.start, spec.end)
-        session = self.sessions.open(spec, cache, peer=str(context.remote_id))
-        for position, hidden, sender in self.early_pushes.take(spec.session_id):
-            if hidden.shape[0] == spec.batch_size:
-                self._deliver(session, position, hidden, sender)
+        session = self.sessions.open(spec, self.blocks.new_cache(spec.start, spec.end), owner=owner)
         logger.debug("Opened session %s for blocks %d:%d", spec.session_id, spec.start, spec.end)
         return session
+
+    async def _step_input(self, session: Session, step: InferenceStep, request: runtime_pb2.ExpertRequest) -> torch.Tensor:
+        if not step.expect_push:
+            return await self._parse_hidden(request, batch_size=session.spec.batch_size)
+        if request.tensors:
+            raise ProtocolError("A step that expects a pushed input must not carry a tensor")
+        if step.push_from is not None:
+            session.allow_upstream(step.push_from)
+        if len(self.early_pushes):
+            senders = [session.owner, *session.upstreams]
+            for position, hidden in self.early_pushes.take(session.spec.session_id, senders):
+                if hidden.shape[0] == session.spec.batch_size:
+                    with contextlib.suppress(ProtocolError):  # one too many kept: the client's copy will come
+                        session.deliver(position, hidden)
+        future = session.expect(step.position)
+        try:
+            return await asyncio.wait_for(future, self.push_timeout)
+        except asyncio.TimeoutError:
+            session.inbox.pop(step.position, None)
+            raise ProtocolError(f"No input was pushed for position {step.position} within {self.push_timeout:.0f} s") from None
+
+    def _push_channel(self, channel: PushChannel | None, session: Session, target: PushTarget) -> PushChannel:
+        """One next server per session at a time: naming another (after a failover) closes the old channel."""
+        if channel is not None and (channel.peer_id.to_base58(), channel.session_id, channel.relay) == (
+            target.peer_id, target.session_id, target.relay
+        ):
+            return channel
+        if channel is not None:
+            channel.close()
+        return PushChannel(self.p2p, PeerID.from_base58(target.peer_id), target.session_id, target.relay)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Receive a step's input from the previous server of a chain (or from the client)."""
+        await self._accept_push(request, wire.origin(request.uid, context.remote_id, self.trusted_relays))
+        return runtime_pb2.ExpertResponse()
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Many pushes over one stream (see push.py); a refused push ends the stream with an error."""
+        sender = None
+        async for request in requests:
+            if sender is None:  # a relay names the caller in the first message only
+                sender = wire.origin(request.uid, context.remote_id, self.trusted_relays)
+            await self._accept_push(request, sender)
+        return
+        yield  # an async generator that answers nothing until the sender ends the stream
+
+    async def _accept_push(self, request: runtime_pb2.ExpertRequest, sender: str) -> None:
+        push = decode_metadata(request.metadata, PushStep)
+        session = self.sessions.get(push.session_id)
+        hidden = await self._parse_hidden(request, batch_size=None if session is None else session.spec.batch_size)
+        if session is None or not session.may_push(sender):
+            # Not open yet (the previous server outran the stream that opens it), its sender not named yet, or
+            # someone else's session: kept until a step of the session claims it from an allowed sender.
+            self.early_pushes.keep(push.session_id, push.position, hidden, sender)
+        elif session.deliver(push.position, hidden) and sender != session.owner:
+            self.inputs_from_servers += 1  # the previous server beat the client's copy
 
     def _check_step(self, session: Session, step: InferenceStep, hidden: torch.Tensor) -> None:
         if step.position > session.position:
@@ -192,7 +216,7 @@ class BlockServicer(ServicerBase):
             )
 
     def _run_step(self, session: Session, position: int, hidden: torch.Tensor) -> torch.Tensor:
-        if position < session.position:
+        if position < session.cache.get_seq_length():
             session.cache.crop(position)  # roll back (a replay or a regenerated suffix)
         output = self.blocks(
             hidden.to(self.device, self.dtype),
@@ -201,8 +225,20 @@ class BlockServicer(ServicerBase):
             start=session.spec.start,
             end=session.spec.end,
         )
-        session.position = position + hidden.shape[1]
         return output.to("cpu", hidden.dtype)
+
+    async def _compute(self, run_chunk: Callable[[int, torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``run_chunk(offset, chunk)`` over ``hidden`` in chunks of at most ``chunk_tokens`` tokens, each its
+        own compute task: between two chunks of a long prompt, other sessions' decode steps get their turn."""
+        tokens = hidden.shape[1]
+        if tokens <= DECODE_MAX_TOKENS:
+            return await self.compute.run(lambda: run_chunk(0, hidden), Priority.DECODE)
+        size = max(1, self.chunk_tokens // hidden.shape[0])
+        outputs = []
+        for offset in range(0, tokens, size):
+            chunk = hidden[:, offset : offset + size]
+            outputs.append(await self.compute.run(lambda: run_chunk(offset, chunk), Priority.PREFILL))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     # ---- forward: a full sequence through some of the blocks, no cache. A stream (of one message each way)
     # because hivemind caps unary messages at 4 MiB, less than one long prompt's hidden states.
@@ -216,29 +252,48 @@ class BlockServicer(ServicerBase):
                 raise ProtocolError("Empty forward request")
             spec = decode_metadata(request.metadata, ForwardRequest)
             self._check_span(spec.start, spec.end)
-            hidden = self._parse_hidden(request)
-            if hidden.shape[0] * hidden.shape[1] > self.sessions.max_length * 8:
-                raise ProtocolError(f"Forward pass of {hidden.shape[0]}x{hidden.shape[1]} tokens is too large")
+            hidden = await self._parse_hidden(request)
+            if hidden.shape[0] * hidden.shape[1] > self.max_forward_tokens:
+                raise ProtocolError(
+                    f"Forward pass of {hidden.shape[0]}x{hidden.shape[1]} tokens is too large "
+                    f"(at most {self.max_forward_tokens} tokens); split it"
+                )
+            caller = wire.origin(request.uid, context.remote_id, self.trusted_relays)
+            with self._forward_slot(caller):
+                cache = self.blocks.new_cache(spec.start, spec.end)  # chunks of one pass see the earlier ones
 
-            def run() -> torch.Tensor:
-                output = self.blocks(hidden.to(self.device, self.dtype), start=spec.start, end=spec.end)
-                return output.to("cpu", hidden.dtype)
+                def run_chunk(offset: int, chunk: torch.Tensor) -> torch.Tensor:
+                    output = self.blocks(chunk.to(self.device, self.dtype), position=offset, cache=cache, start=spec.start, end=spec.end)
+                    return output.to("cpu", hidden.dtype)
 
-            started = time.perf_counter()
-            output = await self.compute.run(run, Priority.FORWARD)
-            self._count(Priority.FORWARD, hidden, time.perf_counter() - started)
+                started = time.perf_counter()
+                output = await self._compute(run_chunk, hidden)
+                self._count(hidden, time.perf_counter() - started, kind="forward")
             yield response(None, output)
             # Let the client end the stream: closing it from here first can break the client's pending write.
-            with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+            with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration, ProtocolError):
                 await asyncio.wait_for(anext(requests), 5.0)
         except Exception:
             self.metrics.errors.labels("forward").inc()
             raise
 
-    def _count(self, priority: Priority, hidden: torch.Tensor, seconds: float) -> None:
+    @contextlib.contextmanager
+    def _forward_slot(self, peer: str):
+        if self._forwards[peer] >= self.max_forwards_per_peer:
+            raise ProtocolError(f"Your peer already runs {self._forwards[peer]} forward passes here; wait for them")
+        if sum(self._forwards.values()) >= self.max_forwards:
+            raise ProtocolError("Server is busy with other forward passes; try another server")
+        self._forwards[peer] += 1
+        try:
+            yield
+        finally:
+            self._forwards[peer] -= 1
+            if not self._forwards[peer]:
+                del self._forwards[peer]
+
+    def _count(self, hidden: torch.Tensor, seconds: float, kind: str) -> None:
         tokens = hidden.shape[0] * hidden.shape[1]
         self.tokens_served += tokens
-        kind = priority.name.lower()
         self.metrics.tokens.labels(kind).inc(tokens)
         self.metrics.step_seconds.labels(kind).observe(seconds)
 
@@ -269,16 +324,22 @@ class BlockServicer(ServicerBase):
                 f"Blocks {start}:{end} requested, this server holds {self.blocks.start}:{self.blocks.end}"
             )
 
-    def _parse_hidden(self, request: runtime_pb2.ExpertRequest, batch_size: int | None = None) -> torch.Tensor:
+    async def _parse_hidden(self, request: runtime_pb2.ExpertRequest, batch_size: int | None = None) -> torch.Tensor:
         if len(request.tensors) != 1:
             raise ProtocolError(f"Expected 1 tensor (hidden states), got {len(request.tensors)}")
-        hidden = deserialize_tensor(request.tensors[0])
-        if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size or hidden.shape[1] == 0:
-            raise ProtocolError(
-                f"Hidden states must be [batch, tokens>0, {self.hidden_size}], got {list(hidden.shape)}"
-            )
-        if batch_size is not None and hidden.shape[0] != batch_size:
-            raise ProtocolError(f"Batch size {hidden.shape[0]} differs from the session's {batch_size}")
-        if not torch.isfinite(hidden).all():
-            raise ProtocolError("Hidden states contain NaN or infinite values")
-        return hidden
+        proto = request.tensors[0]
+        wire.check_tensor(proto)
+        if len(proto.size) != 3 or proto.size[2] != self.hidden_size:
+            raise ProtocolError(f"Hidden states must be [batch, tokens, {self.hidden_size}], got {list(proto.size)}")
+        if batch_size is not None and proto.size[0] != batch_size:
+            raise ProtocolError(f"Batch size {proto.size[0]} differs from the session's {batch_size}")
+        if len(proto.buffer) > _OFF_LOOP_BYTES:
+            return await asyncio.to_thread(_decode_finite, proto)
+        return _decode_finite(proto)
+
+
+def _decode_finite(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    hidden = deserialize_tensor(proto)
+    if not torch.isfinite(hidden).all():
+        raise ProtocolError("Hidden states contain NaN or infinite values")
+    return hidden

@@ -23,6 +23,7 @@ from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.neighbours import NextServerPinger
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
+from molink_swarm.wire import relay_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class Server:
                 session_idle_timeout=cfg.session_idle_timeout,
                 metrics=metrics,
             )
+            servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
             await servicer.add_p2p_handlers(p2p)
             servicer.p2p = p2p
             self._announce(dht, validator, ServerState.ONLINE, sessions)

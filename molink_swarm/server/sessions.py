@@ -16,34 +16,65 @@ from molink_swarm.wire import ProtocolError, SessionSpec
 
 logger = logging.getLogger(__name__)
 
+MAX_WAITING_INPUTS = 4  # pushed inputs a session holds ahead of its steps (forwarding needs one or two)
+MAX_UPSTREAMS = 4  # upstream servers a session accepts pushes from (the current one and a few replaced ones)
+
 
 @dataclasses.dataclass
 class Session:
+    """One client's session on this server's blocks.
+
+    Inputs may arrive by push (server-to-server forwarding) instead of with the step. Only the session's owner
+    (the peer that opened it) and the upstream servers the owner named in its steps may push: a session id
+    seen by others (every upstream server and relay learns one) gives them nothing.
+    """
+
     spec: SessionSpec
     cache: SpanCache
-    peer: str
+    owner: str
     position: int = 0
     last_active: float = dataclasses.field(default_factory=time.monotonic)
-    # Inputs pushed by the previous server (or the client), by step position; the first push wins.
-    inbox: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)
+    upstreams: list[str] = dataclasses.field(default_factory=list)
+    inbox: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)  # step position -> its input
 
-    def pushed_input(self, position: int) -> asyncio.Future:
+    def may_push(self, sender: str) -> bool:
+        return sender == self.owner or sender in self.upstreams
+
+    def allow_upstream(self, peer: str) -> None:
+        if peer not in self.upstreams:
+            self.upstreams = [*self.upstreams, peer][-MAX_UPSTREAMS:]
+
+    def expect(self, position: int) -> asyncio.Future:
+        """The input of the step at ``position``, whenever its push arrives (possibly already)."""
         future = self.inbox.get(position)
         if future is None:
-            if len(self.inbox) > 64:
-                raise ProtocolError("Too many pushed inputs waiting for this session")
             future = self.inbox[position] = asyncio.get_running_loop().create_future()
         return future
 
     def deliver(self, position: int, hidden: torch.Tensor) -> bool:
-        """Hand over the input of step ``position``; False if one was already delivered (the first copy wins)."""
-        if position < self.position:
-            return False  # a late duplicate of an input already used
-        future = self.pushed_input(position)
+        """Hand over the input of step ``position`` (from an allowed sender); False if it is not needed: a copy
+        was delivered already (the first copy wins), or the step has run. A step at an earlier position (a
+        rollback) waits for its input first, so its push is taken too."""
+        future = self.inbox.get(position)
+        if future is None:
+            if position < self.position:
+                return False  # a late copy of an input already used
+            if position >= self.spec.max_length:
+                raise ProtocolError(f"Pushed position {position} is past the session's max_length")
+            if len(self.inbox) >= MAX_WAITING_INPUTS:
+                raise ProtocolError(f"Session already holds {MAX_WAITING_INPUTS} pushed inputs ahead of its steps")
+            future = self.expect(position)
         if future.done():
             return False
         future.set_result(hidden)
         return True
+
+    def stepped(self, position: int, tokens: int) -> None:
+        """The step at ``position`` has run: its input and any older one are no longer needed."""
+        self.position = position + tokens
+        self.last_active = time.monotonic()
+        for waiting in [p for p in self.inbox if p <= position or p < self.position]:
+            del self.inbox[waiting]
 
     @property
     def reserved_tokens(self) -> int:
@@ -54,13 +85,16 @@ class SessionTable:
     """Admits sessions while the server has cache tokens and session slots left.
 
     Capacity is reserved pessimistically (``max_length x batch_size`` tokens at open), so a session that was
-    admitted can always run to its max_length: refusing at open is better than failing mid-generation.
+    admitted can always run to its max_length: refusing at open is better than failing mid-generation. One peer
+    may hold at most ``peer_share`` of the slots and of the cache, so that some always stay for others.
     """
 
-    def __init__(self, *, max_sessions: int, cache_tokens: int, max_length: int):
+    def __init__(self, *, max_sessions: int, cache_tokens: int, max_length: int, peer_share: float = 0.75):
         self.max_sessions = max_sessions
         self.cache_tokens = cache_tokens
         self.max_length = max_length
+        self.peer_sessions = max(1, int(max_sessions * peer_share))
+        self.peer_cache_tokens = max(1, int(cache_tokens * peer_share))
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -70,7 +104,7 @@ class SessionTable:
     def free_cache_tokens(self) -> int:
         return max(0, self.cache_tokens - sum(s.reserved_tokens for s in self._sessions.values()))
 
-    def open(self, spec: SessionSpec, cache: SpanCache, peer: str) -> Session:
+    def open(self, spec: SessionSpec, cache: SpanCache, owner: str) -> Session:
         if spec.session_id in self._sessions:
             raise ProtocolError(f"Session {spec.session_id} is already open")
         if spec.max_length > self.max_length:
@@ -82,7 +116,16 @@ class SessionTable:
             raise ProtocolError(
                 f"Not enough cache: session needs {needed} tokens, {self.free_cache_tokens} free; try another server"
             )
-        session = Session(spec, cache, peer)
+        own = [s for s in self._sessions.values() if s.owner == owner]
+        if len(own) >= self.peer_sessions:
+            raise ProtocolError(f"Your peer holds {len(own)} sessions here, the most one peer may; close some first")
+        held = sum(s.reserved_tokens for s in own)
+        if held + needed > self.peer_cache_tokens:
+            raise ProtocolError(
+                f"Your peer would hold {held + needed} cache tokens here, over the {self.peer_cache_tokens} one peer "
+                "may; close sessions or ask for a smaller max_length"
+            )
+        session = Session(spec, cache, owner)
         self._sessions[spec.session_id] = session
         return session
 
@@ -94,44 +137,57 @@ class SessionTable:
 
 
 class EarlyPushes:
-    """Pushes that arrive before their session is open: the previous server can be faster than the stream
-    that opens the session here. They wait (bounded in count, bytes and time) until the session opens."""
+    """Pushes that cannot be delivered yet: their session is not open here yet (the previous server can be
+    faster than the stream that opens it), or their sender is not yet named by the session's owner. They wait,
+    bounded in count, bytes and time and per sender, until a step of the session claims them."""
 
-    def __init__(self, *, max_items: int = 256, max_bytes: int = 64 << 20, ttl: float = 30.0):
+    def __init__(self, *, max_items: int = 256, max_bytes: int = 64 << 20, ttl: float = 30.0, sender_share: float = 0.25):
         self.max_items, self.max_bytes, self.ttl = max_items, max_bytes, ttl
-        self._items: collections.OrderedDict[tuple[str, int], tuple[torch.Tensor, str, float]] = collections.OrderedDict()
+        self.sender_items, self.sender_bytes = max(1, int(max_items * sender_share)), int(max_bytes * sender_share)
+        # (session id, position, sender) -> (input, expiry)
+        self._items: collections.OrderedDict[tuple[str, int, str], tuple[torch.Tensor, float]] = collections.OrderedDict()
         self._bytes = 0
+        self._by_sender: collections.Counter[str] = collections.Counter()
+        self._bytes_by_sender: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def keep(self, session_id: str, position: int, hidden: torch.Tensor, sender: str) -> None:
         self._expire()
-        key = (session_id, position)
+        key = (session_id, position, sender)
         if key in self._items:
             return  # the first copy wins
         size = hidden.numel() * hidden.element_size()
-        if size > self.max_bytes:
-            return
+        if self._by_sender[sender] >= self.sender_items or self._bytes_by_sender[sender] + size > self.sender_bytes:
+            raise ProtocolError("Too many pushes from your peer wait for sessions that are not open; slow down")
         while self._items and (len(self._items) >= self.max_items or self._bytes + size > self.max_bytes):
             self._drop(next(iter(self._items)))
-        self._items[key] = (hidden, sender, time.monotonic() + self.ttl)
+        self._items[key] = (hidden, time.monotonic() + self.ttl)
         self._bytes += size
+        self._by_sender[sender] += 1
+        self._bytes_by_sender[sender] += size
 
-    def take(self, session_id: str) -> list[tuple[int, torch.Tensor, str]]:
-        """Remove and return ``(position, hidden, sender)`` of every push kept for ``session_id``."""
+    def take(self, session_id: str, senders: set[str] | list[str]) -> list[tuple[int, torch.Tensor]]:
+        """Remove and return ``(position, input)`` of the pushes kept for ``session_id`` from ``senders``."""
         self._expire()
-        keys = [key for key in self._items if key[0] == session_id]
-        taken = [(key[1], *self._items[key][:2]) for key in keys]
+        keys = [key for key in self._items if key[0] == session_id and key[2] in senders]
+        taken = [(key[1], self._items[key][0]) for key in keys]
         for key in keys:
             self._drop(key)
         return taken
 
-    def _drop(self, key: tuple[str, int]) -> None:
-        hidden, _, _ = self._items.pop(key)
-        self._bytes -= hidden.numel() * hidden.element_size()
+    def _drop(self, key: tuple[str, int, str]) -> None:
+        hidden, _ = self._items.pop(key)
+        size = hidden.numel() * hidden.element_size()
+        self._bytes -= size
+        sender = key[2]
+        self._by_sender[sender] -= 1
+        self._bytes_by_sender[sender] -= size
+        if not self._by_sender[sender]:
+            del self._by_sender[sender], self._bytes_by_sender[sender]
 
     def _expire(self) -> None:
         now = time.monotonic()
-        while self._items and next(iter(self._items.values()))[2] < now:
+        while self._items and next(iter(self._items.values()))[1] < now:
             self._drop(next(iter(self._items)))

@@ -1,0 +1,1 @@
+"""How peers talk: guarded RPC streams (see streams.py)."""

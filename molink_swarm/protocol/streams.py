@@ -1,0 +1,306 @@
+"""RPC streams with limits a hostile peer cannot get around.
+
+hivemind frames every stream message as one marker byte, an 8-byte length and a protobuf; its own stream
+handler reads each frame whole, whatever length it declares, with no deadline, and reads ahead of the handler.
+Here the same frames (so hivemind's stubs still talk to us) are read one at a time, when the handler asks for
+the next message: the declared length is checked before a byte of the body is read, the body must arrive
+within a deadline, the bytes of messages being handled come out of one budget per process, and a peer holds
+only so many streams at once. What is not read stays in the daemon's flow-controlled buffers, not in ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Optional
+
+from google.protobuf.message import DecodeError, Message
+from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from molink_swarm.wire import ProtocolError
+
+logger = logging.getLogger(__name__)
+
+_MESSAGE, _ERROR = b"\x00", b"\x01"
+_LENGTH_BYTES = 8
+_DISCARD_MAX_BYTES = 64 << 20  # an oversized message up to this size is read past (not kept) before refusing it
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """What one stream may cost the side that reads it."""
+
+    max_message_bytes: int = 64 << 20
+    first_message_s: float = 30.0  # a new stream that says nothing for this long is closed
+    idle_s: float = 300.0  # the most time between two messages of a stream
+    min_bytes_per_s: float = 256 << 10  # once a frame's header is in, its body must keep at least this pace
+
+
+class ByteBudget:
+    """Bytes of received messages held at once in this process (read, or being handled)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._freed = asyncio.Condition()
+
+    async def take(self, size: int, timeout: float) -> None:
+        if size > self.limit:
+            raise ProtocolError(f"Message of {size} bytes exceeds this server's {self.limit} byte budget")
+        async with self._freed:
+            try:
+                await asyncio.wait_for(self._freed.wait_for(lambda: self.used + size <= self.limit), timeout)
+            except asyncio.TimeoutError:
+                raise ProtocolError("Server is busy receiving other messages; try again later") from None
+            self.used += size
+
+    async def give(self, size: int) -> None:
+        async with self._freed:
+            self.used -= size
+            self._freed.notify_all()
+
+
+class RefusalLog:
+    """One log line per refused call, at most one per peer every ``period`` seconds (a bad peer must not be able
+    to fill a volunteer's disk); the lines held back are counted in the next one."""
+
+    def __init__(self, period: float = 10.0, max_peers: int = 4096):
+        self.period, self.max_peers = period, max_peers
+        self._last: dict[str, tuple[float, int]] = {}  # peer -> (time of its last line, refusals held back)
+
+    def refused(self, peer: Any, method: str, reason: object) -> None:
+        key, now = str(peer), time.monotonic()
+        last, held = self._last.get(key, (-float("inf"), 0))
+        if now - last < self.period:
+            self._last[key] = (last, held + 1)
+            return
+        if len(self._last) >= self.max_peers:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        more = f" (+{held} more refused)" if held else ""
+        logger.info("Refused %s from %s: %s%s", method, key, str(reason)[:200], more)
+
+
+async def read_frame(reader: asyncio.StreamReader, limits: StreamLimits, wait_s: float) -> tuple[bytes, bytes]:
+    """``(marker, body)`` of the next frame; EOFError when the stream ends cleanly between frames."""
+    try:
+        marker = await asyncio.wait_for(reader.readexactly(1), wait_s)
+    except asyncio.IncompleteReadError:
+        raise EOFError("stream closed") from None
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"No message within {wait_s:.0f} s; closing the stream") from None
+    if marker not in (_MESSAGE, _ERROR):
+        raise ProtocolError(f"Invalid frame marker {marker!r}")
+    try:
+        header = await asyncio.wait_for(reader.readexactly(_LENGTH_BYTES), 10.0)
+        length = int.from_bytes(header, "big")
+        deadline = 10.0 + length / limits.min_bytes_per_s
+        if length > limits.max_message_bytes:
+            if length <= _DISCARD_MAX_BYTES:  # an honest caller that sent too much: skip it, so it reads our answer
+                await asyncio.wait_for(_discard(reader, length), deadline)
+            raise ProtocolError(f"Message of {length} bytes exceeds the {limits.max_message_bytes} byte limit")
+        body = await asyncio.wait_for(reader.readexactly(length), deadline)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("Stream closed in the middle of a message") from None
+    except asyncio.TimeoutError:
+        raise ProtocolError("Message arrived too slowly; closing the stream") from None
+    return marker, body
+
+
+async def _discard(reader: asyncio.StreamReader, length: int) -> None:
+    while length > 0:
+        length -= len(await reader.readexactly(min(length, 1 << 16)))
+
+
+async def write_frame(writer: asyncio.StreamWriter, message: Message | RPCError) -> None:
+    data = message.SerializeToString()
+    writer.write((_ERROR if isinstance(message, RPCError) else _MESSAGE) + len(data).to_bytes(_LENGTH_BYTES, "big"))
+    writer.write(data)
+    await writer.drain()
+
+
+def parse(message_type: type[Message], body: bytes) -> Message:
+    message = message_type()
+    try:
+        message.ParseFromString(body)
+    except DecodeError:
+        raise ProtocolError(f"Malformed {message_type.__name__}") from None
+    return message
+
+
+class GuardedServicer(ServicerBase):
+    """A hivemind servicer whose streaming RPCs go through the guarded reader above, both where it serves them
+    and in its stubs (unary RPCs stay with hivemind: its daemon caps them at a few MiB).
+
+    ``stream_limits`` maps a method name to the limits its incoming streams are read with."""
+
+    max_streams_per_peer = 64
+    max_streams = 2048
+    reply_limits = StreamLimits(max_message_bytes=(512 << 20) + (1 << 20), idle_s=600.0)
+
+    def __init__(self, stream_limits: Optional[dict[str, StreamLimits]] = None, *, received_bytes: int = 1 << 30):
+        self.stream_limits = stream_limits or {}
+        self.refusals = RefusalLog()
+        self.received_budget = ByteBudget(received_bytes)
+        self._streams_by_peer: dict[PeerID, int] = {}
+
+    @property
+    def open_streams(self) -> int:
+        return sum(self._streams_by_peer.values())
+
+    @classmethod
+    def _make_rpc_caller(cls, handler):
+        if not handler.stream_output:
+            return super()._make_rpc_caller(handler)
+
+        async def caller(stub, requests: AsyncIterator[Message], timeout: Optional[float] = None) -> AsyncIterator[Message]:
+            name = cls._get_handle_name(stub._namespace, handler.method_name)
+            return await call_stream(stub._p2p, stub._peer, name, requests, handler.response_type, cls.reply_limits)
+
+        caller.__name__ = handler.method_name
+        return caller
+
+    async def add_p2p_handlers(self, p2p: P2P, wrapper: Any = None, *, namespace: Optional[str] = None, balanced: bool = False) -> None:
+        self._collect_rpc_handlers()
+        for handler in self._rpc_handlers:
+            name = self._get_handle_name(namespace, handler.method_name)
+            method = getattr(self, handler.method_name)
+            if handler.stream_input or handler.stream_output:
+                limits = self.stream_limits.get(handler.method_name, StreamLimits())
+                await p2p.add_binary_stream_handler(name, self._stream_handler(name, method, handler.request_type, limits, p2p))
+            else:
+                await p2p.add_protobuf_handler(name, self._unary_handler(handler.method_name, method), handler.request_type)
+
+    async def remove_p2p_handlers(self, p2p: P2P, *, namespace: Optional[str] = None) -> None:
+        self._collect_rpc_handlers()
+        for handler in self._rpc_handlers:
+            name = self._get_handle_name(namespace, handler.method_name)
+            if handler.stream_input or handler.stream_output:
+                await p2p.remove_binary_stream_handler(name)
+            else:
+                await p2p.remove_protobuf_handler(name)
+
+    def _unary_handler(self, method_name: str, method: Callable):
+        async def handle(request: Message, context: P2PContext) -> Message:
+            try:
+                return await method(request, context)
+            except ProtocolError as e:
+                self.refusals.refused(context.remote_id, method_name, e)
+                raise
+
+        return handle
+
+    def _stream_handler(self, name: str, method: Callable, request_type: type[Message], limits: StreamLimits, p2p: P2P):
+        method_name = name.rsplit(".", 1)[-1]
+
+        async def handle(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = info.peer_id
+            context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=peer)
+            with contextlib.closing(writer):
+                if self._streams_by_peer.get(peer, 0) >= self.max_streams_per_peer or self.open_streams >= self.max_streams:
+                    self.refusals.refused(peer, method_name, "too many open streams")
+                    with contextlib.suppress(Exception):
+                        await write_frame(writer, RPCError(message="Too many open streams from your peer; close some first"))
+                    return
+                self._streams_by_peer[peer] = self._streams_by_peer.get(peer, 0) + 1
+                requests = _GuardedRequests(reader, request_type, limits, self.received_budget)
+                try:
+                    async for response in method(requests, context):
+                        await write_frame(writer, response)
+                except (ProtocolError, EOFError) as e:
+                    self.refusals.refused(peer, method_name, e)
+                    with contextlib.suppress(Exception):
+                        await write_frame(writer, RPCError(message=str(e)))
+                except (ConnectionError, OSError) as e:  # the caller went away
+                    logger.debug("%s stream from %s broke: %r", method_name, peer, e)
+                except Exception as e:
+                    logger.exception("%s failed for %s", method_name, peer)
+                    with contextlib.suppress(Exception):
+                        await write_frame(writer, RPCError(message=f"Internal error: {e!r}"[:500]))
+                finally:
+                    await requests.release()
+                    self._streams_by_peer[peer] -= 1
+                    if not self._streams_by_peer[peer]:
+                        del self._streams_by_peer[peer]
+
+        return handle
+
+
+class _GuardedRequests:
+    """The requests of one incoming stream, read only when the handler asks for the next one. The bytes of the
+    message being handled count against the process's budget until the handler asks for the next message."""
+
+    def __init__(self, reader: asyncio.StreamReader, request_type: type[Message], limits: StreamLimits, budget: ByteBudget):
+        self._reader, self._type, self._limits, self._budget = reader, request_type, limits, budget
+        self._held = 0
+        self._first = True
+        self._ended = False
+
+    def __aiter__(self) -> "_GuardedRequests":
+        return self
+
+    async def __anext__(self) -> Message:
+        await self.release()
+        if self._ended:
+            raise StopAsyncIteration
+        wait_s = self._limits.first_message_s if self._first else self._limits.idle_s
+        try:
+            marker, body = await read_frame(self._reader, self._limits, wait_s)
+        except EOFError:
+            self._ended = True
+            raise StopAsyncIteration from None
+        self._first = False
+        if marker == _ERROR:  # the caller's end-of-stream message
+            self._ended = True
+            raise StopAsyncIteration
+        self._held = len(body)
+        await self._budget.take(self._held, timeout=10.0)
+        if len(body) > 1 << 20:  # decoding megabytes would stall every other stream of the event loop
+            return await asyncio.to_thread(parse, self._type, body)
+        return parse(self._type, body)
+
+    async def release(self) -> None:
+        if self._held:
+            held, self._held = self._held, 0
+            await self._budget.give(held)
+
+
+async def call_stream(
+    p2p: P2P,
+    peer: PeerID,
+    handle_name: str,
+    requests: AsyncIterator[Message],
+    response_type: type[Message],
+    limits: StreamLimits = StreamLimits(),
+) -> AsyncIterator[Message]:
+    """Open a stream to ``peer`` and iterate its replies, read with the same limits (a server cannot make a
+    client hold an unbounded message or wait forever between two bytes of one)."""
+    _info, reader, writer = await p2p.call_binary_stream_handler(peer, handle_name)
+
+    async def send() -> None:
+        async for request in requests:
+            await write_frame(writer, request)
+        await write_frame(writer, RPCError())  # end of stream, as hivemind's callers send it
+
+    sending = asyncio.create_task(send())
+
+    async def replies() -> AsyncIterator[Message]:
+        with contextlib.closing(writer):
+            try:
+                while True:
+                    try:
+                        marker, body = await read_frame(reader, limits, limits.idle_s)
+                    except EOFError:
+                        break
+                    if marker == _ERROR:
+                        error = parse(RPCError, body)
+                        raise P2PHandlerError(f"Failed to call handler `{handle_name}` at {peer}: {error.message}")
+                    yield parse(response_type, body)
+            finally:
+                sending.cancel()  # the server has answered all it will; a request still queued is moot
+
+    return replies()
