@@ -308,6 +308,55 @@ def test_one_peer_cannot_fill_the_server_with_sessions(client, stranger):
     assert_still_serving(client)
 
 
+def test_an_honest_client_keeps_generating_while_another_peer_floods_the_server(
+    local, client, stranger, tiny_llama_path, tiny_llama_local
+):
+    """The stranger holds every session it may and dozens of streams that never say anything (slow loris);
+    the honest client's generation is still identical to local transformers, with no failover."""
+    from molink_swarm import AutoDistributedModelForCausalLM
+
+    peer = server_of(client)
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=local.initial_peers)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(11))
+    expected = tiny_llama_local.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
+
+    async def flood(release: asyncio.Event) -> list:
+        streams = []
+
+        async def silent():
+            await release.wait()
+            return
+            yield
+
+        for i in range(3):  # every session one peer may hold (3 of 4)
+            async def requests(i=i):
+                yield step(0, torch.randn(1, 2, HIDDEN), spec(session_id=f"flood-held-{i}", max_length=128))
+                await release.wait()
+
+            replies = await stranger.stub(peer).rpc_inference(requests())
+            await anext(replies)
+            streams.append(replies)
+        for _ in range(40):  # streams opened and left silent
+            streams.append(await stranger.stub(peer).rpc_inference(silent()))
+        return streams
+
+    release = asyncio.Event()
+    streams = run_sync(flood(release))
+    try:
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
+            assert session.failovers == 0
+    finally:
+        run_sync(_set(release))
+        model.shutdown()
+    assert torch.equal(got, expected)
+    del streams
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
+
+
 def test_refusals_leave_one_short_line_each_in_the_server_log(local, client):
     """Run last in this module: every refusal above is in the log at most once a period, with no traceback."""
     lines = local.servers[0].lines

@@ -161,3 +161,12 @@ def test_long_generation_in_one_session_needs_no_failover(distributed, tiny_llam
         assert session.failovers == 0
         assert len(session.chain) == 3  # forwarded server to server over every hop
     assert torch.equal(got, expected)
+
+
+def test_long_prompts_computed_in_chunks_match_local(distributed, tiny_llama_local):
+    """Servers split work over 256 tokens into chunks (decode steps of others run between them)."""
+    ids = prompt(300, seed=8)
+    with torch.no_grad():
+        assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)
+    expected = tiny_llama_local.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert torch.equal(distributed.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), expected)

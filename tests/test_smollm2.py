@@ -1,4 +1,4 @@
-"""The embedded SmolLM2-135M-Instruct, split over two real servers, chats exactly like local transformers."""
+"""The embedded SmolLM2-135M-Instruct, split over three real servers, chats exactly like local transformers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def distributed(module_swarm, smollm2):
-    swarm = module_swarm(DEFAULT_MODEL_ALIAS, ["0:15", "15:30"])
+    swarm = module_swarm(DEFAULT_MODEL_ALIAS, ["0:10", "10:20", "20:30"])
     model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL_ALIAS, initial_peers=swarm.initial_peers)
     yield model
     model.shutdown()
@@ -46,3 +46,18 @@ def test_two_turn_chat_keeps_the_cache_and_matches_local(distributed, smollm2):
         assert chat._session is session  # the same session went on: only the new turn was sent
     finally:
         chat.close()
+
+
+def test_a_long_answer_in_one_session_is_token_identical_without_failover(distributed, smollm2):
+    """300 greedy tokens, forwarded server to server over three hops (a long chat answer)."""
+    _source, tokenizer, local = smollm2
+    messages = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    kwargs = dict(max_new_tokens=300, min_new_tokens=300, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = local.generate(ids, **kwargs)
+    with distributed.inference_session(max_length=ids.shape[1] + 300) as session:
+        got = distributed.generate(ids, **kwargs)
+        assert session.failovers == 0
+        assert len(session.chain) == 3
+    assert got.shape[1] == ids.shape[1] + 300
+    assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))

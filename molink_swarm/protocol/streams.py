@@ -18,7 +18,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Optional
 
 from google.protobuf.message import DecodeError, Message
-from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID, ServicerBase
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID, ServicerBase
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto.p2pd_pb2 import RPCError
 
@@ -188,7 +188,7 @@ class GuardedServicer(ServicerBase):
         async def handle(request: Message, context: P2PContext) -> Message:
             try:
                 return await method(request, context)
-            except ProtocolError as e:
+            except (ProtocolError, P2PHandlerError, P2PDaemonError) as e:
                 self.refusals.refused(context.remote_id, method_name, e)
                 raise
 
@@ -211,7 +211,7 @@ class GuardedServicer(ServicerBase):
                 try:
                     async for response in method(requests, context):
                         await write_frame(writer, response)
-                except (ProtocolError, EOFError) as e:
+                except (ProtocolError, P2PHandlerError, P2PDaemonError) as e:  # refused here, or where we relay to
                     self.refusals.refused(peer, method_name, e)
                     with contextlib.suppress(Exception):
                         await write_frame(writer, RPCError(message=str(e)))

@@ -86,6 +86,8 @@ class BlockServicer(GuardedServicer):
         self.early_pushes = EarlyPushes(ttl=self.push_timeout)
         self.trusted_relays: set[PeerID] = set()  # relays we registered with: they say whom they pipe calls for
         self.p2p = None  # set once the handlers are registered; needed to push to the next server
+        # Every session may bring an inference stream and a push stream from the same upstream peer.
+        self.max_streams_per_peer = max(self.max_streams_per_peer, 2 * sessions.max_sessions + 16)
         max_message = min(256 << 20, max(1 << 20, sessions.max_length * self.hidden_size * 4 + (64 << 10)))
         super().__init__(
             {
