@@ -11,7 +11,7 @@ from hivemind.proto import runtime_pb2
 from molink_swarm import AutoDistributedModelForCausalLM, wire
 from molink_swarm.client.loop import run_sync
 from molink_swarm.local_swarm import free_port
-from molink_swarm.relay import RelayService, RelayedStub, check_reachability
+from molink_swarm.relay import RelayService, RelayedStub, check_reachability, choose_relay
 from molink_swarm.status import swarm_snapshot
 
 
@@ -101,3 +101,37 @@ def test_a_relay_refuses_what_it_should_not_carry(relayed_swarm, distributed):
     assert wire.decode_metadata(reply.metadata, wire.DialBackReply).reachable_ports == []
     # The relay still serves.
     assert run_sync(RelayedStub(p2p, relay, relayed_server).rpc_ping(ping, timeout=10)) is not None
+
+
+# --- which relay a client goes through (pure logic) -------------------------------------------------------------
+
+RELAYS = [f"/ip4/10.0.0.{i}/tcp/31337/p2p/{PeerID(bytes([0x12, 0x20]) + bytes([i]) * 32).to_base58()}" for i in range(1, 5)]
+
+
+def test_clients_spread_over_equally_loaded_relays():
+    picks = [choose_relay(RELAYS, salt=f"client-{i}") for i in range(200)]
+
+    assert set(picks) == set(RELAYS)
+    assert max(picks.count(relay) for relay in RELAYS) < 100  # no relay takes half of 4 relays' clients
+
+
+def test_a_client_keeps_its_relay_whatever_order_the_server_announces_them_in():
+    assert choose_relay(RELAYS, salt="client") == choose_relay(RELAYS[::-1], salt="client")
+
+
+def test_the_least_loaded_relay_is_chosen():
+    loads = {RELAYS[0]: 0.9, RELAYS[1]: 0.5, RELAYS[2]: 0.2, RELAYS[3]: 1.0}
+
+    assert {choose_relay(RELAYS, loads=loads, salt=f"client-{i}") for i in range(50)} == {RELAYS[2]}
+
+
+def test_loads_within_a_few_percent_count_as_equal():
+    loads = {RELAYS[0]: 0.001, RELAYS[1]: 0.002}
+
+    assert {choose_relay(RELAYS[:2], loads=loads, salt=f"client-{i}") for i in range(50)} == set(RELAYS[:2])
+
+
+def test_failed_relays_are_skipped_until_none_is_left():
+    assert choose_relay(RELAYS, failed=RELAYS[1:], salt="client") == RELAYS[0]
+    assert choose_relay(RELAYS, failed=RELAYS, salt="client") is None
+    assert choose_relay([], salt="client") is None

@@ -64,6 +64,14 @@ def check_peer_maddr(text: str) -> str:
     return text
 
 
+def is_peer_maddr(text: str) -> bool:
+    try:
+        check_peer_maddr(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_relay_maddr(text: str) -> str:
     """A relay's multiaddr: its peer is the only /p2p/ part (relay.py dials it and addresses the relay by it)."""
     check_peer_maddr(text)

@@ -20,6 +20,7 @@ import random
 from typing import Hashable, Iterable, Literal, Mapping, Optional, Sequence
 
 DEFAULT_RTT_S = 0.1  # assumed for a server we have not pinged yet: pessimistic, so measured servers win
+UNREACHABLE_RTT_S = 10.0  # for a server whose ping failed: chained only where no other server holds its blocks
 Mode = Literal["forwarding", "relayed", "throughput"]
 
 
