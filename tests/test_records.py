@@ -423,3 +423,28 @@ def test_a_peer_cannot_impersonate_another_peer_with_its_own_key(peers: Peers, a
 
     servers = fetch_servers(peers.b, announced.model.model_id, announced.model.num_blocks)
     assert [(info.peer_id, info.record) for info in servers] == [(peers.a.peer_id, announced.record)]
+
+
+def test_a_plain_value_cannot_displace_the_records_under_a_key(peers: Peers, announced: Announced):
+    # In hivemind's storage a plain (subkey-less) value with a later expiration replaces the whole dictionary
+    # of records under its key, and wins over it in every read: one store would hide every server of a block.
+    model_id = announced.model.model_id
+    far_future = get_dht_time() + 10**6
+
+    stored = [peers.b.store(block_key(model_id, i), "junk", far_future) for i in range(4)]
+
+    assert not any(stored)
+    servers = fetch_servers(peers.a, model_id, announced.model.num_blocks)
+    assert [(info.peer_id, info.record) for info in servers] == [(peers.a.peer_id, announced.record)]
+
+
+@pytest.mark.parametrize("junk", [42, "junk", b"\x00\xff", {"kind": "molink.something"}, [1, 2, 3]], ids=repr)
+def test_signed_junk_that_is_not_a_record_is_rejected(peers: Peers, announced: Announced, junk):
+    b_subkey = owner_subkey(peers.b.peer_id, peers.b_validator)
+
+    assert not peers.b.store(block_key(announced.model.model_id, 1), junk, get_dht_time() + TTL_S, subkey=b_subkey)
+    assert not peers.b.store(MODELS_KEY, junk, get_dht_time() + TTL_S, subkey=b_subkey)
+
+
+def test_unsigned_junk_under_a_key_is_rejected(peers: Peers, announced: Announced):
+    assert not peers.b.store(block_key(announced.model.model_id, 1), {"any": "thing"}, get_dht_time() + TTL_S, subkey="someone")
