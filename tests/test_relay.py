@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 
 import pytest
 import torch
@@ -101,6 +103,37 @@ def test_a_relay_refuses_what_it_should_not_carry(relayed_swarm, distributed):
     assert wire.decode_metadata(reply.metadata, wire.DialBackReply).reachable_ports == []
     # The relay still serves.
     assert run_sync(RelayedStub(p2p, relay, relayed_server).rpc_ping(ping, timeout=10)) is not None
+
+
+def test_a_session_moves_to_the_next_relay_when_its_relay_dies(swarm, tiny_llama_path, tiny_llama_local, caplog):
+    local = swarm(tiny_llama_path, [])
+    second_relay = local.start_relay()
+    behind_nat = local.start_server("0:6", "--force-relay", "--update-period", "1")
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=local.initial_peers, hole_punching=False)
+    peer = PeerID.from_base58(behind_nat.peer_id)
+    try:
+        # The server registers with both relays; wait until its record announces both.
+        deadline = time.monotonic() + 60
+        while not (servers := run_sync(model.swarm.servers(refresh=True))) or len(servers[0].record.relay_addrs) < 2:
+            assert time.monotonic() < deadline, f"the server never announced both relays: {servers}"
+            time.sleep(0.5)
+        first, second = torch.randint(3, 128, (2, 1, 8), generator=torch.Generator().manual_seed(11))
+        expected_first = tiny_llama_local.generate(first, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        expected_second = tiny_llama_local.generate(
+            torch.cat([expected_first, second], dim=1), max_new_tokens=8, min_new_tokens=8, do_sample=False
+        )
+        with model.inference_session(max_length=64) as session:
+            got_first = model.generate(first, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            used = model.swarm.relay_for(peer)
+            (local.bootstrap if used == local.initial_peers[0] else second_relay).kill()
+            with caplog.at_level(logging.INFO, logger="molink_swarm.client.swarm"):
+                got_second = model.generate(second, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert session.failovers >= 1
+        assert torch.equal(got_first, expected_first) and torch.equal(got_second, expected_second)
+        assert model.swarm.relay_for(peer) not in (None, used)
+        assert not [r for r in caplog.records if r.getMessage().startswith("Banned")], "banned the server, not its relay"
+    finally:
+        model.shutdown()
 
 
 # --- which relay a client goes through (pure logic) -------------------------------------------------------------
