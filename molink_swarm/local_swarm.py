@@ -164,6 +164,7 @@ class LocalSwarm:
         self.log_dir = log_dir
         self.env = env
         self.bootstrap: Optional[SwarmProcess] = None
+        self.relays: list[SwarmProcess] = []  # more `dht` peers (each also a relay) after the bootstrap
         self.servers: list[SwarmProcess] = []
         self.links: list[SwarmProcess] = []
         self.webs: list[SwarmProcess] = []
@@ -174,6 +175,15 @@ class LocalSwarm:
         match = self.bootstrap.wait_for(_MADDR_RE.pattern, timeout)
         self.initial_peers = [match.group(1)]
         return self.initial_peers
+
+    def start_relay(self, timeout: float = 60.0) -> SwarmProcess:
+        """Another `molink-swarm dht` peer (every one is also a relay), joined to the swarm; servers started
+        after it get it as an initial peer too."""
+        args = ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers", *self.initial_peers]
+        relay = spawn(f"relay-{len(self.relays) + 1}", args, log_dir=self.log_dir, env=self.env)
+        self.relays.append(relay)
+        self.initial_peers.append(relay.wait_for(_MADDR_RE.pattern, timeout).group(1))
+        return relay
 
     def start_server(
         self,
@@ -223,7 +233,7 @@ class LocalSwarm:
         return next(s for s in self.servers if s.peer_id == str(peer_id))
 
     def stop(self) -> None:
-        for process in [*self.webs, *self.servers, *([self.bootstrap] if self.bootstrap else []), *self.links]:
+        for process in [*self.webs, *self.servers, *self.relays, *([self.bootstrap] if self.bootstrap else []), *self.links]:
             try:
                 process.stop()
             except Exception:  # teardown must reach every process

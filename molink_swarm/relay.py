@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import logging
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Collection, Mapping, Optional, Sequence
 
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID
 from hivemind.proto import runtime_pb2
@@ -222,11 +223,27 @@ def server_stub(p2p: P2P, peer: PeerID, relay: Optional[str] = None):
     return RelayedStub(p2p, wire.relay_peer_id(relay), peer)
 
 
-def relay_of(record) -> Optional[str]:
+def choose_relay(
+    relays: Sequence[str], *, loads: Mapping[str, float] = {}, failed: Collection[str] = (), salt: str = ""
+) -> Optional[str]:
+    """Which of the relays a server announced to go through: the least loaded one that has not failed (loads
+    within 5% count as equal); among equals, the one that ``salt`` (the caller's peer id) hashes first, so that
+    different callers spread over them instead of all piling onto one. None if every relay has failed."""
+    usable = [relay for relay in relays if relay not in failed]
+    if not usable:
+        return None
+
+    def rank(relay: str) -> tuple[int, bytes]:
+        return round(20 * min(max(loads.get(relay, 0.0), 0.0), 1.0)), hashlib.sha256(f"{salt}|{relay}".encode()).digest()
+
+    return min(usable, key=rank)
+
+
+def relay_of(record, *, loads: Mapping[str, float] = {}, salt: str = "") -> Optional[str]:
     """The relay to reach a server through (None: dial it directly), from its :class:`ServerRecord`."""
     if record.reachability != Reachability.RELAYED or not record.relay_addrs:
         return None
-    return record.relay_addrs[0]
+    return choose_relay(record.relay_addrs, loads=loads, salt=salt)
 
 
 async def connect(p2p: P2P, maddr: str) -> None:

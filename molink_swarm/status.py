@@ -63,8 +63,10 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
     }
     rtts: dict[PeerID, Optional[float]] = {}
     paths: dict[PeerID, str] = {}
+    salt = dht.peer_id.to_base58()  # like a client here would: spread over a server's relays
+    via = {s.peer_id: relay_of(s.record, salt=salt) for servers in servers_by_model.values() for s in servers}
     if p2p is not None:
-        routes = {s.peer_id: relay_of(s.record) for servers in servers_by_model.values() for s in servers}
+        routes = dict(via)
         await asyncio.gather(*(connect(p2p, r) for r in set(routes.values()) if r is not None), return_exceptions=True)
         relayed = [peer for peer, relay in routes.items() if relay is not None]
         punched = await asyncio.gather(*(hole_punch(p2p, peer, routes[peer], wait_s=3.0) for peer in relayed))
@@ -89,7 +91,7 @@ async def swarm_snapshot(dht, p2p: Optional[P2P] = None, model: Optional[str] = 
                 max_sessions=s.record.max_sessions,
                 free_cache_tokens=s.record.free_cache_tokens,
                 reachability=s.record.reachability.value,
-                relay=str(relay_peer_id(relay)) if (relay := relay_of(s.record)) else None,
+                relay=str(relay_peer_id(via[s.peer_id])) if via[s.peer_id] else None,
                 path=paths.get(s.peer_id),
                 version=s.record.software_version,
                 dtype=s.record.torch_dtype,

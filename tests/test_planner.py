@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -214,3 +215,48 @@ def test_plans_over_a_thousand_servers_with_announced_links_in_every_mode():
         hops = plan_chain(80, swarm, mode=mode)
         assert hops[0].start == 0 and hops[-1].end == 80
         assert all(a.end == b.start for a, b in zip(hops, hops[1:]))
+
+
+# --- figures a bad peer may announce: the planner never trusts them (records are also checked when read) ------
+
+BAD_FIGURES = [
+    {"throughput": math.inf},
+    {"throughput": math.nan},
+    {"throughput": -1000.0},
+    {"rtt_s": -0.5},
+    {"rtt_s": math.nan},
+    {"load": math.nan},
+    {"load": -5.0},
+    {"free_cache_tokens": -1},
+]
+
+
+@pytest.mark.parametrize("figures", BAD_FIGURES, ids=lambda f: f"{next(iter(f))}={next(iter(f.values()))}")
+@pytest.mark.parametrize("mode", ["relayed", "forwarding", "throughput"])
+def test_a_server_announcing_impossible_figures_is_never_chosen(figures, mode):
+    swarm = [server("liar", 0, 20, **{"rtt_s": 0.001, "throughput": 1e6, **figures}), server("honest", 0, 20, rtt_s=0.05)]
+
+    picks = {plan_chain(20, swarm, mode=mode, rng=random.Random(i))[0].peer_id for i in range(10)}
+
+    assert picks == {"honest"}
+
+
+@pytest.mark.parametrize("figures", BAD_FIGURES, ids=lambda f: f"{next(iter(f))}={next(iter(f.values()))}")
+def test_a_server_announcing_impossible_figures_does_not_count_as_covering_its_blocks(figures):
+    swarm = [server("honest", 0, 10), server("liar", 10, 20, **figures)]
+
+    with pytest.raises(MissingBlocksError) as error:
+        plan_chain(20, swarm)
+    assert error.value.missing == list(range(10, 20))
+
+
+@pytest.mark.parametrize("rtt", [-1.0, math.nan, -math.inf])
+def test_an_impossible_announced_link_is_ignored(rtt):
+    # "a" claims an impossibly fast link to "b1": without it, a->b2 (a real fast link) is the better chain.
+    swarm = [
+        server("a", 0, 10, rtt_s=0.05, next_rtts={"b1": rtt, "b2": 0.002}),
+        server("b1", 10, 20, rtt_s=0.05),
+        server("b2", 10, 20, rtt_s=0.05),
+    ]
+
+    assert [hop.peer_id for hop in plan_chain(20, swarm, mode="forwarding")] == ["a", "b2"]

@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import itertools
+import logging
 from typing import Iterator, NamedTuple
 
 import hivemind
+import multihash
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils import get_dht_time
+from hivemind.p2p import PeerID
+from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from molink_swarm.dht.records import (
+    MAX_THROUGHPUT,
     MODELS_KEY,
+    InvalidRecordError,
     ModelRecord,
     Reachability,
     ServerRecord,
     ServerState,
     block_key,
     parse_record,
+    validate_record,
 )
+from molink_swarm.dht import swarm_dht
+from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.swarm_dht import declare_server, fetch_models, fetch_servers, owner_subkey, start_dht
+from molink_swarm.dht.validation import owner_subkey_bytes
+
+
+ED25519_PEER = "12D3KooWF1kLNYQEAjgEPfH8vr35o7tQNXBdAnvHeqwkdP6gh7Nk"  # how a `molink-swarm dht` peer looks
+RSA_PEER = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # how a server (RSA identity) looks
+
+
+def peer_id(i: int) -> str:
+    return PeerID(multihash.encode(hashlib.sha256(str(i).encode()).digest(), "sha2-256")).to_base58()
 
 
 def server_record(**overrides) -> ServerRecord:
@@ -38,7 +58,7 @@ def server_record(**overrides) -> ServerRecord:
 
 def model_record(**overrides) -> ModelRecord:
     fields = dict(
-        model_id="tiny-llama",
+        model_id="tiny-llama-01234567",  # "<slug>-<fingerprint[:8]>", like ModelSource.model_id
         name="Tiny Llama",
         num_blocks=6,
         fingerprint="0123456789abcdef",
@@ -53,9 +73,10 @@ def model_record(**overrides) -> ModelRecord:
 def test_a_server_record_round_trips_through_the_wire_format():
     record = server_record(
         reachability=Reachability.RELAYED,
-        relay_addrs=("/ip4/10.0.0.1/tcp/31337",),
+        relay_addrs=(f"/ip4/10.0.0.1/tcp/31337/p2p/{ED25519_PEER}",),
+        addrs=(f"/ip4/10.0.0.2/tcp/4000/p2p/{RSA_PEER}", f"/ip4/10.0.0.1/tcp/31337/p2p/{ED25519_PEER}/p2p-circuit/p2p/{RSA_PEER}"),
         public_name="alice",
-        next_rtts={"12D3KooWnext": 0.012},
+        next_rtts={ED25519_PEER: 0.012, RSA_PEER: 0.0},
     )
 
     assert parse_record(record.to_wire()) == record
@@ -96,15 +117,57 @@ def test_unknown_fields_from_a_newer_version_are_ignored():
         {"state": "nonsense"},
         {"reachability": "teleported"},
         {"model_fingerprint": "short"},
-        {"addrs": [f"/ip4/10.0.0.{i}/tcp/1" for i in range(17)]},
-        {"relay_addrs": [f"/ip4/10.0.0.{i}/tcp/1" for i in range(17)]},
-        {"next_rtts": {f"peer-{i}": 0.01 for i in range(65)}},
+        {"addrs": [f"/ip4/10.0.0.{i}/tcp/1/p2p/{RSA_PEER}" for i in range(17)]},
+        {"relay_addrs": [f"/ip4/10.0.0.{i}/tcp/1/p2p/{RSA_PEER}" for i in range(17)]},
+        {"next_rtts": {peer_id(i): 0.01 for i in range(65)}},
         {"software_version": "x" * 33},
     ],
     ids=lambda overrides: ",".join(overrides),
 )
 def test_an_invalid_server_record_is_dropped(overrides):
     assert parse_record({**server_record().to_wire(), **overrides}) is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # Readers dial these and take the relay's peer id from them: each must end in /p2p/<a real peer id>.
+        {"relay_addrs": ["not a multiaddr"]},
+        {"relay_addrs": ["/ip4/10.0.0.1/tcp/31337"]},
+        {"relay_addrs": [f"/ip4/10.0.0.1/tcp/31337/p2p/{ED25519_PEER}", "/ip4/10.0.0.1/tcp/1/p2p/"]},
+        {"relay_addrs": ["/ip4/10.0.0.1/tcp/31337/p2p/12D3KooWnext"]},
+        {"relay_addrs": ["/ip4/999.0.0.1/tcp/31337/p2p/" + ED25519_PEER]},
+        {"relay_addrs": [f"/ip4/10.0.0.1/tcp/1/p2p/{ED25519_PEER}/p2p-circuit/p2p/{RSA_PEER}"]},
+        {"relay_addrs": ["/ip4/10.0.0.1/tcp/1/p2p/" + ED25519_PEER + "/" + "x" * 300]},
+        {"relay_addrs": [42]},
+        {"addrs": ["/ip4/10.0.0.1/tcp/4000"]},
+        {"addrs": ["junk"]},
+        # Figures go into route costs: an attacker must not make itself look infinitely fast or close.
+        {"throughput": float("inf")},
+        {"throughput": float("nan")},
+        {"throughput": 1e30},
+        {"next_rtts": {RSA_PEER: float("nan")}},
+        {"next_rtts": {RSA_PEER: -0.01}},
+        {"next_rtts": {RSA_PEER: float("inf")}},
+        {"next_rtts": {"not-a-peer-id": 0.01}},
+        {"next_rtts": {"12D3KooWnext": 0.01}},
+        {"free_cache_tokens": 2**70},
+        {"max_sessions": 2**70},
+        {"active_sessions": -1},
+        {"end": 10**9},
+        {"torch_dtype": "float16; drop table"},
+    ],
+    ids=lambda overrides: f"{next(iter(overrides))}={str(next(iter(overrides.values())))[:40]}",
+)
+def test_a_server_record_with_a_bad_field_is_dropped(overrides):
+    assert parse_record({**server_record().to_wire(), **overrides}) is None
+
+
+def test_the_reason_a_record_is_invalid_is_one_short_line():
+    with pytest.raises(InvalidRecordError) as error:
+        validate_record({**server_record().to_wire(), "relay_addrs": ["junk"]})
+
+    assert "relay_addrs" in str(error.value) and "\n" not in str(error.value) and len(str(error.value)) <= 200
 
 
 def test_a_server_record_without_a_required_field_is_dropped():
@@ -116,7 +179,14 @@ def test_a_server_record_without_a_required_field_is_dropped():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"model_id": "tiny.llama"}, {"model_id": "Tiny-Llama"}, {"model_id": ""}, {"num_blocks": 0}],
+    [
+        {"model_id": "tiny.llama"},
+        {"model_id": "Tiny-Llama"},
+        {"model_id": ""},
+        {"num_blocks": 0},
+        {"num_blocks": 10**6},  # readers fetch one DHT key per block
+        {"model_id": "tiny-llama-89abcdef"},  # an id that belongs to other weights
+    ],
     ids=lambda overrides: f"{next(iter(overrides))}={next(iter(overrides.values()))!r}",
 )
 def test_an_invalid_model_record_is_dropped(overrides):
@@ -135,6 +205,101 @@ def test_a_dict_of_another_kind_is_dropped():
 
 def test_a_dict_with_an_unhashable_kind_is_dropped():
     assert parse_record({"kind": ["molink.server"]}) is None
+
+
+# --- readers skip what validators let through --------------------------------------------------------------
+# Honest peers reject invalid records when they are stored, but a reader cannot rely on that: older or hostile
+# peers answer reads too. fetch_servers / fetch_models check every value themselves.
+
+
+class Owner(NamedTuple):
+    peer_id: PeerID
+    subkey: bytes
+
+
+@pytest.fixture(scope="module")
+def owners() -> list[Owner]:
+    """Five peers with RSA identities: the subkeys their signed records sit under."""
+    found = []
+    for _ in range(5):
+        public = RSAPrivateKey().get_public_key().to_bytes()
+        peer = peer_id_of_owner_key(public)
+        found.append(Owner(peer, owner_subkey_bytes(peer, public)))
+    return found
+
+
+class ReadOnlyDHT:
+    """Answers every read with fixed DHT entries (key -> {subkey: value}), as hivemind returns them."""
+
+    def __init__(self, entries: dict[str, dict]):
+        self.entries = entries
+
+    def run_coroutine(self, _coroutine):
+        expiration = get_dht_time() + 60
+        return {
+            key: ValueWithExpiration({sub: ValueWithExpiration(v, expiration) for sub, v in values.items()}, expiration)
+            for key, values in self.entries.items()
+        }
+
+
+@pytest.fixture
+def fresh_skip_log(monkeypatch):
+    monkeypatch.setattr(swarm_dht, "_skipped_logged", collections.OrderedDict())
+
+
+def test_readers_skip_invalid_server_records_with_one_log_line_each(owners, caplog, fresh_skip_log):
+    honest, bad_relay, infinite, wrong_kind, _ = owners
+    good = server_record(start=0, end=4)
+    on_every_block = {
+        honest.subkey: good.to_wire(),
+        bad_relay.subkey: {**good.to_wire(), "reachability": "relayed", "relay_addrs": ["junk"]},
+        infinite.subkey: {**good.to_wire(), "throughput": float("inf")},
+        wrong_kind.subkey: model_record().to_wire(),
+        b"unsigned": {"anything": 42},
+    }
+    dht = ReadOnlyDHT({block_key("m-01234567", i): dict(on_every_block) for i in range(4)})
+
+    with caplog.at_level(logging.WARNING, logger=swarm_dht.__name__):
+        servers = fetch_servers(dht, "m-01234567", 4)
+        again = fetch_servers(dht, "m-01234567", 4)
+
+    assert [(info.peer_id, info.record) for info in servers] == [(honest.peer_id, good)]
+    assert [info.record for info in again] == [good]
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(skipped) == 4, skipped  # one line per bad record, though each sits under 4 keys and was read twice
+    assert any(str(bad_relay.peer_id) in line and "relay_addrs" in line for line in skipped)
+    assert any(str(infinite.peer_id) in line and "throughput" in line for line in skipped)
+    assert all("\n" not in line for line in skipped)
+
+
+def test_readers_skip_junk_that_is_not_a_record(owners, caplog, fresh_skip_log):
+    honest = owners[0]
+    good = server_record(start=0, end=2)
+    dht = ReadOnlyDHT({block_key("m-01234567", 0): {honest.subkey: good.to_wire(), owners[1].subkey: b"\x00junk", owners[2].subkey: [1, 2]}})
+
+    with caplog.at_level(logging.WARNING, logger=swarm_dht.__name__):
+        servers = fetch_servers(dht, "m-01234567", 2)
+
+    assert [info.peer_id for info in servers] == [honest.peer_id]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+def test_a_model_record_forged_by_one_peer_loses_to_the_one_the_servers_announce(owners, fresh_skip_log):
+    real = model_record(num_blocks=6)
+    inflated = model_record(num_blocks=4096, name="evil")
+    dht = ReadOnlyDHT(
+        {MODELS_KEY: {owners[0].subkey: real.to_wire(), owners[1].subkey: real.to_wire(), owners[2].subkey: inflated.to_wire(), owners[3].subkey: "junk"}}
+    )
+
+    assert fetch_models(dht) == {real.model_id: real}
+
+
+def test_on_a_tie_the_model_record_with_fewer_blocks_wins(owners, fresh_skip_log):
+    real = model_record(num_blocks=6)
+    inflated = model_record(num_blocks=4096)
+    dht = ReadOnlyDHT({MODELS_KEY: {owners[0].subkey: inflated.to_wire(), owners[1].subkey: real.to_wire()}})
+
+    assert fetch_models(dht)[real.model_id].num_blocks == 6
 
 
 # --- real DHT peers ------------------------------------------------------------------------------------------
@@ -166,7 +331,7 @@ def peers() -> Iterator[Peers]:
             dht.shutdown()
 
 
-_model_ids = (f"forge-test-{i}" for i in itertools.count())
+_model_ids = (f"forge-test-{i}-01234567" for i in itertools.count())
 
 
 class Announced(NamedTuple):
@@ -197,7 +362,7 @@ def test_a_peer_sees_the_model_another_peer_announced(peers: Peers, announced: A
 
 def test_a_peer_cannot_overwrite_another_peers_record(peers: Peers, announced: Announced):
     key = block_key(announced.model.model_id, 0)
-    forged = server_record(start=0, end=4, throughput=1e9, public_name="definitely-alice")
+    forged = server_record(start=0, end=4, throughput=MAX_THROUGHPUT, public_name="definitely-alice")
     a_subkey = owner_subkey(peers.a.peer_id, peers.a_validator)
 
     stored = peers.b.store(key, forged.to_wire(), get_dht_time() + TTL_S + 60, subkey=a_subkey)
@@ -240,7 +405,7 @@ def test_a_valid_record_under_a_subkey_without_an_owner_key_is_rejected(peers: P
 
 def test_a_record_under_an_unterminated_owner_marker_cannot_impersonate_a_peer(peers: Peers, announced: Announced):
     key = block_key(announced.model.model_id, 0)
-    forged = server_record(start=0, end=4, throughput=1e9)
+    forged = server_record(start=0, end=4, throughput=MAX_THROUGHPUT)
     fake_subkey = peers.a.peer_id.to_base58().encode() + b"[owner:"
 
     peers.b.store(key, forged.to_wire(), get_dht_time() + TTL_S + 60, subkey=fake_subkey)
@@ -251,10 +416,35 @@ def test_a_record_under_an_unterminated_owner_marker_cannot_impersonate_a_peer(p
 
 def test_a_peer_cannot_impersonate_another_peer_with_its_own_key(peers: Peers, announced: Announced):
     key = block_key(announced.model.model_id, 0)
-    forged = server_record(start=0, end=4, throughput=1e9)
+    forged = server_record(start=0, end=4, throughput=MAX_THROUGHPUT)
     fake_subkey = peers.a.peer_id.to_base58().encode() + peers.b_validator.local_public_key
 
     peers.b.store(key, forged.to_wire(), get_dht_time() + TTL_S + 60, subkey=fake_subkey)
 
     servers = fetch_servers(peers.b, announced.model.model_id, announced.model.num_blocks)
     assert [(info.peer_id, info.record) for info in servers] == [(peers.a.peer_id, announced.record)]
+
+
+def test_a_plain_value_cannot_displace_the_records_under_a_key(peers: Peers, announced: Announced):
+    # In hivemind's storage a plain (subkey-less) value with a later expiration replaces the whole dictionary
+    # of records under its key, and wins over it in every read: one store would hide every server of a block.
+    model_id = announced.model.model_id
+    far_future = get_dht_time() + 10**6
+
+    stored = [peers.b.store(block_key(model_id, i), "junk", far_future) for i in range(4)]
+
+    assert not any(stored)
+    servers = fetch_servers(peers.a, model_id, announced.model.num_blocks)
+    assert [(info.peer_id, info.record) for info in servers] == [(peers.a.peer_id, announced.record)]
+
+
+@pytest.mark.parametrize("junk", [42, "junk", b"\x00\xff", {"kind": "molink.something"}, [1, 2, 3]], ids=repr)
+def test_signed_junk_that_is_not_a_record_is_rejected(peers: Peers, announced: Announced, junk):
+    b_subkey = owner_subkey(peers.b.peer_id, peers.b_validator)
+
+    assert not peers.b.store(block_key(announced.model.model_id, 1), junk, get_dht_time() + TTL_S, subkey=b_subkey)
+    assert not peers.b.store(MODELS_KEY, junk, get_dht_time() + TTL_S, subkey=b_subkey)
+
+
+def test_unsigned_junk_under_a_key_is_rejected(peers: Peers, announced: Announced):
+    assert not peers.b.store(block_key(announced.model.model_id, 1), {"any": "thing"}, get_dht_time() + TTL_S, subkey="someone")

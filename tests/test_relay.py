@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from hivemind.proto import runtime_pb2
 from molink_swarm import AutoDistributedModelForCausalLM, wire
 from molink_swarm.client.loop import run_sync
 from molink_swarm.local_swarm import free_port
-from molink_swarm.relay import RelayService, RelayedStub, check_reachability
+from molink_swarm.relay import RelayService, RelayedStub, check_reachability, choose_relay
 from molink_swarm.status import swarm_snapshot
 
 
@@ -101,3 +103,68 @@ def test_a_relay_refuses_what_it_should_not_carry(relayed_swarm, distributed):
     assert wire.decode_metadata(reply.metadata, wire.DialBackReply).reachable_ports == []
     # The relay still serves.
     assert run_sync(RelayedStub(p2p, relay, relayed_server).rpc_ping(ping, timeout=10)) is not None
+
+
+def test_a_session_moves_to_the_next_relay_when_its_relay_dies(swarm, tiny_llama_path, tiny_llama_local, caplog):
+    local = swarm(tiny_llama_path, [])
+    second_relay = local.start_relay()
+    behind_nat = local.start_server("0:6", "--force-relay", "--update-period", "1")
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=local.initial_peers, hole_punching=False)
+    peer = PeerID.from_base58(behind_nat.peer_id)
+    try:
+        # The server registers with both relays; wait until its record announces both.
+        deadline = time.monotonic() + 60
+        while not (servers := run_sync(model.swarm.servers(refresh=True))) or len(servers[0].record.relay_addrs) < 2:
+            assert time.monotonic() < deadline, f"the server never announced both relays: {servers}"
+            time.sleep(0.5)
+        first, second = torch.randint(3, 128, (2, 1, 8), generator=torch.Generator().manual_seed(11))
+        expected_first = tiny_llama_local.generate(first, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        expected_second = tiny_llama_local.generate(
+            torch.cat([expected_first, second], dim=1), max_new_tokens=8, min_new_tokens=8, do_sample=False
+        )
+        with model.inference_session(max_length=64) as session:
+            got_first = model.generate(first, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            used = model.swarm.relay_for(peer)
+            (local.bootstrap if used == local.initial_peers[0] else second_relay).kill()
+            with caplog.at_level(logging.INFO, logger="molink_swarm.client.swarm"):
+                got_second = model.generate(second, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert session.failovers >= 1
+        assert torch.equal(got_first, expected_first) and torch.equal(got_second, expected_second)
+        assert model.swarm.relay_for(peer) not in (None, used)
+        assert not [r for r in caplog.records if r.getMessage().startswith("Banned")], "banned the server, not its relay"
+    finally:
+        model.shutdown()
+
+
+# --- which relay a client goes through (pure logic) -------------------------------------------------------------
+
+RELAYS = [f"/ip4/10.0.0.{i}/tcp/31337/p2p/{PeerID(bytes([0x12, 0x20]) + bytes([i]) * 32).to_base58()}" for i in range(1, 5)]
+
+
+def test_clients_spread_over_equally_loaded_relays():
+    picks = [choose_relay(RELAYS, salt=f"client-{i}") for i in range(200)]
+
+    assert set(picks) == set(RELAYS)
+    assert max(picks.count(relay) for relay in RELAYS) < 100  # no relay takes half of 4 relays' clients
+
+
+def test_a_client_keeps_its_relay_whatever_order_the_server_announces_them_in():
+    assert choose_relay(RELAYS, salt="client") == choose_relay(RELAYS[::-1], salt="client")
+
+
+def test_the_least_loaded_relay_is_chosen():
+    loads = {RELAYS[0]: 0.9, RELAYS[1]: 0.5, RELAYS[2]: 0.2, RELAYS[3]: 1.0}
+
+    assert {choose_relay(RELAYS, loads=loads, salt=f"client-{i}") for i in range(50)} == {RELAYS[2]}
+
+
+def test_loads_within_a_few_percent_count_as_equal():
+    loads = {RELAYS[0]: 0.001, RELAYS[1]: 0.002}
+
+    assert {choose_relay(RELAYS[:2], loads=loads, salt=f"client-{i}") for i in range(50)} == set(RELAYS[:2])
+
+
+def test_failed_relays_are_skipped_until_none_is_left():
+    assert choose_relay(RELAYS, failed=RELAYS[1:], salt="client") == RELAYS[0]
+    assert choose_relay(RELAYS, failed=RELAYS, salt="client") is None
+    assert choose_relay([], salt="client") is None

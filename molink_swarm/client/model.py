@@ -178,14 +178,18 @@ class AutoDistributedModelForCausalLM:
         model: str,
         initial_peers: Sequence[str],
         *,
-        torch_dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype | str] = None,
+        torch_dtype: Optional[torch.dtype | str] = None,
         wait_for_blocks_s: float = 30.0,
         hole_punching: bool = True,
         **kwargs,
     ):
-        """``hole_punching=False`` keeps servers behind NATs on their relays (no direct connection attempts)."""
+        """``dtype`` (default float32; ``torch_dtype`` is its old name) is the precision of this client's layers,
+        and only servers announcing the same one are chained, so the output equals a local run in that dtype.
+        ``hole_punching=False`` keeps servers behind NATs on their relays (no direct connection attempts)."""
         if not initial_peers:
             raise SwarmError("Pass initial_peers=[...]: the multiaddrs printed by `molink-swarm dht`")
+        dtype = _client_dtype(dtype if dtype is not None else torch_dtype)
         source = resolve_model(model)
         config = load_config(source)
         adapter = adapter_for(config)  # fails early for families we cannot split
@@ -201,10 +205,30 @@ class AutoDistributedModelForCausalLM:
         transformers.logging.set_verbosity_error()  # "weights not used": the layers live on the servers
         try:
             client_model = _distributed_class(causal_lm_class).from_pretrained(
-                source.path, config=head_config, torch_dtype=torch_dtype, **kwargs
+                source.path, config=head_config, dtype=dtype, **kwargs
             )
         finally:
             transformers.logging.set_verbosity(verbosity)
-        swarm = SwarmClient(initial_peers, source.model_id, source.fingerprint, adapter.num_blocks, hole_punching=hole_punching)
+        swarm = SwarmClient(
+            initial_peers,
+            source.model_id,
+            source.fingerprint,
+            adapter.num_blocks,
+            torch_dtype=_DTYPE_NAMES[dtype],
+            hole_punching=hole_punching,
+        )
         client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)
         return client_model.eval()
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}  # as servers announce
+
+
+def _client_dtype(dtype: Optional[torch.dtype | str]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        dtype = next((d for d, name in _DTYPE_NAMES.items() if name == dtype.removeprefix("torch.")), dtype)
+    if dtype not in _DTYPE_NAMES:
+        raise SwarmError(f"dtype={dtype!r} is not supported; pass torch.float32, torch.float16 or torch.bfloat16")
+    return dtype

@@ -1,9 +1,9 @@
 """Inference sessions: a chain of servers, each holding the KV cache of its blocks for this session.
 
 Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
-closed stream, step timeout, or it left the DHT), the client bans it, plans a replacement chain for that
-hop's blocks (possibly split differently), replays the kept inputs to rebuild the cache there, and retries
-the step. Downstream hops are untouched: the replacement reproduces the same outputs for the same inputs.
+closed stream, step timeout, or it left the DHT), the client bans it (a server behind a NAT is first tried
+through the next relay it announced: the relay may be what failed), plans a replacement chain for that hop's
+blocks (possibly split differently), replays the kept inputs to rebuild the cache there, and retries the step. Downstream hops are untouched: the replacement reproduces the same outputs for the same inputs.
 """
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ class InferenceSession:
                 return streams
             except SERVER_FAILURES as e:
                 logger.warning("Replay on %s failed (%r); trying another server", current.peer_id, e)
-                self.swarm.ban(current.peer_id)
+                await self.swarm.report_failure(current.peer_id)
                 for stream in streams:
                     asyncio.create_task(stream.close())
                 refresh = True
@@ -372,7 +372,7 @@ class InferenceSession:
     async def _replace(self, index: int, reason: str) -> None:
         failed = self._hops[index]
         logger.warning("Session %s: %s; rebuilding blocks %d:%d", self.session_id[:8], reason, failed.hop.start, failed.hop.end)
-        self.swarm.ban(failed.peer_id)
+        await self.swarm.report_failure(failed.peer_id)
         asyncio.create_task(failed.close())  # never wait on a dead or hung peer
         # The replacement starts with the failed hop's step times: a replica that hangs during the replay is
         # then detected as fast as the original would have been.
@@ -426,9 +426,11 @@ async def plan_with_wait(
         except MissingBlocksError as e:
             if time.monotonic() >= deadline:
                 blocks = format_blocks(e.missing)
+                other_dtypes = swarm.missing_in_other_dtypes(e.missing)
                 raise SwarmError(
-                    f"No server in the swarm holds blocks {blocks} of {model_name}. "
-                    f"Connect your GPU: molink-swarm join --model {model_name} --blocks {blocks.split(',')[0]} "
+                    f"No server in the swarm holds blocks {blocks} of {model_name}"
+                    + (f" ({other_dtypes})" if other_dtypes else "")
+                    + f". Connect your GPU: molink-swarm join --model {model_name} --blocks {blocks.split(',')[0]} "
                     "--initial-peers ..."
                 ) from None
             logger.info("Waiting for servers of blocks %s", format_blocks(e.missing))
@@ -455,7 +457,7 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
                 raise wire.ProtocolError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
         except SERVER_FAILURES as e:
             logger.warning("Forward on %s failed (%r); re-planning blocks %d:%d", hop.peer_id, e, hop.start, hop.end)
-            swarm.ban(hop.peer_id)
+            await swarm.report_failure(hop.peer_id)
             if time.monotonic() >= deadline:
                 raise SwarmError(f"Server {hop.peer_id} (blocks {hop.start}:{hop.end}) failed: {e}") from e
             continue

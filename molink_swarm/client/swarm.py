@@ -11,18 +11,28 @@ from typing import Optional, Sequence
 from hivemind.p2p import PeerID
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
 
 from molink_swarm.client.loop import run_sync
-from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
-from molink_swarm.relay import connect, hole_punch, relay_load, relay_of, server_stub
-from molink_swarm.routing.planner import Candidate
+from molink_swarm.dht import Reachability, ServerInfo, ServerState, fetch_servers, start_dht
+from molink_swarm.relay import choose_relay, connect, hole_punch, relay_load, server_stub
+from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, format_blocks
 from molink_swarm.wire import ServerStatus, decode_metadata, relay_peer_id
 
 logger = logging.getLogger(__name__)
 
 
+MISSED_READS_TO_LEAVE = 2  # one DHT read can miss a healthy server; only a second miss in a row means it left
+
+
 class SwarmClient:
-    """Finds the servers of one model and keeps their round-trip times (exponential moving average)."""
+    """Finds the servers of one model and keeps their round-trip times (exponential moving average).
+
+    Only servers with the same fingerprint *and* dtype as this client are chained: a differently quantized or
+    altered copy, or the same weights computed in another precision, would change the output.
+    """
+
+    unreachable_for_s = 30.0  # a server whose ping failed counts as far (and is not pinged again) this long
 
     def __init__(
         self,
@@ -31,10 +41,12 @@ class SwarmClient:
         fingerprint: str,
         num_blocks: int,
         *,
+        torch_dtype: str = "float32",
         refresh_period: float = 5.0,
         hole_punching: bool = True,
     ):
         self.model_id, self.fingerprint, self.num_blocks = model_id, fingerprint, num_blocks
+        self.torch_dtype = torch_dtype
         self.refresh_period = refresh_period
         self.hole_punching = hole_punching
         # Listening on every interface makes outgoing connections leave from that port, so a NAT maps them all
@@ -43,36 +55,104 @@ class SwarmClient:
         self.p2p: P2P = run_sync(self.dht.replicate_p2p())
         self.rtts: dict[PeerID, float] = {}
         self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
+        self.other_dtypes: list[ServerInfo] = []  # online servers of these weights in another dtype (for errors)
         self.routes: dict[PeerID, str] = {}  # servers behind NATs -> the relay (multiaddr) to reach them through
         self._relays_dialled: set[str] = set()
         self.hole_punched: set[PeerID] = set()  # relayed servers we now hold a direct connection to
         self.relay_loads: dict[str, float] = {}  # relay multiaddr -> fraction of its capacity in use
         self._punching: dict[PeerID, asyncio.Task] = {}
-        self._servers: list[ServerInfo] = []
+        self._servers: dict[PeerID, ServerInfo] = {}  # online as of the last reads
+        self._missed: dict[PeerID, int] = {}  # online server -> DHT reads in a row that did not find it
         self._fetched_at = -float("inf")
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
+        self._unreachable: dict[PeerID, float] = {}  # peer whose ping failed -> until when it counts as far
+        self._failed_relays: dict[tuple[PeerID, str], float] = {}  # (server, relay) that failed -> until when
         self._closed = False
         atexit.register(self.shutdown)  # users forget; a clean exit beats "Task was destroyed" noise
 
     async def servers(self, refresh: bool = False) -> list[ServerInfo]:
-        """Online servers of this model with the same fingerprint (a different copy is never chained)."""
+        """Online servers of this model with the same fingerprint and dtype (no other copy is ever chained)."""
         if refresh or time.monotonic() - self._fetched_at > self.refresh_period:
             found = await asyncio.to_thread(fetch_servers, self.dht, self.model_id, self.num_blocks)
-            online = [
-                s for s in found if s.record.state == ServerState.ONLINE and s.record.model_fingerprint == self.fingerprint
+            same_weights = [s for s in found if s.record.model_fingerprint == self.fingerprint]
+            self.other_dtypes = [
+                s for s in same_weights if s.record.torch_dtype != self.torch_dtype and s.record.state == ServerState.ONLINE
             ]
-            now_online = {s.peer_id for s in online}
-            self.departed = (self.departed | {s.peer_id for s in self._servers}) - now_online
-            self._servers = online
+            self._track_departures([s for s in same_weights if s.record.torch_dtype == self.torch_dtype])
             self._fetched_at = time.monotonic()
-            self.routes = {s.peer_id: relay for s in online if (relay := relay_of(s.record)) is not None}
-            await asyncio.gather(*(self._dial_relay(r) for r in set(self.routes.values()) - self._relays_dialled))
-            relays = sorted(set(self.routes.values()))
-            self.relay_loads = dict(zip(relays, await asyncio.gather(*(relay_load(self.p2p, r) for r in relays))))
-            for peer, relay in self.routes.items() if self.hole_punching else ():
-                if peer not in self.hole_punched and (peer not in self._punching or self._punching[peer].done()):
-                    self._punching[peer] = asyncio.create_task(self._hole_punch(peer, relay))
-        return self._servers
+            await self._update_routes()
+        return sorted(self._servers.values(), key=lambda s: (s.record.start, s.record.end, str(s.peer_id)))
+
+    def _track_departures(self, found: list[ServerInfo]) -> None:
+        """A server has left when it announced OFFLINE, when its record expired, or when two reads in a row did
+        not find it; one missed read (a DHT hiccup) must not make a session replay onto another server."""
+        seen = {s.peer_id: s for s in found}
+        now = get_dht_time()
+        for peer, known in list(self._servers.items()):
+            if peer in seen:
+                continue
+            self._missed[peer] = self._missed.get(peer, 0) + 1
+            if self._missed[peer] >= MISSED_READS_TO_LEAVE or known.expiration_time <= now:
+                del self._servers[peer], self._missed[peer]
+                self.departed.add(peer)
+        for peer, info in seen.items():
+            self._missed.pop(peer, None)
+            if info.record.state == ServerState.ONLINE:
+                self._servers[peer] = info
+                self.departed.discard(peer)
+            elif self._servers.pop(peer, None) is not None or info.record.state == ServerState.OFFLINE:
+                self.departed.add(peer)
+
+    async def _update_routes(self) -> None:
+        """Choose a relay for every server behind a NAT, from the relays it announced and how loaded they are."""
+        relayed = [s for s in self._servers.values() if s.record.reachability == Reachability.RELAYED and s.record.relay_addrs]
+        relays = sorted({relay for s in relayed for relay in s.record.relay_addrs})
+        await asyncio.gather(*(self._dial_relay(r) for r in set(relays) - self._relays_dialled))
+        loads = await asyncio.gather(*(relay_load(self.p2p, r) if r in self._relays_dialled else _busy() for r in relays))
+        self.relay_loads = dict(zip(relays, loads))
+        self.routes = {s.peer_id: self._choose_relay(s) for s in relayed}
+        for peer, relay in self.routes.items() if self.hole_punching else ():
+            if peer not in self.hole_punched and (peer not in self._punching or self._punching[peer].done()):
+                self._punching[peer] = asyncio.create_task(self._hole_punch(peer, relay))
+
+    def _choose_relay(self, server: ServerInfo) -> str:
+        now = time.monotonic()
+        failed = {relay for (peer, relay), until in self._failed_relays.items() if peer == server.peer_id and until > now}
+        choice = choose_relay(server.record.relay_addrs, loads=self.relay_loads, failed=failed, salt=self._salt)
+        if choice is None:  # every relay failed it: start over (it was banned when the last one failed)
+            for relay in server.record.relay_addrs:
+                self._failed_relays.pop((server.peer_id, relay), None)
+            choice = choose_relay(server.record.relay_addrs, loads=self.relay_loads, salt=self._salt)
+        return choice
+
+    @property
+    def _salt(self) -> str:
+        return self.dht.peer_id.to_base58()
+
+    async def _next_relay(self, peer_id: PeerID, failed_relay: str) -> Optional[str]:
+        """Calls to ``peer_id`` through ``failed_relay`` failed: route it through its next relay, if it has one."""
+        self._failed_relays[(peer_id, failed_relay)] = time.monotonic() + self.unreachable_for_s
+        server = self._servers.get(peer_id)
+        if server is None:
+            return None
+        now = time.monotonic()
+        failed = {relay for (peer, relay), until in self._failed_relays.items() if peer == peer_id and until > now}
+        relay = choose_relay(server.record.relay_addrs, loads=self.relay_loads, failed=failed, salt=self._salt)
+        if relay is None:
+            return None
+        if relay not in self._relays_dialled:
+            await self._dial_relay(relay)
+        self.routes[peer_id] = relay
+        logger.info("Calls to %s through relay %s failed; trying relay %s", peer_id, relay_peer_id(failed_relay), relay_peer_id(relay))
+        return relay
+
+    async def report_failure(self, peer_id: PeerID) -> None:
+        """A call to ``peer_id`` failed: if it sits behind a relay and announced another, go through that one
+        next (the relay may be what failed); otherwise ban the server."""
+        relay = self.relay_for(peer_id)
+        if relay is not None and await self._next_relay(peer_id, relay) is not None:
+            return
+        self.ban(peer_id)
 
     async def _hole_punch(self, peer: PeerID, relay: str) -> None:
         """Until then, the relay carries the calls; a fresh peer's public address takes seconds to be confirmed,
@@ -111,9 +191,9 @@ class SwarmClient:
 
     async def _dial_relay(self, relay: str) -> None:
         try:
-            await connect(self.p2p, relay)
+            await asyncio.wait_for(connect(self.p2p, relay), 10.0)
             self._relays_dialled.add(relay)
-        except Exception as e:  # calls through it will fail and ban the servers behind it
+        except Exception as e:  # it ranks last (fully loaded); calls through it fail over to the next relay
             logger.warning("Cannot reach relay %s: %r", relay, e)
 
     async def refresh_departures(self) -> None:
@@ -132,18 +212,25 @@ class SwarmClient:
         now = time.monotonic()
         return {peer for peer, (_count, until) in self._bans.items() if until > now}
 
+    def unreachable(self) -> set[PeerID]:
+        """Servers whose last ping failed recently: the planner takes them as far, and they are not re-pinged."""
+        now = time.monotonic()
+        return {peer for peer, until in self._unreachable.items() if until > now}
+
     async def candidates(self, refresh: bool = False) -> list[Candidate]:
         servers = await self.servers(refresh)
-        unmeasured = [s.peer_id for s in servers if s.peer_id not in self.rtts]
+        unreachable = self.unreachable()
+        unmeasured = [s.peer_id for s in servers if s.peer_id not in self.rtts and s.peer_id not in unreachable]
         if unmeasured:
             await self.ping_all(unmeasured)
+            unreachable = self.unreachable()
         return [
             Candidate(
                 peer_id=s.peer_id,
                 start=s.record.start,
                 end=s.record.end,
                 throughput=s.record.throughput,
-                rtt_s=self.rtts.get(s.peer_id),
+                rtt_s=UNREACHABLE_RTT_S if s.peer_id in unreachable else self.rtts.get(s.peer_id),
                 load=self._load(s),
                 free_cache_tokens=s.record.free_cache_tokens,
                 next_rtts=_peer_keys(s.record.next_rtts),
@@ -151,16 +238,38 @@ class SwarmClient:
             for s in servers
         ]
 
+    def missing_in_other_dtypes(self, missing: Sequence[int]) -> str:
+        """Why blocks may be missing although servers hold them: e.g. "servers of blocks 0:3 run float16; pass
+        dtype=torch.float16" ("" when no server of another dtype holds any of ``missing``)."""
+        by_dtype: dict[str, set[int]] = {}
+        for s in self.other_dtypes:
+            held = set(range(s.record.start, s.record.end)) & set(missing)
+            if held:
+                by_dtype.setdefault(s.record.torch_dtype, set()).update(held)
+        return "; ".join(
+            f"servers of blocks {format_blocks(sorted(blocks))} run {dtype}; pass dtype=torch.{dtype}"
+            for dtype, blocks in sorted(by_dtype.items())
+        )
+
     def stub(self, peer_id: PeerID):
         return server_stub(self.p2p, peer_id, self.relay_for(peer_id))
 
     async def ping(self, peer_id: PeerID, timeout: float = 5.0) -> Optional[float]:
-        started = time.perf_counter()
-        try:
-            await self.stub(peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
-        except Exception as e:  # an unreachable server is simply not measured (the planner assumes it is far)
-            logger.debug("Ping to %s failed: %r", peer_id, e)
-            return None
+        """Measure the round trip to a server (through its relays in turn, if it is behind a NAT). A server that
+        does not answer is remembered as unreachable for ``unreachable_for_s`` rather than pinged on every plan."""
+        while True:
+            relay = self.relay_for(peer_id)
+            started = time.perf_counter()
+            try:
+                await self.stub(peer_id).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
+                break
+            except Exception as e:
+                logger.debug("Ping to %s failed: %r", peer_id, e)
+                if relay is not None and await self._next_relay(peer_id, relay) is not None:
+                    continue
+                self._unreachable[peer_id] = time.monotonic() + self.unreachable_for_s
+                return None
+        self._unreachable.pop(peer_id, None)
         rtt = time.perf_counter() - started
         previous = self.rtts.get(peer_id)
         self.rtts[peer_id] = rtt if previous is None else 0.8 * previous + 0.2 * rtt
@@ -187,6 +296,10 @@ class SwarmClient:
         except Exception:  # the daemon may already be gone with the DHT process
             logger.debug("P2P shutdown failed", exc_info=True)
         self.dht.shutdown()
+
+
+async def _busy() -> float:
+    return 1.0  # a relay we could not dial: ranked last
 
 
 def _peer_keys(rtts: dict[str, float]) -> dict[PeerID, float]:

@@ -9,14 +9,88 @@ the web app can list what the swarm serves.
 from __future__ import annotations
 
 import enum
-from typing import Any, Optional
+import math
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import multihash
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RECORD_VERSION = 1
 MODELS_KEY = "_molink_swarm.models"
 SERVER_RECORD_KIND = "molink.server"
 MODEL_RECORD_KIND = "molink.model"
+MAX_BLOCKS = 4096  # more than any model has; bounds what a reader fetches for one announced model
+MAX_THROUGHPUT = 1e7  # tokens/s/block: servers measure at most 1e6 (see Server._measure_throughput)
+MAX_RTT_S = 3600.0
+MAX_COUNT = 2**40  # cache tokens, sessions: far above any real server, far below what breaks arithmetic
+
+
+_SHA2_256, _IDENTITY = 0x12, 0x00  # multihash codes
+
+
+class InvalidRecordError(ValueError):
+    """A value under one of our DHT keys that is not a valid record (its reason is one short line)."""
+
+
+def check_peer_id(text: str) -> str:
+    """A libp2p peer id in base58: an RSA key's sha2-256 hash, or an inlined (ed25519/secp256k1) public key."""
+    if not isinstance(text, str) or not 1 <= len(text) <= 64:
+        raise ValueError("not a peer id")
+    try:
+        digest = multihash.decode(PeerID.from_base58(text).to_bytes())
+    except Exception:
+        raise ValueError(f"not a peer id: {text[:64]!r}") from None
+    sha256_of_key = digest.code == _SHA2_256 and len(digest.digest) == 32
+    inlined_key = digest.code == _IDENTITY and 36 <= len(digest.digest) <= 42
+    if not (sha256_of_key or inlined_key):
+        raise ValueError(f"not a peer id: {text[:64]!r}")
+    return text
+
+
+def check_peer_maddr(text: str) -> str:
+    """A multiaddr that names its peer at the end (``/ip4/.../tcp/.../p2p/<peer id>``), as peers dial them."""
+    if not isinstance(text, str) or len(text) > 256:
+        raise ValueError("multiaddr too long")
+    _, sep, peer = text.rpartition("/p2p/")
+    try:
+        Multiaddr(text)
+    except Exception:
+        raise ValueError(f"not a multiaddr: {text[:80]!r}") from None
+    if not sep:
+        raise ValueError(f"multiaddr does not end in /p2p/<peer id>: {text[:80]!r}")
+    check_peer_id(peer)
+    return text
+
+
+def is_peer_maddr(text: str) -> bool:
+    try:
+        check_peer_maddr(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_relay_maddr(text: str) -> str:
+    """A relay's multiaddr: its peer is the only /p2p/ part (relay.py dials it and addresses the relay by it)."""
+    check_peer_maddr(text)
+    if text.count("/p2p/") != 1 or "p2p-circuit" in text:
+        raise ValueError(f"not a relay multiaddr: {text[:80]!r}")
+    return text
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+PeerIdText = Annotated[str, AfterValidator(check_peer_id)]
+PeerMaddr = Annotated[str, AfterValidator(check_peer_maddr)]
+RelayMaddr = Annotated[str, AfterValidator(check_relay_maddr)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_RTT_S), AfterValidator(_finite)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class ServerState(str, enum.Enum):
@@ -43,29 +117,33 @@ class _Record(BaseModel):
 
 
 class ServerRecord(_Record):
+    """Every field is checked, since readers act on them: addresses are dialled, figures go into route costs."""
+
     kind: str = SERVER_RECORD_KIND
     state: ServerState
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
+    start: int = Field(ge=0, lt=MAX_BLOCKS)
+    end: int = Field(gt=0, le=MAX_BLOCKS)
     model_fingerprint: str = Field(min_length=8, max_length=64)
-    throughput: float = Field(ge=0, description="tokens/s this server can push through one of its blocks")
-    free_cache_tokens: int = Field(ge=0)
-    max_sessions: int = Field(ge=0)
-    active_sessions: int = Field(ge=0, default=0)
+    throughput: Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)] = Field(
+        description="tokens/s this server can push through one of its blocks"
+    )
+    free_cache_tokens: Count
+    max_sessions: Count
+    active_sessions: Count = 0
     reachability: Reachability = Reachability.DIRECT
-    relay_addrs: tuple[str, ...] = ()
-    addrs: tuple[str, ...] = ()
+    relay_addrs: tuple[RelayMaddr, ...] = Field(default=(), max_length=16)
+    addrs: tuple[PeerMaddr, ...] = Field(default=(), max_length=16)
     software_version: str = Field(max_length=32)
     public_name: Optional[str] = Field(default=None, max_length=64)
-    torch_dtype: str = Field(default="float32", max_length=16)
-    next_rtts: dict[str, float] = Field(default_factory=dict, description="peer id -> measured RTT in seconds")
+    torch_dtype: str = Field(default="float32", pattern=r"^[a-z0-9_]{1,16}$")
+    next_rtts: dict[PeerIdText, Seconds] = Field(
+        default_factory=dict, max_length=64, description="peer id -> measured RTT in seconds"
+    )
 
     @model_validator(mode="after")
     def _check_span(self) -> "ServerRecord":
         if self.end <= self.start:
             raise ValueError(f"empty block span {self.start}:{self.end}")
-        if len(self.next_rtts) > 64 or len(self.addrs) > 16 or len(self.relay_addrs) > 16:
-            raise ValueError("record lists are too long")
         return self
 
 
@@ -73,24 +151,42 @@ class ModelRecord(_Record):
     kind: str = MODEL_RECORD_KIND
     model_id: str = Field(pattern=r"^[a-z0-9-]{1,96}$")
     name: str = Field(max_length=128)
-    num_blocks: int = Field(gt=0, le=100_000)
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     fingerprint: str = Field(min_length=8, max_length=64)
     model_type: str = Field(max_length=64)
+
+    @model_validator(mode="after")
+    def _check_id(self) -> "ModelRecord":
+        # Model ids are "<slug>-<fingerprint[:8]>" (ModelSource.model_id): a record naming another model's
+        # fingerprint under this id is forged.
+        if not self.model_id.endswith("-" + self.fingerprint[:8]):
+            raise ValueError(f"model id {self.model_id!r} does not match fingerprint {self.fingerprint!r}")
+        return self
 
 
 def block_key(model_id: str, index: int) -> str:
     return f"{model_id}.{index}"
 
 
-def parse_record(value: Any) -> Optional[_Record]:
-    """Parse a value read from the DHT into a record, or None if it is not one of ours or is malformed."""
+def validate_record(value: Any) -> _Record:
+    """Parse a value read from the DHT into a record; raises :class:`InvalidRecordError` saying why it is not one."""
     if not isinstance(value, dict):
-        return None
+        raise InvalidRecordError(f"not a record: a {type(value).__name__}")
     kind = value.get("kind")
     schema = {SERVER_RECORD_KIND: ServerRecord, MODEL_RECORD_KIND: ModelRecord}.get(kind) if isinstance(kind, str) else None
     if schema is None:
-        return None
+        raise InvalidRecordError(f"not a record of ours (kind {str(kind)[:40]!r})")
     try:
         return schema.model_validate(value)
-    except ValidationError:
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "record"
+        raise InvalidRecordError(f"invalid {kind} record: {where}: {first.get('msg')}"[:200]) from None
+
+
+def parse_record(value: Any) -> Optional[_Record]:
+    """Parse a value read from the DHT into a record, or None if it is not one of ours or is malformed."""
+    try:
+        return validate_record(value)
+    except InvalidRecordError:
         return None

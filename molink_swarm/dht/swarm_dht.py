@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from functools import partial
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import hivemind
 from hivemind.p2p import PeerID
@@ -13,7 +14,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from molink_swarm.dht.records import MODELS_KEY, ModelRecord, ServerRecord, block_key, parse_record
+from molink_swarm.dht.records import MODELS_KEY, InvalidRecordError, ModelRecord, ServerRecord, block_key, validate_record
 from molink_swarm.dht.identity import load_or_create_identity
 from molink_swarm.dht.validation import make_validators, peer_id_from_subkey
 from molink_swarm.errors import UserError
@@ -121,19 +122,12 @@ async def _get_many(_dht: hivemind.DHT, node: DHTNode, keys, latest: bool) -> di
 
 
 def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int, latest: bool = True) -> list[ServerInfo]:
-    """All servers announced for ``model_id``, one entry per server (not per block), malformed records skipped."""
+    """All servers announced for ``model_id``, one entry per server (not per block), invalid records skipped."""
     keys = [block_key(model_id, i) for i in range(num_blocks)]
     found = dht.run_coroutine(partial(_get_many, keys=keys, latest=latest))
     servers: dict[PeerID, ServerInfo] = {}
     for key in keys:
-        entry = found.get(key)
-        if entry is None or not isinstance(entry.value, dict):
-            continue
-        for subkey, (value, expiration_time) in entry.value.items():
-            peer_id = peer_id_from_subkey(subkey)
-            record = parse_record(value)
-            if peer_id is None or not isinstance(record, ServerRecord):
-                continue
+        for peer_id, record, expiration_time in owned_records(key, found.get(key), ServerRecord):
             known = servers.get(peer_id)
             if known is None or known.expiration_time < expiration_time:
                 servers[peer_id] = ServerInfo(peer_id, record, expiration_time)
@@ -141,13 +135,57 @@ def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int, latest: boo
 
 
 def fetch_models(dht: hivemind.DHT) -> dict[str, ModelRecord]:
-    """model id -> model record, for every model announced in the swarm."""
-    found = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY], latest=True)).get(MODELS_KEY)
-    models: dict[str, ModelRecord] = {}
-    if found is None or not isinstance(found.value, dict):
-        return models
-    for _subkey, (value, _expiration) in found.value.items():
-        record = parse_record(value)
-        if isinstance(record, ModelRecord):
-            models[record.model_id] = record
-    return models
+    """model id -> model record, for every model announced in the swarm.
+
+    Every server of a model announces the same record; if peers disagree about a model id, the record most
+    peers announce wins, and on a tie the one with fewer blocks (what a reader fetches per model is bounded
+    by the honest record, not inflated by a forged one)."""
+    entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY], latest=True)).get(MODELS_KEY)
+    votes: dict[str, collections.Counter[ModelRecord]] = collections.defaultdict(collections.Counter)
+    for _peer_id, record, _expiration in owned_records(MODELS_KEY, entry, ModelRecord):
+        votes[record.model_id][record] += 1
+    return {
+        model_id: max(counts.items(), key=lambda item: (item[1], -item[0].num_blocks))[0]
+        for model_id, counts in votes.items()
+    }
+
+
+R = TypeVar("R", ModelRecord, ServerRecord)
+
+
+def owned_records(key: str, entry: Any, schema: type[R]) -> Iterator[tuple[PeerID, R, float]]:
+    """The valid ``schema`` records under one DHT key, with their owners' peer ids: the one place where values
+    read from the DHT are checked. Anything else (junk, records of another kind, unsigned entries) is skipped
+    with one log line, so a bad peer's record never reaches the code that dials addresses or costs routes."""
+    if entry is None:
+        return
+    if not isinstance(entry.value, dict):
+        _log_skipped(key, "?", "the key holds a plain value, not one entry per peer")
+        return
+    for subkey, item in entry.value.items():
+        peer_id = peer_id_from_subkey(subkey)
+        try:
+            value, expiration_time = item
+            if peer_id is None:
+                raise InvalidRecordError("not stored under <peer id>[owner:<key>] (unsigned or forged)")
+            record = validate_record(value)
+            if not isinstance(record, schema):
+                raise InvalidRecordError(f"a {record.kind} record where a {schema.__name__} belongs")
+        except (InvalidRecordError, TypeError, ValueError) as e:
+            _log_skipped(key, str(peer_id) if peer_id is not None else repr(subkey)[:48], str(e))
+            continue
+        yield peer_id, record, expiration_time
+
+
+_skipped_logged: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+
+
+def _log_skipped(key: str, owner: str, reason: str) -> None:
+    """One WARNING per bad record, not per read and block key: readers poll every block key every few seconds."""
+    if (owner, reason) in _skipped_logged:
+        logger.debug("Skipped an invalid DHT record under %s from %s: %s", key, owner, reason)
+        return
+    _skipped_logged[(owner, reason)] = None
+    if len(_skipped_logged) > 4096:
+        _skipped_logged.popitem(last=False)
+    logger.warning("Skipped an invalid DHT record under %s from %s: %s", key, owner, reason)

@@ -1,9 +1,11 @@
 """DHT record validation: signatures (hivemind's RSA validator) plus our schema.
 
 Every peer (bootstrap, servers, clients) runs the same validators, so a record is checked wherever it is
-stored: values that claim to be ours must parse against the schema and must sit under a subkey that carries the
-owner's public key, which hivemind's :class:`RSASignatureValidator` then uses to check the signature. A peer
-can therefore neither overwrite another's record nor plant junk under our kind names.
+stored and again when a read returns it. The swarm's DHT holds nothing but our records, so every value must be
+one: stored under a subkey that carries its owner's public key (which hivemind's
+:class:`RSASignatureValidator` uses to check the signature), and parsing against the schema. A peer can
+therefore neither overwrite another's record nor plant junk. Plain (subkey-less) values are refused outright:
+in hivemind's storage one with a later expiration would replace the whole dictionary of records under its key.
 """
 
 from __future__ import annotations
@@ -19,30 +21,29 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
 from molink_swarm.dht.identity import owner_key_in, peer_id_of_owner_key
-from molink_swarm.dht.records import MODEL_RECORD_KIND, SERVER_RECORD_KIND, parse_record
+from molink_swarm.dht.records import parse_record
 
 logger = logging.getLogger(__name__)
 
-_OUR_KINDS = {SERVER_RECORD_KIND.encode(), MODEL_RECORD_KIND.encode()}
-
 
 class SwarmSchemaValidator(RecordValidatorBase):
-    """Rejects records that claim one of our kinds but do not match the schema or are not owner-signed."""
+    """Accepts only owner-signed records of ours that match the schema (see the module's docstring)."""
 
     def validate(self, record: DHTRecord) -> bool:
-        if not any(kind in record.value for kind in _OUR_KINDS):
-            return True  # not ours (e.g. hivemind's own records): nothing to check
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            logger.debug("Rejected a plain DHT value (every record of the swarm sits under its owner's subkey)")
+            return False
         try:
             value = MSGPackSerializer.loads(record.value)
             subkey = MSGPackSerializer.loads(record.subkey)
         except Exception:  # malformed msgpack from the network: reject, don't crash the DHT
             logger.debug("Rejected an undecodable DHT record")
             return False
+        if peer_id_from_subkey(subkey) is None:
+            logger.debug("Rejected a DHT record whose subkey is not <peer id of the owner key>[owner:<key>]")
+            return False
         if parse_record(value) is None:
             logger.debug("Rejected a DHT record that does not match the schema")
-            return False
-        if record.subkey in DHTProtocol.RESERVED_SUBKEYS or peer_id_from_subkey(subkey) is None:
-            logger.debug("Rejected a DHT record whose subkey is not <peer id of the owner key>[owner:<key>]")
             return False
         return True
 

@@ -20,6 +20,7 @@ import random
 from typing import Hashable, Iterable, Literal, Mapping, Optional, Sequence
 
 DEFAULT_RTT_S = 0.1  # assumed for a server we have not pinged yet: pessimistic, so measured servers win
+UNREACHABLE_RTT_S = 10.0  # for a server whose ping failed: chained only where no other server holds its blocks
 Mode = Literal["forwarding", "relayed", "throughput"]
 
 
@@ -66,6 +67,19 @@ def format_blocks(blocks: Sequence[int]) -> str:
     return ", ".join(ranges)
 
 
+def _sane(candidate: Candidate) -> bool:
+    """Figures a real server can have. Records are checked when read, but the planner does not rely on it: a
+    NaN or infinite figure would otherwise make the candidate look free, or break every comparison."""
+    figures = [candidate.throughput, candidate.load] + ([] if candidate.rtt_s is None else [candidate.rtt_s])
+    return all(math.isfinite(x) and x >= 0 for x in figures) and (
+        candidate.free_cache_tokens is None or candidate.free_cache_tokens >= 0
+    )
+
+
+def _sane_link(rtt: float) -> bool:
+    return math.isfinite(rtt) and rtt >= 0
+
+
 def _rtt(candidate: Candidate) -> float:
     return DEFAULT_RTT_S if candidate.rtt_s is None else candidate.rtt_s
 
@@ -108,6 +122,8 @@ def plan_chain(
     for c in candidates:
         if c.peer_id in banned or (allowed is not None and c.peer_id not in allowed) or c.end <= c.start:
             continue
+        if not _sane(c):
+            continue
         if c.free_cache_tokens is not None and c.free_cache_tokens < min_cache_tokens:
             continue
         per_block = compute_cost(c, 1, tokens)
@@ -136,6 +152,8 @@ def plan_chain(
             if mode == "forwarding":
                 for cost, prev in arrivals[position].values():
                     for peer, rtt in prev.next_rtts.items():
+                        if not _sane_link(rtt):
+                            continue
                         entry = cost + rtt / 2
                         if entry < announced_in.get(peer, (math.inf, None))[0]:
                             announced_in[peer] = (entry, prev.peer_id)

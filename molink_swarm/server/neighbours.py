@@ -32,7 +32,7 @@ class NextServerPinger:
     def next_candidates(self, servers) -> dict[PeerID, Optional[str]]:
         """Online servers that can take a chain from where this server's span ends, with their relays."""
         return {
-            s.peer_id: relay_of(s.record)
+            s.peer_id: relay_of(s.record, salt=self.own_peer_id.to_base58())
             for s in servers
             if s.peer_id != self.own_peer_id and s.record.state == ServerState.ONLINE and s.record.start <= self.end < s.record.end
         }

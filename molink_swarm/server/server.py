@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from molink_swarm import __version__
 from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, declare_server, fetch_servers, start_dht
+from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
 from molink_swarm.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
@@ -150,7 +151,7 @@ class Server:
                         "forward a port and pass --public-ip IP --port P"
                     )
             self.start, self.end = cfg.blocks or self._choose_blocks(dht)
-            self._announce(dht, validator, ServerState.JOINING, sessions=None)
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
             blocks = await asyncio.to_thread(self._load_blocks)
             self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
             compute = ComputeQueue(f"compute-{self.start}-{self.end}")
@@ -179,15 +180,14 @@ class Server:
             servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
             await servicer.add_p2p_handlers(p2p)
             servicer.p2p = p2p
-            self._announce(dht, validator, ServerState.ONLINE, sessions)
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, sessions)
             on_online(self)
             pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), cfg.update_period)
                 except asyncio.TimeoutError:
-                    self.next_rtts = await pinger.refresh()
-                    await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, sessions)
+                    await self._heartbeat(dht, validator, pinger, sessions)
             # Leave: announce offline first so that clients move before streams close.
             servicer.closing = True
             await asyncio.to_thread(self._announce, dht, validator, ServerState.OFFLINE, sessions)
@@ -251,7 +251,20 @@ class Server:
         per_block = sorted(timings)[len(timings) // 2] / (self.end - self.start)  # median: robust to hiccups
         return 1.0 / max(per_block, 1e-6)
 
+    async def _heartbeat(self, dht, validator, pinger: NextServerPinger, sessions: SessionTable) -> None:
+        """Measure the next servers and re-announce. Whatever fails is logged and retried at the next heartbeat:
+        a server that stops announcing vanishes from the swarm when its record expires."""
+        try:
+            self.next_rtts = await pinger.refresh()
+        except Exception as e:
+            logger.warning("Could not measure the next servers (%r); announcing the last RTTs", e)
+        try:
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, sessions)
+        except Exception as e:
+            logger.warning("Heartbeat failed to announce (%r); retrying in %.0f s", e, self.config.update_period)
+
     def _announce(self, dht, validator, state: ServerState, sessions: Optional[SessionTable]) -> None:
+        """Store our record under every block key; blocks on the DHT, so call it off the event loop."""
         record = ServerRecord(
             state=state,
             start=self.start,
@@ -261,8 +274,9 @@ class Server:
             free_cache_tokens=sessions.free_cache_tokens if sessions is not None else 0,
             max_sessions=self.config.max_sessions,
             active_sessions=len(sessions) if sessions is not None else 0,
-            addrs=tuple(self.visible_maddrs[:16]),
+            addrs=tuple([a for a in self.visible_maddrs if is_peer_maddr(a)][:16]),
             reachability=self.reachability,
+            # Clients spread over these by load (relay.choose_relay); the order is ours, not a preference.
             relay_addrs=tuple(sorted(self.relays.active))[:16] if self.relays is not None else (),
             software_version=__version__,
             public_name=self.config.public_name,

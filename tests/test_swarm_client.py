@@ -1,0 +1,253 @@
+"""How a client keeps its view of the swarm between DHT reads: departures, failed pings, relays, dtypes.
+
+The client is real (its own DHT peer, no other peers); what its DHT reads return and how its pings go are
+scripted, so each test says exactly what the swarm looked like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Optional
+
+import multihash
+import pytest
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from molink_swarm.client import swarm as swarm_module
+from molink_swarm.client.loop import run_sync
+from molink_swarm.client.session import SwarmError, plan_with_wait
+from molink_swarm.client.swarm import SwarmClient
+from molink_swarm.dht import Reachability, ServerInfo, ServerRecord, ServerState
+from molink_swarm.routing.planner import UNREACHABLE_RTT_S
+
+MODEL_ID, FINGERPRINT = "tiny-01234567", "0123456789abcdef"
+RELAYS = [f"/ip4/10.0.0.{i}/tcp/31337/p2p/{PeerID(multihash.encode(bytes([i]) * 32, 'sha2-256')).to_base58()}" for i in (1, 2)]
+
+
+def peer(name: str) -> PeerID:
+    return PeerID(multihash.encode(hashlib.sha256(name.encode()).digest(), "sha2-256"))
+
+
+def server(name: str, start: int = 0, end: int = 6, *, expires_in: float = 60.0, **fields) -> ServerInfo:
+    record = ServerRecord(
+        **{
+            "state": ServerState.ONLINE,
+            "start": start,
+            "end": end,
+            "model_fingerprint": FINGERPRINT,
+            "throughput": 1000.0,
+            "free_cache_tokens": 8192,
+            "max_sessions": 8,
+            "software_version": "test",
+            **fields,
+        }
+    )
+    return ServerInfo(peer(name), record, get_dht_time() + expires_in)
+
+
+class ScriptedSwarm:
+    """What the client's DHT reads return (one list per read; the last one repeats) and which calls fail."""
+
+    def __init__(self):
+        self.reads: list[list[ServerInfo]] = []
+        self.down: set[PeerID] = set()  # servers whose pings fail
+        self.dead_relays: set[str] = set()  # pings through these fail
+        self.pings: list[tuple[PeerID, Optional[str]]] = []
+
+    def fetch_servers(self, _dht, model_id: str, _num_blocks: int, latest: bool = True) -> list[ServerInfo]:
+        assert model_id == MODEL_ID
+        return self.reads.pop(0) if len(self.reads) > 1 else self.reads[0]
+
+
+class FakeStub:
+    def __init__(self, script: ScriptedSwarm, peer_id: PeerID, relay: Optional[str]):
+        self.script, self.peer_id, self.relay = script, peer_id, relay
+
+    async def rpc_ping(self, _request, timeout=None):
+        self.script.pings.append((self.peer_id, self.relay))
+        if self.peer_id in self.script.down or self.relay in self.script.dead_relays:
+            raise ConnectionError("unreachable")
+        return None
+
+
+@pytest.fixture
+def scripted(monkeypatch) -> Iterator[tuple[SwarmClient, ScriptedSwarm]]:
+    """A client (its own DHT peer, alone) whose DHT reads, relays and pings are scripted."""
+    script = ScriptedSwarm()
+    monkeypatch.setattr(swarm_module, "fetch_servers", script.fetch_servers)
+    monkeypatch.setattr(swarm_module, "connect", _no_op)
+    monkeypatch.setattr(swarm_module, "relay_load", _idle_relay)
+    client = SwarmClient([], MODEL_ID, FINGERPRINT, 6, hole_punching=False)
+    monkeypatch.setattr(client, "stub", lambda peer_id: FakeStub(script, peer_id, client.relay_for(peer_id)))
+    try:
+        yield client, script
+    finally:
+        client.shutdown()
+
+
+async def _no_op(*_args, **_kwargs) -> None:
+    return None
+
+
+async def _idle_relay(*_args, **_kwargs) -> float:
+    return 0.0
+
+
+def online(client: SwarmClient, refresh: bool = True) -> set[PeerID]:
+    return {s.peer_id for s in run_sync(client.servers(refresh=refresh))}
+
+
+# --- departures ------------------------------------------------------------------------------------------------
+
+
+def test_a_server_missing_from_one_read_has_not_left(scripted):
+    client, script = scripted
+    a, b = server("a"), server("b")
+    script.reads = [[a, b], [a], [a]]
+
+    assert online(client) == {a.peer_id, b.peer_id}
+    assert online(client) == {a.peer_id, b.peer_id}  # one missed read: still there, no replay
+    assert b.peer_id not in client.departed
+    assert online(client) == {a.peer_id}  # missing from two reads in a row: gone
+    assert b.peer_id in client.departed
+
+
+def test_a_server_that_is_back_after_one_missed_read_never_left(scripted):
+    client, script = scripted
+    a, b = server("a"), server("b")
+    script.reads = [[a, b], [a], [a, b], [a]]
+
+    for _ in range(4):
+        online(client)
+
+    assert b.peer_id not in client.departed
+
+
+def test_a_server_that_announced_offline_has_left_at_once(scripted):
+    client, script = scripted
+    a, b = server("a"), server("b")
+    script.reads = [[a, b], [a, server("b", state=ServerState.OFFLINE)]]
+
+    online(client)
+
+    assert online(client) == {a.peer_id}
+    assert b.peer_id in client.departed
+
+
+def test_a_server_whose_record_expired_has_left_at_once(scripted):
+    client, script = scripted
+    a, b = server("a"), server("b", expires_in=-1.0)
+    script.reads = [[a, b], [a]]
+
+    online(client)
+
+    assert online(client) == {a.peer_id}
+    assert b.peer_id in client.departed
+
+
+# --- pings -------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_ping_is_remembered_instead_of_repeated_on_every_plan(scripted):
+    client, script = scripted
+    up, down = server("up", 0, 6), server("down", 0, 6)
+    script.reads = [[up, down]]
+    script.down = {down.peer_id}
+
+    for _ in range(3):
+        candidates = {c.peer_id: c for c in run_sync(client.candidates(refresh=True))}
+
+    assert [p for p, _ in script.pings].count(down.peer_id) == 1
+    assert [p for p, _ in script.pings].count(up.peer_id) == 1
+    assert candidates[down.peer_id].rtt_s == UNREACHABLE_RTT_S  # far: chosen only if nothing else serves its blocks
+    assert candidates[up.peer_id].rtt_s is not None and candidates[up.peer_id].rtt_s < UNREACHABLE_RTT_S
+
+
+def test_an_unreachable_server_is_pinged_again_once_its_time_is_up(scripted):
+    client, script = scripted
+    down = server("down", 0, 6)
+    script.reads = [[down]]
+    script.down = {down.peer_id}
+    client.unreachable_for_s = 0.0
+
+    run_sync(client.candidates(refresh=True))
+    script.down = set()
+    [candidate] = run_sync(client.candidates(refresh=True))
+
+    assert [p for p, _ in script.pings] == [down.peer_id, down.peer_id]
+    assert candidate.rtt_s is not None and candidate.rtt_s < UNREACHABLE_RTT_S
+
+
+# --- relays -------------------------------------------------------------------------------------------------------
+
+
+def relayed(name: str, relays=RELAYS) -> ServerInfo:
+    return server(name, reachability=Reachability.RELAYED, relay_addrs=tuple(relays))
+
+
+def test_a_failed_call_through_a_relay_moves_to_the_next_relay_before_banning(scripted):
+    client, script = scripted
+    behind_nat = relayed("behind-nat")
+    script.reads = [[behind_nat]]
+    online(client)
+    first = client.relay_for(behind_nat.peer_id)
+
+    run_sync(client.report_failure(behind_nat.peer_id))
+
+    second = client.relay_for(behind_nat.peer_id)
+    assert {first, second} == set(RELAYS)
+    assert behind_nat.peer_id not in client.banned()
+    run_sync(client.report_failure(behind_nat.peer_id))  # through the other relay too: now it is the server
+    assert behind_nat.peer_id in client.banned()
+
+
+def test_a_ping_through_a_dead_relay_is_tried_through_the_next_one(scripted):
+    client, script = scripted
+    behind_nat = relayed("behind-nat")
+    script.reads = [[behind_nat]]
+    online(client)
+    script.dead_relays = {client.relay_for(behind_nat.peer_id)}
+
+    [candidate] = run_sync(client.candidates(refresh=True))
+
+    assert [relay for _, relay in script.pings][-1] not in script.dead_relays
+    assert candidate.rtt_s is not None and candidate.rtt_s < UNREACHABLE_RTT_S
+    assert client.relay_for(behind_nat.peer_id) not in script.dead_relays
+
+
+def test_the_route_stays_on_the_next_relay_after_a_refresh(scripted):
+    client, script = scripted
+    behind_nat = relayed("behind-nat")
+    script.reads = [[behind_nat]]
+    online(client)
+    run_sync(client.report_failure(behind_nat.peer_id))
+    moved_to = client.relay_for(behind_nat.peer_id)
+
+    online(client)
+
+    assert client.relay_for(behind_nat.peer_id) == moved_to
+
+
+# --- dtypes -------------------------------------------------------------------------------------------------------
+
+
+def test_servers_in_another_dtype_are_never_chained(scripted):
+    client, script = scripted
+    same, other = server("float32", 0, 6), server("float16", 0, 6, torch_dtype="float16")
+    script.reads = [[same, other]]
+
+    assert online(client) == {same.peer_id}
+
+
+def test_missing_blocks_served_in_another_dtype_are_named_in_the_error(scripted):
+    client, script = scripted
+    script.reads = [[server("first", 0, 3), server("half", 3, 6, torch_dtype="float16")]]
+
+    with pytest.raises(SwarmError) as error:
+        run_sync(plan_with_wait(client, 0.0, "Tiny"))
+
+    message = str(error.value)
+    assert "No server in the swarm holds blocks 3:6 of Tiny" in message
+    assert "servers of blocks 3:6 run float16; pass dtype=torch.float16" in message
+    assert "\n" not in message
