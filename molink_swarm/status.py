@@ -138,20 +138,21 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
         console.print("No models are announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers ...")
         return
     for m in view.models:
-        table = Table(title=f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})")
+        # Names come from peers' records: shown as plain text, never parsed as rich markup ("[/x]" would raise).
+        table = Table(title=Text(f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})"))
         for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "path", "RTT"):
             table.add_column(column)
         for s in m.servers:
             state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
             table.add_row(
                 s.peer_id[-10:],
-                s.name or "",
+                Text(s.name or ""),
                 f"{s.start}:{s.end}",
                 Text(s.state, style=state_style),
                 f"{s.throughput:.0f}",
                 f"{s.active_sessions}/{s.max_sessions}",
                 str(s.free_cache_tokens),
-                describe_path(s),
+                Text(describe_path(s)),
                 f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
             )
         console.print(table)

@@ -178,7 +178,10 @@ def attack(honest, model_dir) -> Iterator[Attack]:
         # Records that pass the schema but lie; each identity's record sits under every block key.
         fake_server, behind_fake_relay, other_weights = peer.own, peer.new_identity(), peer.new_identity()
         lies = {
-            "claims blocks it does not serve": (fake_server, forged_server(fingerprint, addrs=peer.maddrs[:1])),
+            "claims blocks it does not serve": (
+                fake_server,
+                forged_server(fingerprint, addrs=peer.maddrs[:1], public_name="[/bold]evil[link=x]"),  # rich markup
+            ),
             "relayed through a relay that does not exist": (
                 behind_fake_relay,
                 forged_server(fingerprint, reachability=Reachability.RELAYED.value, relay_addrs=[nowhere]),
@@ -187,8 +190,10 @@ def attack(honest, model_dir) -> Iterator[Attack]:
         }
         for name, (who, record) in lies.items():
             accepted[name] = [ok for key in blocks for ok in peer.store(who, key, record)]
-        inflated = ModelRecord(model_id=model_id, name="evil", num_blocks=4096, fingerprint=fingerprint, model_type="llama")
+        inflated = ModelRecord(model_id=model_id, name="inflated", num_blocks=4096, fingerprint=fingerprint, model_type="llama")
         accepted["a forged model record"] = peer.store(peer.new_identity(), MODELS_KEY, inflated.to_wire())
+        markup = ModelRecord(model_id="evil-ffffffff", name="[/evil]", num_blocks=2, fingerprint="f" * 16, model_type="[red]")
+        accepted["a model named in rich markup"] = peer.store(peer.new_identity(), MODELS_KEY, markup.to_wire())
 
         # Records honest peers refuse: the hostile peer keeps them itself and serves them to readers.
         honest_ids = [s.peer_id for s in honest.servers]
@@ -273,7 +278,9 @@ def test_status_prints_the_swarm(honest, attack, model_dir):
     text = out.getvalue()
     name = resolve_model(str(model_dir)).name
     assert f"{resolve_model(str(model_dir)).model_id}, {NUM_BLOCKS} blocks" in text  # not the forged 4096
-    assert name in text and "evil" not in text
+    assert name in text and "inflated" not in text
+    # Names from peers' records are shown as they are, never taken for rich markup (which could not be parsed).
+    assert "[/bold]evil[link=x]" in text and "[/evil]" in text
     for server in honest.servers:
         assert server.peer_id[-10:] in text
     assert f"All {NUM_BLOCKS} blocks are served." in text

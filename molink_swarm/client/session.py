@@ -3,7 +3,8 @@
 Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
 closed stream, step timeout, or it left the DHT), the client bans it (a server behind a NAT is first tried
 through the next relay it announced: the relay may be what failed), plans a replacement chain for that hop's
-blocks (possibly split differently), replays the kept inputs to rebuild the cache there, and retries the step. Downstream hops are untouched: the replacement reproduces the same outputs for the same inputs.
+blocks (possibly split differently), replays the kept inputs to rebuild the cache there, and retries the step.
+Downstream hops are untouched: the replacement reproduces the same outputs for the same inputs.
 """
 
 from __future__ import annotations

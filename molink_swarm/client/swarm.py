@@ -116,28 +116,24 @@ class SwarmClient:
                 self._punching[peer] = asyncio.create_task(self._hole_punch(peer, relay))
 
     def _choose_relay(self, server: ServerInfo) -> str:
-        now = time.monotonic()
-        failed = {relay for (peer, relay), until in self._failed_relays.items() if peer == server.peer_id and until > now}
-        choice = choose_relay(server.record.relay_addrs, loads=self.relay_loads, failed=failed, salt=self._salt)
+        choice = self._usable_relay(server)
         if choice is None:  # every relay failed it: start over (it was banned when the last one failed)
             for relay in server.record.relay_addrs:
                 self._failed_relays.pop((server.peer_id, relay), None)
-            choice = choose_relay(server.record.relay_addrs, loads=self.relay_loads, salt=self._salt)
+            choice = self._usable_relay(server)
         return choice
 
-    @property
-    def _salt(self) -> str:
-        return self.dht.peer_id.to_base58()
+    def _usable_relay(self, server: ServerInfo) -> Optional[str]:
+        """The relay for ``server`` among those that have not failed it lately (ties spread by our peer id)."""
+        now = time.monotonic()
+        failed = {relay for (peer, relay), until in self._failed_relays.items() if peer == server.peer_id and until > now}
+        return choose_relay(server.record.relay_addrs, loads=self.relay_loads, failed=failed, salt=self.dht.peer_id.to_base58())
 
     async def _next_relay(self, peer_id: PeerID, failed_relay: str) -> Optional[str]:
         """Calls to ``peer_id`` through ``failed_relay`` failed: route it through its next relay, if it has one."""
         self._failed_relays[(peer_id, failed_relay)] = time.monotonic() + self.unreachable_for_s
         server = self._servers.get(peer_id)
-        if server is None:
-            return None
-        now = time.monotonic()
-        failed = {relay for (peer, relay), until in self._failed_relays.items() if peer == peer_id and until > now}
-        relay = choose_relay(server.record.relay_addrs, loads=self.relay_loads, failed=failed, salt=self._salt)
+        relay = self._usable_relay(server) if server is not None else None
         if relay is None:
             return None
         if relay not in self._relays_dialled:
