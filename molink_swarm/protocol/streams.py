@@ -38,7 +38,8 @@ class StreamLimits:
     max_message_bytes: int = 64 << 20
     first_message_s: float = 30.0  # a new stream that says nothing for this long is closed
     idle_s: float = 300.0  # the most time between two messages of a stream
-    min_bytes_per_s: float = 256 << 10  # once a frame's header is in, its body must keep at least this pace
+    frame_s: float = 10.0  # once a frame has begun, its header must follow within this, and its body within
+    min_bytes_per_s: float = 256 << 10  # this plus its size at this pace
 
 
 class ByteBudget:
@@ -46,22 +47,23 @@ class ByteBudget:
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
-        self._freed = asyncio.Condition()
+        self._freed = asyncio.Event()
 
     async def take(self, size: int, timeout: float) -> None:
         if size > self.limit:
             raise ProtocolError(f"Message of {size} bytes exceeds this server's {self.limit} byte budget")
-        async with self._freed:
-            try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: self.used + size <= self.limit), timeout)
-            except asyncio.TimeoutError:
-                raise ProtocolError("Server is busy receiving other messages; try again later") from None
-            self.used += size
+        try:
+            async with asyncio.timeout(timeout):
+                while self.used + size > self.limit:
+                    self._freed.clear()
+                    await self._freed.wait()
+        except TimeoutError:
+            raise ProtocolError("Server is busy receiving other messages; try again later") from None
+        self.used += size
 
-    async def give(self, size: int) -> None:
-        async with self._freed:
-            self.used -= size
-            self._freed.notify_all()
+    def give(self, size: int) -> None:
+        self.used -= size
+        self._freed.set()
 
 
 class RefusalLog:
@@ -88,25 +90,28 @@ class RefusalLog:
 async def read_frame(reader: asyncio.StreamReader, limits: StreamLimits, wait_s: float) -> tuple[bytes, bytes]:
     """``(marker, body)`` of the next frame; EOFError when the stream ends cleanly between frames."""
     try:
-        marker = await asyncio.wait_for(reader.readexactly(1), wait_s)
+        async with asyncio.timeout(wait_s):
+            marker = await reader.readexactly(1)
     except asyncio.IncompleteReadError:
         raise EOFError("stream closed") from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ProtocolError(f"No message within {wait_s:.0f} s; closing the stream") from None
     if marker not in (_MESSAGE, _ERROR):
         raise ProtocolError(f"Invalid frame marker {marker!r}")
     try:
-        header = await asyncio.wait_for(reader.readexactly(_LENGTH_BYTES), 10.0)
-        length = int.from_bytes(header, "big")
-        deadline = 10.0 + length / limits.min_bytes_per_s
+        async with asyncio.timeout(limits.frame_s):
+            length = int.from_bytes(await reader.readexactly(_LENGTH_BYTES), "big")
+        deadline = limits.frame_s + length / limits.min_bytes_per_s
         if length > limits.max_message_bytes:
             if length <= _DISCARD_MAX_BYTES:  # an honest caller that sent too much: skip it, so it reads our answer
-                await asyncio.wait_for(_discard(reader, length), deadline)
+                async with asyncio.timeout(deadline):
+                    await _discard(reader, length)
             raise ProtocolError(f"Message of {length} bytes exceeds the {limits.max_message_bytes} byte limit")
-        body = await asyncio.wait_for(reader.readexactly(length), deadline)
+        async with asyncio.timeout(deadline):
+            body = await reader.readexactly(length)
     except asyncio.IncompleteReadError:
         raise ProtocolError("Stream closed in the middle of a message") from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ProtocolError("Message arrived too slowly; closing the stream") from None
     return marker, body
 
@@ -222,7 +227,7 @@ class GuardedServicer(ServicerBase):
                     with contextlib.suppress(Exception):
                         await write_frame(writer, RPCError(message=f"Internal error: {e!r}"[:500]))
                 finally:
-                    await requests.release()
+                    requests.release()
                     self._streams_by_peer[peer] -= 1
                     if not self._streams_by_peer[peer]:
                         del self._streams_by_peer[peer]
@@ -244,7 +249,7 @@ class _GuardedRequests:
         return self
 
     async def __anext__(self) -> Message:
-        await self.release()
+        self.release()
         if self._ended:
             raise StopAsyncIteration
         wait_s = self._limits.first_message_s if self._first else self._limits.idle_s
@@ -263,10 +268,10 @@ class _GuardedRequests:
             return await asyncio.to_thread(parse, self._type, body)
         return parse(self._type, body)
 
-    async def release(self) -> None:
+    def release(self) -> None:
         if self._held:
             held, self._held = self._held, 0
-            await self._budget.give(held)
+            self._budget.give(held)
 
 
 async def call_stream(
