@@ -9,6 +9,7 @@ import torch
 from hivemind.proto import runtime_pb2
 from pydantic import ValidationError
 
+from molink_swarm import wire
 from molink_swarm.wire import (
     InferenceStep,
     ProtocolError,
@@ -173,3 +174,14 @@ def test_a_session_id_with_odd_characters_is_rejected(session_id):
 def test_a_plain_session_id_is_accepted():
     assert SessionSpec(**{**SPEC, "session_id": "Abc_123-xyz"}).session_id == "Abc_123-xyz"
 
+
+
+def test_only_a_trusted_relay_may_say_whom_it_relays_for():
+    from hivemind.p2p import PeerID
+
+    relay = PeerID.from_base58("QmQGqBmKTewr82mRxoiWoKQUXSnBLdeK543cMGnzE3L4zz")
+    stranger = PeerID.from_base58("QmW24XWpVCqc3QoBuBPdfa7hwNieDqT3aMRZSEWv4RVqT2")
+    claim = wire.RELAYED_FROM + "QmarQV8Bs4YqZS4djHqtCT1wSYzV5YXHFqwimyzHpUbnba"
+    assert wire.origin(claim, relay, {relay}) == "QmarQV8Bs4YqZS4djHqtCT1wSYzV5YXHFqwimyzHpUbnba"
+    assert wire.origin(claim, stranger, {relay}) == stranger.to_base58()  # anyone else: the peer itself
+    assert wire.origin("", relay, {relay}) == relay.to_base58()

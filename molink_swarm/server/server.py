@@ -150,7 +150,7 @@ class Server:
                         "This machine cannot be reached from the swarm and no relay accepted it; "
                         "forward a port and pass --public-ip IP --port P"
                     )
-            self.start, self.end = cfg.blocks or self._choose_blocks(dht)
+            self.start, self.end = cfg.blocks or await asyncio.to_thread(self._choose_blocks, dht)
             await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
             blocks = await asyncio.to_thread(self._load_blocks)
             self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
