@@ -10,7 +10,7 @@ test-deps:
 	@scripts/setup-test-deps.sh
 
 test: setup test-deps
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
