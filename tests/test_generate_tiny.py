@@ -14,7 +14,7 @@ from molink_swarm import AutoDistributedModelForCausalLM
 
 @pytest.fixture(scope="module")
 def tiny_swarm(module_swarm, tiny_llama_path):
-    return module_swarm(tiny_llama_path, ["0:2", "2:4", "4:6"], "--metrics-port", "0")
+    return module_swarm(tiny_llama_path, ["0:2", "2:4", "4:6"], "--metrics-port", "0", "--chunk-tokens", "128")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_long_generation_in_one_session_needs_no_failover(distributed, tiny_llam
 
 
 def test_long_prompts_computed_in_chunks_match_local(distributed, tiny_llama_local):
-    """Servers split work over 256 tokens into chunks (decode steps of others run between them)."""
+    """Servers split long work into chunks (128 tokens here; decode steps of others run between them)."""
     ids = prompt(300, seed=8)
     with torch.no_grad():
         assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)

@@ -60,6 +60,7 @@ class ServerConfig(BaseModel):
     shutdown_grace: float = Field(default=5.0, ge=0)
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
     force_relay: bool = False
+    chunk_tokens: Optional[int] = Field(default=None, gt=0)  # None: measured (see _measure_chunk_tokens)
 
 
 def parse_block_range(text: str) -> tuple[int, int]:
@@ -154,6 +155,7 @@ class Server:
             await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
             blocks = await asyncio.to_thread(self._load_blocks)
             self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
+            chunk_tokens = cfg.chunk_tokens or await asyncio.to_thread(self._measure_chunk_tokens, blocks)
             compute = ComputeQueue(f"compute-{self.start}-{self.end}")
             sessions = SessionTable(
                 max_sessions=cfg.max_sessions,
@@ -175,6 +177,7 @@ class Server:
                 dtype=self.dtype,
                 device=self.device,
                 session_idle_timeout=cfg.session_idle_timeout,
+                chunk_tokens=chunk_tokens,
                 metrics=metrics,
             )
             servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
@@ -234,6 +237,18 @@ class Server:
         )
         logger.info("Loaded blocks %d:%d in %.1f s", self.start, self.end, time.perf_counter() - started)
         return blocks
+
+    def _measure_chunk_tokens(self, blocks: BlockSpan, target_s: float = 0.25) -> int:
+        """How many prompt tokens this span computes in about ``target_s``: long prompts and forward passes run in
+        chunks of this size, so a decode step of another session waits at most about that long."""
+        hidden = torch.randn(1, 64, self.model_config.hidden_size, device=self.device, dtype=self.dtype)
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            blocks(hidden, cache=blocks.new_cache())
+            timings.append(time.perf_counter() - started)
+        tokens_per_s = 64 / max(sorted(timings)[1], 1e-6)
+        return int(min(512, max(16, target_s * tokens_per_s)))
 
     def _measure_throughput(self, blocks: BlockSpan) -> float:
         """Decode tokens/s through one block (what the router needs to estimate compute time per block)."""
