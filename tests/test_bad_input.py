@@ -109,7 +109,7 @@ BAD_STEPS = {
     "5-D tensor": ([step(0, torch.randn(1, 1, 1, 2, HIDDEN), spec())], "rank 5"),
     "bfloat16 sent with 16-bit compression": (
         [
-            wire.request(wire.InferenceStep(open=spec(), position=0), torch.randn(1, 2, HIDDEN)).__class__(
+            runtime_pb2.ExpertRequest(
                 metadata=wire.encode_metadata(wire.InferenceStep(open=spec(), position=0)),
                 tensors=[runtime_pb2.Tensor(buffer=b"\0" * 2 * 2 * HIDDEN, size=[1, 2, HIDDEN], dtype="bfloat16", compression=runtime_pb2.CompressionType.FLOAT16)],
             )
