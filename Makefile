@@ -4,7 +4,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	.venv/bin/molink-swarm demo
+	@.venv/bin/molink-swarm demo
 
 test-deps:
 	@scripts/setup-test-deps.sh

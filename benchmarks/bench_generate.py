@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from molink_swarm import AutoDistributedModelForCausalLM  # noqa: E402
-from molink_swarm.local_swarm import LocalSwarm
+from molink_swarm.lab import LocalSwarm
 from molink_swarm.models import load_config, resolve_model
 
 

@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from molink_swarm import AutoDistributedModelForCausalLM  # noqa: E402
-from molink_swarm.local_swarm import LocalSwarm  # noqa: E402
+from molink_swarm.lab import LocalSwarm  # noqa: E402
 
 
 def step_latencies(model, steps: int) -> list[float]:

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from molink_swarm.local_swarm import spawn
+from molink_swarm.lab import spawn
+from molink_swarm.lab.nat_lab import NatLab, lab_unavailable_reason
 from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
-from molink_swarm.nat_lab import NatLab, lab_unavailable_reason
 
 CLIENT = """
 import json, sys, time
@@ -36,12 +36,12 @@ tokens, hole_punching, initial_peers = int(sys.argv[2]), sys.argv[3] == "1", sys
 model = AutoDistributedModelForCausalLM.from_pretrained(sys.argv[1], initial_peers=initial_peers, hole_punching=hole_punching)
 ids = torch.tensor([[1, 504, 1345, 2306, 9081, 2739, 359]])
 model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up: plan, connect, first session
-run_sync(model.swarm.wait_hole_punching(timeout=120))
+run_sync(model.swarm.links.wait_hole_punching(timeout=120))
 with model.inference_session(max_length=ids.shape[1] + tokens) as session:
     started = time.perf_counter()
     model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     elapsed = time.perf_counter() - started
-    paths = [model.swarm.path(hop.peer_id).split(" via ")[0] for hop in session.chain]
+    paths = [model.swarm.links.path(hop.peer_id).split(" via ")[0] for hop in session.chain]
 print("RESULT " + json.dumps({"tok_s": tokens / elapsed, "paths": paths}), flush=True)
 """
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from molink_swarm import AutoDistributedModelForCausalLM  # noqa: E402
-from molink_swarm.local_swarm import LocalSwarm  # noqa: E402
+from molink_swarm.lab import LocalSwarm  # noqa: E402
 from molink_swarm.models import resolve_model  # noqa: E402
 from molink_swarm.routing.planner import Candidate, plan_chain  # noqa: E402
 

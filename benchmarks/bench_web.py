@@ -16,7 +16,7 @@ from pathlib import Path
 
 import openai
 
-from molink_swarm.local_swarm import LocalSwarm
+from molink_swarm.lab import LocalSwarm
 from molink_swarm.models import resolve_model
 
 QUESTIONS = [

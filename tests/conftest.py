@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from molink_swarm.local_swarm import LocalSwarm
+from molink_swarm.lab import LocalSwarm
+from molink_swarm.lab.nat_lab import NatLab, lab_unavailable_reason
 from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
-from molink_swarm.nat_lab import NatLab, lab_unavailable_reason
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 

@@ -23,7 +23,7 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from molink_swarm import wire
+from molink_swarm.protocol.tensors import serialize_tensor
 
 # What a peer did with an attack. "reply": every request got a successful answer; "error": it answered an error;
 # "closed": it closed the stream (or dropped the call) without answering everything; "abandoned": we walked away
@@ -277,7 +277,7 @@ class AttackGenerator:
         return torch.randn(batch, tokens, self.hidden, generator=self.gen)
 
     def proto(self, tensor: torch.Tensor) -> runtime_pb2.Tensor:
-        return wire.serialize_tensor(tensor)
+        return serialize_tensor(tensor)
 
     def spec(self, server: ServerTarget, **overrides) -> dict:
         start = self.rng.randint(server.start, server.end - 1)

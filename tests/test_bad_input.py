@@ -10,11 +10,12 @@ import torch
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from molink_swarm import wire
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import call_forward
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.models import load_config, resolve_model
+from molink_swarm.protocol import messages
+from molink_swarm.protocol.tensors import deserialize_tensor, serialize_tensor
 
 HIDDEN = 64
 
@@ -50,9 +51,9 @@ def server_of(client):
     return server.peer_id
 
 
-def spec(**overrides) -> wire.SessionSpec:
+def spec(**overrides) -> messages.SessionSpec:
     fields = dict(session_id="test-session-0001", start=0, end=6, max_length=64, batch_size=1)
-    return wire.SessionSpec(**{**fields, **overrides})
+    return messages.SessionSpec(**{**fields, **overrides})
 
 
 def inference(client, *requests: runtime_pb2.ExpertRequest, between=None) -> list[runtime_pb2.ExpertResponse]:
@@ -85,7 +86,7 @@ def inference(client, *requests: runtime_pb2.ExpertRequest, between=None) -> lis
 
 
 def step(position: int, hidden: torch.Tensor, open_spec=None) -> runtime_pb2.ExpertRequest:
-    return wire.request(wire.InferenceStep(open=open_spec, position=position), hidden)
+    return messages.request(messages.InferenceStep(open=open_spec, position=position), hidden)
 
 
 BAD_STEPS = {
@@ -110,14 +111,14 @@ BAD_STEPS = {
     "bfloat16 sent with 16-bit compression": (
         [
             runtime_pb2.ExpertRequest(
-                metadata=wire.encode_metadata(wire.InferenceStep(open=spec(), position=0)),
+                metadata=messages.encode_metadata(messages.InferenceStep(open=spec(), position=0)),
                 tensors=[runtime_pb2.Tensor(buffer=b"\0" * 2 * 2 * HIDDEN, size=[1, 2, HIDDEN], dtype="bfloat16", compression=runtime_pb2.CompressionType.FLOAT16)],
             )
         ],
         "16-bit compression applies to float32",
     ),
     "pushed step carrying a tensor": (
-        [wire.request(wire.InferenceStep(open=spec(), position=0, expect_push=True), torch.randn(1, 2, HIDDEN))],
+        [messages.request(messages.InferenceStep(open=spec(), position=0, expect_push=True), torch.randn(1, 2, HIDDEN))],
         "must not carry a tensor",
     ),
 }
@@ -132,17 +133,17 @@ def test_bad_inference_steps_get_clear_errors(client, case):
 
 
 def test_junk_metadata_and_tensors_are_refused(client):
-    junk_metadata = runtime_pb2.ExpertRequest(metadata=b"\x00not json", tensors=[wire.serialize_tensor(torch.randn(1, 1, HIDDEN))])
+    junk_metadata = runtime_pb2.ExpertRequest(metadata=b"\x00not json", tensors=[serialize_tensor(torch.randn(1, 1, HIDDEN))])
     with pytest.raises(P2PHandlerError, match="Invalid InferenceStep"):
         inference(client, junk_metadata)
     bad_buffer = runtime_pb2.ExpertRequest(
-        metadata=wire.encode_metadata(wire.InferenceStep(open=spec(), position=0)),
+        metadata=messages.encode_metadata(messages.InferenceStep(open=spec(), position=0)),
         tensors=[runtime_pb2.Tensor(buffer=b"\x01" * 7, size=[1, 1, HIDDEN], dtype="float32")],
     )
     with pytest.raises(P2PHandlerError, match="buffer"):
         inference(client, bad_buffer)
     pickle_dtype = runtime_pb2.ExpertRequest(
-        metadata=wire.encode_metadata(wire.InferenceStep(open=spec(), position=0)),
+        metadata=messages.encode_metadata(messages.InferenceStep(open=spec(), position=0)),
         tensors=[runtime_pb2.Tensor(buffer=b"cos\nsystem\n", size=[1], dtype="object")],
     )
     with pytest.raises(P2PHandlerError, match="Unsupported tensor dtype"):
@@ -152,13 +153,13 @@ def test_junk_metadata_and_tensors_are_refused(client):
 
 def test_bad_forward_requests_get_clear_errors(client):
     peer = server_of(client)
-    request = wire.request(wire.ForwardRequest(start=2, end=1), torch.randn(1, 2, HIDDEN))
+    request = messages.request(messages.ForwardRequest(start=2, end=1), torch.randn(1, 2, HIDDEN))
     with pytest.raises(P2PHandlerError, match="this server holds"):
         run_sync(call_forward(client, peer, request))
-    too_many_tokens = wire.request(wire.ForwardRequest(start=0, end=6), torch.randn(4, 512, HIDDEN))
+    too_many_tokens = messages.request(messages.ForwardRequest(start=0, end=6), torch.randn(4, 512, HIDDEN))
     with pytest.raises(P2PHandlerError, match="too large"):
         run_sync(call_forward(client, peer, too_many_tokens))
-    huge = wire.request(wire.ForwardRequest(start=0, end=6), torch.randn(64, 512, HIDDEN))
+    huge = messages.request(messages.ForwardRequest(start=0, end=6), torch.randn(64, 512, HIDDEN))
     with pytest.raises(P2PHandlerError, match="exceeds the .* byte limit"):  # refused before it is read into memory
         run_sync(call_forward(client, peer, huge))
     assert_still_serving(client)
@@ -169,21 +170,21 @@ def test_a_push_that_arrives_before_its_session_opens_is_used(client):
     stub = client.stub(server_of(client))
     hidden = torch.randn(1, 5, HIDDEN, generator=torch.Generator().manual_seed(1))
     push = runtime_pb2.ExpertRequest(
-        metadata=wire.encode_metadata(wire.PushStep(session_id="early-push-session", position=0)),
-        tensors=[wire.serialize_tensor(hidden)],
+        metadata=messages.encode_metadata(messages.PushStep(session_id="early-push-session", position=0)),
+        tensors=[serialize_tensor(hidden)],
     )
     run_sync(stub.rpc_push(push, timeout=30))
-    expecting = wire.InferenceStep(open=spec(session_id="early-push-session"), position=0, expect_push=True)
-    [pushed] = inference(client, wire.request(expecting))
+    expecting = messages.InferenceStep(open=spec(session_id="early-push-session"), position=0, expect_push=True)
+    [pushed] = inference(client, messages.request(expecting))
     [direct] = inference(client, step(0, hidden, spec(session_id="direct-session")))
-    assert torch.equal(wire.deserialize_tensor(pushed.tensors[0]), wire.deserialize_tensor(direct.tensors[0]))
+    assert torch.equal(deserialize_tensor(pushed.tensors[0]), deserialize_tensor(direct.tensors[0]))
 
 
 def test_junk_pushes_are_refused(client):
     stub = client.stub(server_of(client))
     wrong_size = runtime_pb2.ExpertRequest(
-        metadata=wire.encode_metadata(wire.PushStep(session_id="no-such-session", position=0)),
-        tensors=[wire.serialize_tensor(torch.randn(1, 1, HIDDEN + 3))],
+        metadata=messages.encode_metadata(messages.PushStep(session_id="no-such-session", position=0)),
+        tensors=[serialize_tensor(torch.randn(1, 1, HIDDEN + 3))],
     )
     with pytest.raises(P2PHandlerError, match="Hidden states must be"):
         run_sync(stub.rpc_push(wrong_size, timeout=30))
@@ -197,20 +198,20 @@ def test_rollback_to_an_earlier_position_recomputes_identically(client):
     first, again = inference(
         client, step(0, hidden, spec(session_id="rollback-session")), step(2, hidden[:, 2:])
     )
-    a = wire.deserialize_tensor(first.tensors[0])
-    b = wire.deserialize_tensor(again.tensors[0])
+    a = deserialize_tensor(first.tensors[0])
+    b = deserialize_tensor(again.tensors[0])
     assert torch.allclose(a[:, 2:], b, atol=1e-5)
 
 
 def assert_still_serving(client):
     hidden = torch.randn(1, 3, HIDDEN)
     [reply] = inference(client, step(0, hidden, spec(session_id="healthy-session")))
-    assert wire.decode_metadata(reply.metadata, wire.StepResult).position == 3
+    assert messages.decode_metadata(reply.metadata, messages.StepResult).position == 3
 
 
 def pushed_step(session_id: str, position: int, push_from=None) -> runtime_pb2.ExpertRequest:
-    return wire.request(
-        wire.InferenceStep(
+    return messages.request(
+        messages.InferenceStep(
             open=spec(session_id=session_id) if position == 0 else None,
             position=position,
             expect_push=True,
@@ -220,7 +221,7 @@ def pushed_step(session_id: str, position: int, push_from=None) -> runtime_pb2.E
 
 
 async def push(swarm, peer, session_id: str, position: int, hidden: torch.Tensor) -> None:
-    request = wire.request(wire.PushStep(session_id=session_id, position=position), hidden)
+    request = messages.request(messages.PushStep(session_id=session_id, position=position), hidden)
     await swarm.stub(peer).rpc_push(request, timeout=30)
 
 
@@ -240,7 +241,7 @@ def output_of_pushed_step(client, session_id: str, pushes, push_from=None) -> to
 
         try:
             async for reply in await client.stub(peer).rpc_inference(requests()):
-                return wire.deserialize_tensor(reply.tensors[0])
+                return deserialize_tensor(reply.tensors[0])
         finally:
             done.set()
 
@@ -260,7 +261,7 @@ def test_pushes_from_a_peer_the_owner_did_not_name_never_reach_the_session(clien
         await push(client, peer, "hijacked-session", 0, genuine)
 
     got = output_of_pushed_step(client, "hijacked-session", pushes)
-    assert torch.equal(got, wire.deserialize_tensor(expected.tensors[0]))
+    assert torch.equal(got, deserialize_tensor(expected.tensors[0]))
 
 
 def test_the_upstream_server_the_owner_names_may_push(client, stranger):
@@ -272,7 +273,7 @@ def test_the_upstream_server_the_owner_names_may_push(client, stranger):
         await push(stranger, peer, "forwarded-session", 0, upstream_output)
 
     got = output_of_pushed_step(client, "forwarded-session", pushes, push_from=stranger.p2p.peer_id.to_base58())
-    assert torch.equal(got, wire.deserialize_tensor(expected.tensors[0]))
+    assert torch.equal(got, deserialize_tensor(expected.tensors[0]))
 
 
 def test_one_peer_cannot_fill_the_server_with_sessions(client, stranger):

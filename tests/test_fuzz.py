@@ -26,9 +26,11 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from molink_swarm import AutoDistributedModelForCausalLM, wire
+from molink_swarm import AutoDistributedModelForCausalLM
 from molink_swarm.client.loop import event_loop, run_sync
-from molink_swarm.local_swarm import LocalSwarm, SwarmProcess, free_port
+from molink_swarm.lab import LocalSwarm, SwarmProcess
+from molink_swarm.net.ports import free_port
+from molink_swarm.protocol import messages
 from tests.fuzzing import (
     HANDLERS,
     Attack,
@@ -168,7 +170,7 @@ def attack_the_swarm(swarm: LocalSwarm, model_path: Path, local, honest, attacke
         ServerTarget(s.name, PeerID.from_base58(s.peer_id), *map(int, blocks.split(":")))
         for s, blocks in zip(swarm.servers, BLOCKS)
     ]
-    relay = wire.relay_peer_id(swarm.initial_peers[0])  # the bootstrap peer relays
+    relay = messages.relay_peer_id(swarm.initial_peers[0])  # the bootstrap peer relays
     generator = AttackGenerator(
         SEED, servers, relay, hidden_size=HIDDEN, max_length=SERVER_MAX_LENGTH, others=[attacker.peer_id]
     )
@@ -214,9 +216,9 @@ def flood_one_server(swarm, model_path, local, honest, attacker: P2P, server: Se
     batches = random.Random(SEED).choices([1, 1, 1, 4, 16, 64], k=FLOOD_SESSIONS)  # 64 x max_length: the whole cache
 
     async def open_one(i: int, batch: int) -> tuple[Optional[RawStream], str, int]:
-        spec = wire.SessionSpec(session_id=f"flood-{i:04d}", start=server.start, end=server.end,
+        spec = messages.SessionSpec(session_id=f"flood-{i:04d}", start=server.start, end=server.end,
                                 max_length=SERVER_MAX_LENGTH, batch_size=batch)
-        message = wire.request(wire.InferenceStep(open=spec, position=0), torch.randn(batch, 1, HIDDEN))
+        message = messages.request(messages.InferenceStep(open=spec, position=0), torch.randn(batch, 1, HIDDEN))
         try:
             stream = await RawStream.open(attacker, server.peer_id, HANDLERS["inference"])
         except Exception as e:
@@ -262,7 +264,7 @@ def flood_forwards(local, honest, attacker: P2P, server: ServerTarget) -> Forwar
     """The attacker sends FLOOD_FORWARDS big forward passes at once; an honest session generates meanwhile."""
     result = ForwardFlood()
     hidden = torch.randn(1, SERVER_MAX_LENGTH, HIDDEN)
-    request = wire.request(wire.ForwardRequest(start=server.start, end=server.end), hidden)
+    request = messages.request(messages.ForwardRequest(start=server.start, end=server.end), hidden)
     attacks = [Attack("forward", "flood", server.peer_id, (frame(request),), may_succeed=True)] * FLOOD_FORWARDS
     flooding = asyncio.run_coroutine_threadsafe(
         deliver_all(attacker, attacks, concurrency=FLOOD_FORWARDS, timeout=CALL_TIMEOUT_S), event_loop()
@@ -307,11 +309,11 @@ def forged_attacks(generator: AttackGenerator, hops, position: int, first_step_t
         for offset in range(FORGED_POSITIONS):
             tokens = first_step_tokens if offset == 0 else 1
             forged = torch.randn(1, tokens, HIDDEN, generator=generator.gen) * 3
-            pushes.append(wire.request(wire.PushStep(session_id=spec.session_id, position=position + offset), forged))
+            pushes.append(messages.request(messages.PushStep(session_id=spec.session_id, position=position + offset), forged))
         # The same forged inputs twice: one by one, and over a push stream; either may be dropped silently.
         attacks += [Attack("push", "forged push", peer_id, (p.SerializeToString(),), may_succeed=True) for p in pushes]
         attacks.append(Attack("push_stream", "forged pushes", peer_id, tuple(frame(p) for p in pushes), may_succeed=True))
-        same_id = wire.request(wire.InferenceStep(open=spec, position=0), torch.randn(1, 1, HIDDEN))
+        same_id = messages.request(messages.InferenceStep(open=spec, position=0), torch.randn(1, 1, HIDDEN))
         attacks.append(Attack("inference", "open with the victim's session id", peer_id, (frame(same_id),),
                               may_succeed=False))
     return attacks

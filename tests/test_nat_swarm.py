@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from molink_swarm.local_swarm import spawn
+from molink_swarm.lab import spawn
 from molink_swarm.models import DEFAULT_MODEL_ALIAS
 
 pytestmark = pytest.mark.slow
@@ -35,11 +35,11 @@ model = AutoDistributedModelForCausalLM.from_pretrained(sys.argv[1], initial_pee
 def generate():
     with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        hops = [{"blocks": f"{h.start}:{h.end}", "path": model.swarm.path(h.peer_id)} for h in session.chain]
+        hops = [{"blocks": f"{h.start}:{h.end}", "path": model.swarm.links.path(h.peer_id)} for h in session.chain]
     return {"tokens": out[0].tolist(), "hops": hops}
 
 first = generate()  # at once: through the relays while hole punching is tried in the background
-run_sync(model.swarm.wait_hole_punching(timeout=120))
+run_sync(model.swarm.links.wait_hole_punching(timeout=120))
 print("RESULT " + json.dumps({"first": first, "second": generate()}), flush=True)
 """
 

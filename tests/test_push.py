@@ -8,7 +8,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from molink_swarm.push import MAX_QUEUED, PushChannel
+from molink_swarm.net.push import MAX_QUEUED, PushChannel
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from molink_swarm.dht import swarm_dht
+from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.records import (
     MAX_THROUGHPUT,
     MODELS_KEY,
@@ -28,11 +30,8 @@ from molink_swarm.dht.records import (
     parse_record,
     validate_record,
 )
-from molink_swarm.dht import swarm_dht
-from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.swarm_dht import declare_server, fetch_models, fetch_servers, owner_subkey, start_dht
 from molink_swarm.dht.validation import owner_subkey_bytes
-
 
 ED25519_PEER = "12D3KooWF1kLNYQEAjgEPfH8vr35o7tQNXBdAnvHeqwkdP6gh7Nk"  # how a `molink-swarm dht` peer looks
 RSA_PEER = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # how a server (RSA identity) looks

@@ -10,11 +10,14 @@ import torch
 from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from molink_swarm import AutoDistributedModelForCausalLM, wire
+from molink_swarm import AutoDistributedModelForCausalLM
 from molink_swarm.client.loop import run_sync
-from molink_swarm.local_swarm import free_port
-from molink_swarm.relay import RelayService, RelayedStub, check_reachability, choose_relay
-from molink_swarm.status import swarm_snapshot
+from molink_swarm.client.status import swarm_snapshot
+from molink_swarm.net.paths import RelayedStub, choose_relay
+from molink_swarm.net.ports import free_port
+from molink_swarm.net.reachability import check_reachability
+from molink_swarm.net.relay import RelayService
+from molink_swarm.protocol import messages
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +50,12 @@ def test_generation_through_relays_is_token_identical(relayed_swarm, distributed
     expected = tiny_llama_local.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     with distributed.inference_session(max_length=32) as session:
         got = distributed.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        relayed = {hop.start for hop in session.chain if distributed.swarm.path(hop.peer_id).startswith("relayed via")}
+        relayed = {hop.start for hop in session.chain if distributed.swarm.links.path(hop.peer_id).startswith("relayed via")}
     assert torch.equal(got, expected)
     assert relayed == {2, 4}
     # The relay said how busy it is; a relayed hop weighs that in.
-    assert list(distributed.swarm.relay_loads) == relayed_swarm.initial_peers
-    assert 0.0 <= distributed.swarm.relay_loads[relayed_swarm.initial_peers[0]] < 1.0
+    assert list(distributed.swarm.links.relay_loads) == relayed_swarm.initial_peers
+    assert 0.0 <= distributed.swarm.links.relay_loads[relayed_swarm.initial_peers[0]] < 1.0
     # A full forward (no session) goes through the relay too.
     assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)
 
@@ -97,10 +100,10 @@ def test_a_relay_refuses_what_it_should_not_carry(relayed_swarm, distributed):
     closed_port = free_port("127.0.0.1")
     reply = run_sync(
         stub.rpc_dial_back(
-            runtime_pb2.ExpertRequest(metadata=wire.encode_metadata(wire.DialBackRequest(ports=[closed_port]))), timeout=10
+            runtime_pb2.ExpertRequest(metadata=messages.encode_metadata(messages.DialBackRequest(ports=[closed_port]))), timeout=10
         )
     )
-    assert wire.decode_metadata(reply.metadata, wire.DialBackReply).reachable_ports == []
+    assert messages.decode_metadata(reply.metadata, messages.DialBackReply).reachable_ports == []
     # The relay still serves.
     assert run_sync(RelayedStub(p2p, relay, relayed_server).rpc_ping(ping, timeout=10)) is not None
 
@@ -124,13 +127,13 @@ def test_a_session_moves_to_the_next_relay_when_its_relay_dies(swarm, tiny_llama
         )
         with model.inference_session(max_length=64) as session:
             got_first = model.generate(first, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-            used = model.swarm.relay_for(peer)
+            used = model.swarm.links.relay_for(peer)
             (local.bootstrap if used == local.initial_peers[0] else second_relay).kill()
             with caplog.at_level(logging.INFO, logger="molink_swarm.client.swarm"):
                 got_second = model.generate(second, max_new_tokens=8, min_new_tokens=8, do_sample=False)
             assert session.failovers >= 1
         assert torch.equal(got_first, expected_first) and torch.equal(got_second, expected_second)
-        assert model.swarm.relay_for(peer) not in (None, used)
+        assert model.swarm.links.relay_for(peer) not in (None, used)
         assert not [r for r in caplog.records if r.getMessage().startswith("Banned")], "banned the server, not its relay"
     finally:
         model.shutdown()

@@ -28,7 +28,7 @@ def test_sessions_take_the_fast_chain_and_move_when_it_loses_a_server(swarm, tin
                 out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
                 assert {str(hop.peer_id) for hop in session.chain} == fast_peers
             assert torch.equal(out, tiny_llama_local.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False))
-        measured = {str(peer): rtt for peer, rtt in model.swarm.rtts.items()}
+        measured = {str(peer): rtt for peer, rtt in model.swarm.links.rtts.items()}
         assert all(measured[s.peer_id] >= 0.020 for s in fast) and all(measured[s.peer_id] >= 0.080 for s in slow)
 
         # A server of the fast chain leaves mid-generation (long enough to outlast its grace period for open

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 import torch
 
+from molink_swarm.protocol.messages import ProtocolError, SessionSpec
 from molink_swarm.server.sessions import MAX_WAITING_INPUTS, EarlyPushes, Session, SessionTable
-from molink_swarm.wire import ProtocolError, SessionSpec
 
 
 def spec(session_id: str = "session-0001", max_length: int = 64, batch_size: int = 1) -> SessionSpec:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from molink_swarm import AutoDistributedModelForCausalLM
-from molink_swarm.client.chat import ChatSession
+from molink_swarm.cli.chat import ChatSession
 from molink_swarm.models import DEFAULT_MODEL_ALIAS
 from tests.conftest import local_answer
 

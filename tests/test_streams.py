@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 import pytest
 
+from molink_swarm.protocol.messages import ProtocolError
 from molink_swarm.protocol.streams import ByteBudget, RefusalLog, StreamLimits, read_frame
 from molink_swarm.server.scheduler import ComputeQueue, Priority
-from molink_swarm.wire import ProtocolError
 
 LIMITS = StreamLimits(max_message_bytes=1000, min_bytes_per_s=1 << 20)
 

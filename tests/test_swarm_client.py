@@ -19,6 +19,7 @@ from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import SwarmError, plan_with_wait
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.dht import Reachability, ServerInfo, ServerRecord, ServerState
+from molink_swarm.net import links as links_module
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S
 
 MODEL_ID, FINGERPRINT = "tiny-01234567", "0123456789abcdef"
@@ -76,10 +77,10 @@ def scripted(monkeypatch) -> Iterator[tuple[SwarmClient, ScriptedSwarm]]:
     """A client (its own DHT peer, alone) whose DHT reads, relays and pings are scripted."""
     script = ScriptedSwarm()
     monkeypatch.setattr(swarm_module, "fetch_servers", script.fetch_servers)
-    monkeypatch.setattr(swarm_module, "connect", _no_op)
-    monkeypatch.setattr(swarm_module, "relay_load", _idle_relay)
+    monkeypatch.setattr(links_module, "connect", _no_op)
+    monkeypatch.setattr(links_module, "relay_load", _idle_relay)
     client = SwarmClient([], MODEL_ID, FINGERPRINT, 6, hole_punching=False)
-    monkeypatch.setattr(client, "stub", lambda peer_id: FakeStub(script, peer_id, client.relay_for(peer_id)))
+    monkeypatch.setattr(client.links, "stub", lambda peer_id: FakeStub(script, peer_id, client.links.relay_for(peer_id)))
     try:
         yield client, script
     finally:
@@ -169,7 +170,7 @@ def test_an_unreachable_server_is_pinged_again_once_its_time_is_up(scripted):
     down = server("down", 0, 6)
     script.reads = [[down]]
     script.down = {down.peer_id}
-    client.unreachable_for_s = 0.0
+    client.links.unreachable_for_s = 0.0
 
     run_sync(client.candidates(refresh=True))
     script.down = set()
@@ -191,11 +192,11 @@ def test_a_failed_call_through_a_relay_moves_to_the_next_relay_before_banning(sc
     behind_nat = relayed("behind-nat")
     script.reads = [[behind_nat]]
     online(client)
-    first = client.relay_for(behind_nat.peer_id)
+    first = client.links.relay_for(behind_nat.peer_id)
 
     run_sync(client.report_failure(behind_nat.peer_id))
 
-    second = client.relay_for(behind_nat.peer_id)
+    second = client.links.relay_for(behind_nat.peer_id)
     assert {first, second} == set(RELAYS)
     assert behind_nat.peer_id not in client.banned()
     run_sync(client.report_failure(behind_nat.peer_id))  # through the other relay too: now it is the server
@@ -207,13 +208,13 @@ def test_a_ping_through_a_dead_relay_is_tried_through_the_next_one(scripted):
     behind_nat = relayed("behind-nat")
     script.reads = [[behind_nat]]
     online(client)
-    script.dead_relays = {client.relay_for(behind_nat.peer_id)}
+    script.dead_relays = {client.links.relay_for(behind_nat.peer_id)}
 
     [candidate] = run_sync(client.candidates(refresh=True))
 
     assert [relay for _, relay in script.pings][-1] not in script.dead_relays
     assert candidate.rtt_s is not None and candidate.rtt_s < UNREACHABLE_RTT_S
-    assert client.relay_for(behind_nat.peer_id) not in script.dead_relays
+    assert client.links.relay_for(behind_nat.peer_id) not in script.dead_relays
 
 
 def test_the_route_stays_on_the_next_relay_after_a_refresh(scripted):
@@ -222,11 +223,11 @@ def test_the_route_stays_on_the_next_relay_after_a_refresh(scripted):
     script.reads = [[behind_nat]]
     online(client)
     run_sync(client.report_failure(behind_nat.peer_id))
-    moved_to = client.relay_for(behind_nat.peer_id)
+    moved_to = client.links.relay_for(behind_nat.peer_id)
 
     online(client)
 
-    assert client.relay_for(behind_nat.peer_id) == moved_to
+    assert client.links.relay_for(behind_nat.peer_id) == moved_to
 
 
 # --- dtypes -------------------------------------------------------------------------------------------------------

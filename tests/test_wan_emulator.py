@@ -18,8 +18,8 @@ from typing import AsyncIterator, Iterator
 
 import pytest
 
-from molink_swarm import wan_emulator
-from molink_swarm.wan_emulator import TO_CLIENT, TO_TARGET, WanEmulator, WanLink
+from molink_swarm.lab import wan_emulator
+from molink_swarm.lab.wan_emulator import TO_CLIENT, TO_TARGET, WanEmulator, WanLink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -222,7 +222,7 @@ def test_thread_runner_from_synchronous_code(sync_echo_target):
 def test_cli_prints_listening_line_and_exits_on_sigterm(sync_echo_target):
     host, port = sync_echo_target
     proc = subprocess.Popen(
-        [sys.executable, "-m", "molink_swarm.wan_emulator", "--target", f"{host}:{port}",
+        [sys.executable, "-m", "molink_swarm.lab.wan_emulator", "--target", f"{host}:{port}",
          "--delay-ms", "20", "--bandwidth-mbit", "50", "--listen-port", "0"],
         stdout=subprocess.PIPE,
         text=True,
@@ -246,9 +246,10 @@ def test_cli_prints_listening_line_and_exits_on_sigterm(sync_echo_target):
 
 
 async def test_libp2p_traffic_crosses_the_link():
-    import molink_swarm.dht.swarm_dht  # noqa: F401  (patches hivemind multiaddr encoding of /p2p/)
     from hivemind.p2p import P2P, P2PContext
     from hivemind.proto import runtime_pb2
+
+    import molink_swarm.dht.swarm_dht  # noqa: F401  (patches hivemind multiaddr encoding of /p2p/)
 
     async def echo(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return runtime_pb2.ExpertResponse(tensors=request.tensors)

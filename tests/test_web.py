@@ -212,7 +212,7 @@ def _retry_429(call, attempts: int = 20):
 
 
 def test_demo_serves_the_web_app_and_stops_cleanly(tmp_path):
-    from molink_swarm.local_swarm import spawn
+    from molink_swarm.lab import spawn
 
     demo = spawn("demo", ["demo"], log_dir=tmp_path)
     try:

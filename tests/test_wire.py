@@ -9,16 +9,9 @@ import torch
 from hivemind.proto import runtime_pb2
 from pydantic import ValidationError
 
-from molink_swarm import wire
-from molink_swarm.wire import (
-    InferenceStep,
-    ProtocolError,
-    SessionSpec,
-    decode_metadata,
-    deserialize_tensor,
-    encode_metadata,
-    serialize_tensor,
-)
+from molink_swarm.protocol import messages
+from molink_swarm.protocol.messages import InferenceStep, ProtocolError, SessionSpec, decode_metadata, encode_metadata
+from molink_swarm.protocol.tensors import deserialize_tensor, serialize_tensor
 
 
 def proto(size, dtype="float32", buffer=None, **fields) -> runtime_pb2.Tensor:
@@ -181,7 +174,7 @@ def test_only_a_trusted_relay_may_say_whom_it_relays_for():
 
     relay = PeerID.from_base58("QmQGqBmKTewr82mRxoiWoKQUXSnBLdeK543cMGnzE3L4zz")
     stranger = PeerID.from_base58("QmW24XWpVCqc3QoBuBPdfa7hwNieDqT3aMRZSEWv4RVqT2")
-    claim = wire.RELAYED_FROM + "QmarQV8Bs4YqZS4djHqtCT1wSYzV5YXHFqwimyzHpUbnba"
-    assert wire.origin(claim, relay, {relay}) == "QmarQV8Bs4YqZS4djHqtCT1wSYzV5YXHFqwimyzHpUbnba"
-    assert wire.origin(claim, stranger, {relay}) == stranger.to_base58()  # anyone else: the peer itself
-    assert wire.origin("", relay, {relay}) == relay.to_base58()
+    claim = messages.RELAYED_FROM + "QmarQV8Bs4YqZS4djHqtCT1wSYzV5YXHFqwimyzHpUbnba"
+    assert messages.origin(claim, relay, {relay}) == "QmarQV8Bs4YqZS4djHqtCT1wSYzV5YXHFqwimyzHpUbnba"
+    assert messages.origin(claim, stranger, {relay}) == stranger.to_base58()  # anyone else: the peer itself
+    assert messages.origin("", relay, {relay}) == relay.to_base58()

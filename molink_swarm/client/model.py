@@ -78,10 +78,6 @@ class DistributedCausalLMMixin:
             self._active_session = None
             session.close()
 
-    @property
-    def active_session(self) -> Optional[InferenceSession]:
-        return self._active_session
-
     def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
         session = self._active_session
         if inputs is None:

@@ -21,11 +21,13 @@ import torch
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from molink_swarm import wire
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.errors import UserError
-from molink_swarm.push import PushChannel
+from molink_swarm.net.push import PushChannel
+from molink_swarm.protocol import messages
+from molink_swarm.protocol.streams import queued
+from molink_swarm.protocol.tensors import deserialize_tensor
 from molink_swarm.routing.planner import Hop, MissingBlocksError, Mode, format_blocks, plan_chain
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ SERVER_FAILURES = (
     EOFError,
     asyncio.TimeoutError,
     asyncio.IncompleteReadError,
-    wire.ProtocolError,
+    messages.ProtocolError,
 )
 
 
@@ -64,7 +66,7 @@ class StepTimer:
         self.per_token_s: Optional[float] = None
 
     def timeout(self, tokens: int) -> float:
-        if tokens <= 4:
+        if messages.is_decode(tokens):
             expected = self.decode_s
         else:
             expected = None if self.per_token_s is None else self.per_token_s * tokens
@@ -73,7 +75,7 @@ class StepTimer:
         return max(self.min_timeout, self.factor * expected)
 
     def record(self, tokens: int, seconds: float) -> None:
-        if tokens <= 4:
+        if messages.is_decode(tokens):
             self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
         else:
             per_token = seconds / tokens
@@ -83,7 +85,7 @@ class StepTimer:
 class _HopStream:
     """The open inference stream to one server of the chain, and every input sent to it."""
 
-    def __init__(self, swarm: SwarmClient, hop: Hop, spec: wire.SessionSpec, timer: StepTimer):
+    def __init__(self, swarm: SwarmClient, hop: Hop, spec: messages.SessionSpec, timer: StepTimer):
         self.hop, self.spec, self.timer = hop, spec, timer
         self._swarm = swarm
         self._requests: asyncio.Queue[Optional[runtime_pb2.ExpertRequest]] = asyncio.Queue()
@@ -92,7 +94,7 @@ class _HopStream:
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []
         self.created_at = time.monotonic()
-        self.last_result: Optional[wire.StepResult] = None
+        self.last_result: Optional[messages.StepResult] = None
         self._pending: Optional[tuple[int, torch.Size, float]] = None
         self.push_channel: Optional[PushChannel] = None  # the client's fallback copies of pushed inputs
 
@@ -109,13 +111,6 @@ class _HopStream:
             self._inputs = [torch.cat(self._inputs, dim=1)]
         return self._inputs[0] if self._inputs else None
 
-    async def _request_iterator(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while True:
-            item = await self._requests.get()
-            if item is None:
-                return
-            yield item
-
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Send the input of one step and wait for this server's output."""
         await self.send(position, hidden.shape, hidden=hidden)
@@ -128,16 +123,16 @@ class _HopStream:
         *,
         hidden: Optional[torch.Tensor] = None,
         push_from: Optional[str] = None,
-        push_to: Optional[wire.PushTarget] = None,
+        push_to: Optional[messages.PushTarget] = None,
     ) -> None:
         """Send a step; without ``hidden`` its input will be pushed (by the previous server ``push_from`` or the
         client)."""
         self._pending = (position, shape, time.perf_counter())
         if self._responses is None:
             self._responses = await asyncio.wait_for(
-                self._swarm.stub(self.peer_id).rpc_inference(self._request_iterator()), self.timer.initial_timeout
+                self._swarm.stub(self.peer_id).rpc_inference(queued(self._requests)), self.timer.initial_timeout
             )
-        message = wire.InferenceStep(
+        message = messages.InferenceStep(
             open=None if self._opened else self.spec,
             position=position,
             step_id=self._step_id,
@@ -147,7 +142,7 @@ class _HopStream:
         )
         self._opened = True
         self._step_id += 1
-        self._requests.put_nowait(wire.request(message, *([] if hidden is None else [hidden])))
+        self._requests.put_nowait(messages.request(message, *([] if hidden is None else [hidden])))
 
     def cancel_pending(self) -> None:
         """Forget a step whose sending failed, so that it is sent again (or the server replaced)."""
@@ -166,20 +161,20 @@ class _HopStream:
         except StopAsyncIteration:
             raise ConnectionError(f"Server {self.peer_id} closed the session") from None
         self._pending = None
-        result = wire.decode_metadata(reply.metadata, wire.StepResult)
+        result = messages.decode_metadata(reply.metadata, messages.StepResult)
         if len(reply.tensors) != 1 or result.position != position + tokens:
-            raise wire.ProtocolError(f"Server {self.peer_id} sent an inconsistent step result")
-        output = wire.deserialize_tensor(reply.tensors[0])
+            raise messages.ProtocolError(f"Server {self.peer_id} sent an inconsistent step result")
+        output = deserialize_tensor(reply.tensors[0])
         if output.shape != shape:
-            raise wire.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
+            raise messages.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
         if extra_timeout == 0.0:
             self.timer.record(tokens, time.perf_counter() - started)
         self.last_result = result
         return output
 
-    def push_target(self) -> wire.PushTarget:
-        return wire.PushTarget(
-            peer_id=self.peer_id.to_base58(), session_id=self.spec.session_id, relay=self._swarm.routes.get(self.peer_id)
+    def push_target(self) -> messages.PushTarget:
+        return messages.PushTarget(
+            peer_id=self.peer_id.to_base58(), session_id=self.spec.session_id, relay=self._swarm.links.routes.get(self.peer_id)
         )
 
     async def close(self) -> None:
@@ -317,7 +312,7 @@ class InferenceSession:
 
     def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
         if hop.push_channel is None:
-            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.relay_for(hop.peer_id))
+            hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.links.relay_for(hop.peer_id))
         hop.push_channel.push(self.position, hidden)
 
     def _schedule_leave_check(self) -> None:
@@ -382,7 +377,7 @@ class InferenceSession:
         self.failovers += 1
 
     def _stream(self, hop: Hop, timer: Optional[StepTimer] = None) -> _HopStream:
-        spec = wire.SessionSpec(
+        spec = messages.SessionSpec(
             session_id=uuid.uuid4().hex,  # a fresh id per stream: a replacement never collides with a dead one
             start=hop.start,
             end=hop.end,
@@ -448,14 +443,14 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
     while position < end:
         remaining = max(0.0, deadline - time.monotonic())
         hop = (await plan_with_wait(swarm, remaining, model_name, start=position, mode="throughput"))[0]
-        request = wire.request(wire.ForwardRequest(start=hop.start, end=hop.end), hidden)
+        request = messages.request(messages.ForwardRequest(start=hop.start, end=hop.end), hidden)
         try:
             reply = await asyncio.wait_for(call_forward(swarm, hop.peer_id, request), 600)
             if len(reply.tensors) != 1:
-                raise wire.ProtocolError(f"Server {hop.peer_id} sent {len(reply.tensors)} tensors")
-            output = wire.deserialize_tensor(reply.tensors[0])
+                raise messages.ProtocolError(f"Server {hop.peer_id} sent {len(reply.tensors)} tensors")
+            output = deserialize_tensor(reply.tensors[0])
             if output.shape != hidden.shape:
-                raise wire.ProtocolError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
+                raise messages.ProtocolError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
         except SERVER_FAILURES as e:
             logger.warning("Forward on %s failed (%r); re-planning blocks %d:%d", hop.peer_id, e, hop.start, hop.end)
             await swarm.report_failure(hop.peer_id)

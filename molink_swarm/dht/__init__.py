@@ -2,7 +2,6 @@
 
 from molink_swarm.dht.records import ModelRecord, Reachability, ServerRecord, ServerState, block_key
 from molink_swarm.dht.swarm_dht import (
-    NoPeersReachableError,
     ServerInfo,
     declare_server,
     fetch_models,
@@ -12,7 +11,6 @@ from molink_swarm.dht.swarm_dht import (
 
 __all__ = [
     "ModelRecord",
-    "NoPeersReachableError",
     "Reachability",
     "ServerInfo",
     "ServerRecord",

@@ -73,7 +73,7 @@ def is_peer_maddr(text: str) -> bool:
 
 
 def check_relay_maddr(text: str) -> str:
-    """A relay's multiaddr: its peer is the only /p2p/ part (relay.py dials it and addresses the relay by it)."""
+    """A relay's multiaddr: its peer is the only /p2p/ part (net/paths.py dials it and addresses the relay by it)."""
     check_peer_maddr(text)
     if text.count("/p2p/") != 1 or "p2p-circuit" in text:
         raise ValueError(f"not a relay multiaddr: {text[:80]!r}")
@@ -101,7 +101,6 @@ class ServerState(str, enum.Enum):
 
 class Reachability(str, enum.Enum):
     DIRECT = "direct"
-    HOLE_PUNCHED = "hole_punched"
     RELAYED = "relayed"
 
 
@@ -139,6 +138,11 @@ class ServerRecord(_Record):
     next_rtts: dict[PeerIdText, Seconds] = Field(
         default_factory=dict, max_length=64, description="peer id -> measured RTT in seconds"
     )
+
+    @property
+    def relays(self) -> tuple[str, ...]:
+        """The relays to reach this server through (none: dial it directly)."""
+        return self.relay_addrs if self.reachability == Reachability.RELAYED else ()
 
     @model_validator(mode="after")
     def _check_span(self) -> "ServerRecord":

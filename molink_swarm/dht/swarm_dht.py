@@ -9,15 +9,22 @@ from functools import partial
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import hivemind
-from hivemind.p2p import PeerID
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from molink_swarm.dht.records import MODELS_KEY, InvalidRecordError, ModelRecord, ServerRecord, block_key, validate_record
 from molink_swarm.dht.identity import load_or_create_identity
+from molink_swarm.dht.records import (
+    MODELS_KEY,
+    InvalidRecordError,
+    ModelRecord,
+    ServerRecord,
+    block_key,
+    validate_record,
+)
 from molink_swarm.dht.validation import make_validators, peer_id_from_subkey
-from molink_swarm.errors import UserError
+from molink_swarm.errors import peers_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +37,6 @@ def _patch_hivemind_multiaddr() -> None:
 
 
 _patch_hivemind_multiaddr()
-
-
-class NoPeersReachableError(UserError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +83,6 @@ def start_dht(
             raise peers_unreachable(initial_peers, e) from e
         raise
     return dht, signature_validator
-
-
-def peers_unreachable(initial_peers: Sequence[str], error: Exception) -> NoPeersReachableError:
-    return NoPeersReachableError(
-        f"Could not reach any of the initial peers ({', '.join(initial_peers)}): {error}. "
-        "Check the addresses printed by `molink-swarm dht` and that the bootstrap peer is running."
-    )
 
 
 def owner_subkey(peer_id: PeerID, validator: RSASignatureValidator) -> bytes:

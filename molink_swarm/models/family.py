@@ -45,14 +45,6 @@ class SpanCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         return super().update(key_states, value_states, layer_idx - self.offset, cache_kwargs)
 
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
-
 
 def _span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
     span = copy.copy(config)

@@ -1,1 +1,1 @@
-"""How peers talk: guarded RPC streams (see streams.py)."""
+"""How peers talk: message schemas, the tensor codec, RPC names and stubs, guarded streams."""

@@ -22,7 +22,7 @@ from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerI
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from molink_swarm.wire import ProtocolError
+from molink_swarm.protocol.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,12 @@ def parse(message_type: type[Message], body: bytes) -> Message:
     except DecodeError:
         raise ProtocolError(f"Malformed {message_type.__name__}") from None
     return message
+
+
+async def queued(queue: asyncio.Queue) -> AsyncIterator[Any]:
+    """What is put into ``queue``, until a None: the messages of an outgoing stream, fed by its owner."""
+    while (item := await queue.get()) is not None:
+        yield item
 
 
 class GuardedServicer(ServicerBase):

@@ -90,11 +90,6 @@ def compute_cost(candidate: Candidate, num_blocks: int, tokens: int = 1) -> floa
     return compute * (1.0 + 2.0 * min(max(candidate.load, 0.0), 1.0))
 
 
-def hop_cost(candidate: Candidate, num_blocks: int, tokens: int = 1) -> float:
-    """A hop in relayed mode: the client's round trip to the server plus its compute."""
-    return _rtt(candidate) + compute_cost(candidate, num_blocks, tokens)
-
-
 def plan_chain(
     num_blocks: int,
     candidates: Iterable[Candidate],

@@ -19,14 +19,10 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
-from molink_swarm.metrics import ServerMetrics
 from molink_swarm.models.family import BlockSpan
-from molink_swarm.protocol.streams import GuardedServicer, StreamLimits
-from molink_swarm.push import PushChannel
-from molink_swarm.server.scheduler import ComputeQueue, Priority
-from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
-from molink_swarm import wire
-from molink_swarm.wire import (
+from molink_swarm.net.push import PushChannel
+from molink_swarm.protocol import messages
+from molink_swarm.protocol.messages import (
     ForwardRequest,
     InferenceStep,
     ProtocolError,
@@ -35,20 +31,24 @@ from molink_swarm.wire import (
     ServerStatus,
     StepResult,
     decode_metadata,
-    deserialize_tensor,
     encode_metadata,
+    is_decode,
     response,
 )
+from molink_swarm.protocol.rpc import BlockRPC
+from molink_swarm.protocol.streams import StreamLimits
+from molink_swarm.protocol.tensors import check_tensor, deserialize_tensor
+from molink_swarm.server.metrics import ServerMetrics
+from molink_swarm.server.scheduler import ComputeQueue, Priority
+from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
 
 logger = logging.getLogger(__name__)
 
-# A step of at most this many tokens per sequence counts as decoding and jumps ahead of prefills.
-DECODE_MAX_TOKENS = 4
 # Inputs larger than this are decoded and checked on a worker thread, not on the event loop.
 _OFF_LOOP_BYTES = 1 << 20
 
 
-class BlockServicer(GuardedServicer):
+class BlockServicer(BlockRPC):
     """Serves the blocks of one :class:`BlockSpan`. Bad input gets a clear error on that call only."""
 
     def __init__(
@@ -108,24 +108,14 @@ class BlockServicer(GuardedServicer):
             async for request in requests:
                 step = decode_metadata(request.metadata, InferenceStep)
                 if session is None:
-                    session = self._open_session(step, wire.origin(request.uid, context.remote_id, self.trusted_relays))
+                    session = self._open_session(step, messages.origin(request.uid, context.remote_id, self.trusted_relays))
                 elif step.open is not None:
                     raise ProtocolError("A stream carries one session; open a new stream for another")
-                hidden = await self._step_input(session, step, request)
-                self._check_step(session, step, hidden)
-                started = time.perf_counter()
-                output = await self._compute(
-                    lambda offset, chunk: self._run_step(session, step.position + offset, chunk), hidden
-                )
-                session.stepped(step.position, hidden.shape[1])
-                self._count(hidden, time.perf_counter() - started, kind="decode" if hidden.shape[1] <= DECODE_MAX_TOKENS else "prefill")
+                output, result = await self._inference_step(session, step, request)
                 if step.push_to is not None:
                     # Next server first: it is on the critical path; the client's copy is for its records.
                     channel = self._push_channel(channel, session, step.push_to)
                     channel.push(step.position, output)
-                result = StepResult(
-                    position=session.position, step_id=step.step_id, compute_s=time.perf_counter() - started
-                )
                 yield response(result, output)
         except Exception:
             self.metrics.errors.labels("inference").inc()
@@ -136,6 +126,18 @@ class BlockServicer(GuardedServicer):
             if session is not None:
                 self.sessions.close(session.spec.session_id)
                 logger.debug("Closed session %s", session.spec.session_id)
+
+    async def _inference_step(
+        self, session: Session, step: InferenceStep, request: runtime_pb2.ExpertRequest
+    ) -> tuple[torch.Tensor, StepResult]:
+        hidden = await self._step_input(session, step, request)
+        self._check_step(session, step, hidden)
+        started = time.perf_counter()
+        output = await self._compute(lambda offset, chunk: self._run_step(session, step.position + offset, chunk), hidden)
+        session.stepped(step.position, hidden.shape[1])
+        elapsed = time.perf_counter() - started
+        self._count(hidden, elapsed, kind="decode" if is_decode(hidden.shape[1]) else "prefill")
+        return output, StepResult(position=session.position, step_id=step.step_id, compute_s=elapsed)
 
     def _open_session(self, step: InferenceStep, owner: str) -> Session:
         spec = step.open
@@ -180,17 +182,17 @@ class BlockServicer(GuardedServicer):
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Receive a step's input from the previous server of a chain (or from the client)."""
-        await self._accept_push(request, wire.origin(request.uid, context.remote_id, self.trusted_relays))
+        await self._accept_push(request, messages.origin(request.uid, context.remote_id, self.trusted_relays))
         return runtime_pb2.ExpertResponse()
 
     async def rpc_push_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Many pushes over one stream (see push.py); a refused push ends the stream with an error."""
+        """Many pushes over one stream (see net/push.py); a refused push ends the stream with an error."""
         sender = None
         async for request in requests:
             if sender is None:  # a relay names the caller in the first message only
-                sender = wire.origin(request.uid, context.remote_id, self.trusted_relays)
+                sender = messages.origin(request.uid, context.remote_id, self.trusted_relays)
             await self._accept_push(request, sender)
         return
         yield  # an async generator that answers nothing until the sender ends the stream
@@ -233,7 +235,7 @@ class BlockServicer(GuardedServicer):
         """Run ``run_chunk(offset, chunk)`` over ``hidden`` in chunks of at most ``chunk_tokens`` tokens, each its
         own compute task: between two chunks of a long prompt, other sessions' decode steps get their turn."""
         tokens = hidden.shape[1]
-        if tokens <= DECODE_MAX_TOKENS:
+        if is_decode(tokens):
             return await self.compute.run(lambda: run_chunk(0, hidden), Priority.DECODE)
         size = max(1, self.chunk_tokens // hidden.shape[0])
         outputs = []
@@ -260,7 +262,7 @@ class BlockServicer(GuardedServicer):
                     f"Forward pass of {hidden.shape[0]}x{hidden.shape[1]} tokens is too large "
                     f"(at most {self.max_forward_tokens} tokens); split it"
                 )
-            caller = wire.origin(request.uid, context.remote_id, self.trusted_relays)
+            caller = messages.origin(request.uid, context.remote_id, self.trusted_relays)
             with self._forward_slot(caller):
                 cache = self.blocks.new_cache(spec.start, spec.end)  # chunks of one pass see the earlier ones
 
@@ -330,7 +332,7 @@ class BlockServicer(GuardedServicer):
         if len(request.tensors) != 1:
             raise ProtocolError(f"Expected 1 tensor (hidden states), got {len(request.tensors)}")
         proto = request.tensors[0]
-        wire.check_tensor(proto)
+        check_tensor(proto)
         if len(proto.size) != 3 or proto.size[2] != self.hidden_size:
             raise ProtocolError(f"Hidden states must be [batch, tokens, {self.hidden_size}], got {list(proto.size)}")
         if batch_size is not None and proto.size[0] != batch_size:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from molink_swarm.wire import ProtocolError
+from molink_swarm.protocol.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Callable, Optional
@@ -11,20 +12,28 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from molink_swarm import __version__
-from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, declare_server, fetch_servers, start_dht
+from molink_swarm.dht import (
+    ModelRecord,
+    Reachability,
+    ServerRecord,
+    ServerState,
+    declare_server,
+    fetch_servers,
+    start_dht,
+)
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
-from molink_swarm.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
-from molink_swarm.local_swarm import free_port
-from molink_swarm.relay import RelayRegistration, check_reachability
+from molink_swarm.net.ports import free_port
+from molink_swarm.net.reachability import RelayRegistration, check_reachability
+from molink_swarm.protocol.messages import relay_peer_id
 from molink_swarm.routing.placement import choose_blocks
 from molink_swarm.server.handler import BlockServicer
+from molink_swarm.server.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.server.neighbours import NextServerPinger
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
-from molink_swarm.wire import relay_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -109,103 +118,123 @@ class Server:
         self.relays: Optional[RelayRegistration] = None
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
+        """The server's life: check reachability, join the DHT, load the blocks, announce them, serve them with a
+        heartbeat until ``stop`` is set, then leave."""
+        async with contextlib.AsyncExitStack() as resources:
+            port, relays = await self._check_reachability()
+            dht, validator = self._join_dht(port, relays)
+            resources.callback(dht.shutdown)
+            p2p = await dht.replicate_p2p()
+            if relays:
+                await self._register_with_relays(p2p, relays, resources)
+            self.start, self.end = self.config.blocks or await asyncio.to_thread(self._choose_blocks, dht)
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
+
+            blocks = await asyncio.to_thread(self._load_blocks)
+            servicer = await self._serve(p2p, blocks, relays, resources)
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, servicer.sessions)
+            on_online(self)
+
+            pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)
+            resources.push_async_callback(pinger.close)
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), self.config.update_period)
+                except asyncio.TimeoutError:
+                    await self._heartbeat(dht, validator, pinger, servicer.sessions)
+            await self._leave(dht, validator, p2p, servicer)
+
+    async def _check_reachability(self) -> tuple[int, list[str]]:
+        """The port to listen on, and the relays to register with if the swarm cannot dial us (none if it can)."""
         cfg = self.config
-        port = cfg.port
-        announce = [f"/ip4/{cfg.public_ip}/tcp/{cfg.port}"] if cfg.public_ip else list(cfg.announce_maddrs) or None
         if cfg.public_ip and cfg.port == 0:
             raise UserError("--public-ip needs an explicit --port (the port forwarded to this machine)")
-        relays: list[str] = []
-        if (announce is None or cfg.force_relay) and cfg.initial_peers:
-            # Can the swarm dial us? Behind a NAT it cannot: then we go through relays (see relay.py).
-            port = port or free_port(cfg.host)
-            started = time.perf_counter()
-            reach = await check_reachability(cfg.initial_peers, cfg.host, port)
-            if not reach.reachable or cfg.force_relay:
-                self.reachability, relays = Reachability.RELAYED, reach.relays
-            if cfg.force_relay and not relays:
-                raise UserError("--force-relay: none of the initial peers runs a relay (start them with `molink-swarm dht`)")
-            logger.info(
-                "Reachability: %s (public IP %s, checked in %.1f s)",
-                self.reachability.value, reach.observed_ip, time.perf_counter() - started,
-            )
+        if ((cfg.public_ip or cfg.announce_maddrs) and not cfg.force_relay) or not cfg.initial_peers:
+            return cfg.port, []
+        port = cfg.port or free_port(cfg.host)
+        started = time.perf_counter()
+        reach = await check_reachability(cfg.initial_peers, cfg.host, port)
+        relays = reach.relays if not reach.reachable or cfg.force_relay else []
+        if cfg.force_relay and not relays:
+            raise UserError("--force-relay: none of the initial peers runs a relay (start them with `molink-swarm dht`)")
+        if relays:
+            self.reachability = Reachability.RELAYED
+        logger.info(
+            "Reachability: %s (public IP %s, checked in %.1f s)",
+            self.reachability.value, reach.observed_ip, time.perf_counter() - started,
+        )
+        return port, relays
+
+    def _join_dht(self, port: int, relays: list[str]):
+        cfg = self.config
+        announce = [f"/ip4/{cfg.public_ip}/tcp/{cfg.port}"] if cfg.public_ip else list(cfg.announce_maddrs) or None
         dht, validator = start_dht(
             cfg.initial_peers,
             host_maddrs=[f"/ip4/{cfg.host}/tcp/{port}"],
             announce_maddrs=announce,
             identity_path=cfg.identity_path,
             announcing=True,
-            client_mode=self.reachability == Reachability.RELAYED,  # peers could not dial our DHT node
+            client_mode=bool(relays),  # peers cannot dial our DHT node
             # Behind a NAT: also hold libp2p circuit reservations at the relays, so that clients can reach us
             # over a circuit and upgrade it to a direct connection by hole punching (DCUtR).
             **(dict(use_auto_relay=True, trusted_relays=relays, force_reachability="private") if relays else {}),
         )
-        compute = metrics_runner = None
-        try:
-            self.peer_id = dht.peer_id
-            self.visible_maddrs = [str(m) for m in dht.get_visible_maddrs()]
-            p2p = await dht.replicate_p2p()
-            if relays:
-                self.relays = RelayRegistration(p2p, relays)
-                if not await self.relays.wait_registered(timeout=30.0):
-                    raise UserError(
-                        "This machine cannot be reached from the swarm and no relay accepted it; "
-                        "forward a port and pass --public-ip IP --port P"
-                    )
-            self.start, self.end = cfg.blocks or await asyncio.to_thread(self._choose_blocks, dht)
-            await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
-            blocks = await asyncio.to_thread(self._load_blocks)
-            self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
-            chunk_tokens = cfg.chunk_tokens or await asyncio.to_thread(self._measure_chunk_tokens, blocks)
-            compute = ComputeQueue(f"compute-{self.start}-{self.end}")
-            sessions = SessionTable(
-                max_sessions=cfg.max_sessions,
-                cache_tokens=cfg.cache_tokens,
-                max_length=min(cfg.max_length, getattr(self.model_config, "max_position_embeddings", cfg.max_length)),
+        self.peer_id = dht.peer_id
+        self.visible_maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        return dht, validator
+
+    async def _register_with_relays(self, p2p, relays: list[str], resources: contextlib.AsyncExitStack) -> None:
+        self.relays = RelayRegistration(p2p, relays)
+        resources.push_async_callback(self.relays.close)
+        if not await self.relays.wait_registered(timeout=30.0):
+            raise UserError(
+                "This machine cannot be reached from the swarm and no relay accepted it; "
+                "forward a port and pass --public-ip IP --port P"
             )
-            metrics = ServerMetrics()
-            metrics.blocks.set(self.end - self.start)
-            metrics.track_sessions(
-                lambda: len(sessions), lambda: sessions.cache_tokens - sessions.free_cache_tokens, sessions.cache_tokens
-            )
-            if cfg.metrics_port is not None:
-                metrics_runner = await self._serve_metrics(metrics)
-            servicer = BlockServicer(
-                blocks,
-                compute,
-                sessions,
-                model_id=self.source.model_id,
-                dtype=self.dtype,
-                device=self.device,
-                session_idle_timeout=cfg.session_idle_timeout,
-                chunk_tokens=chunk_tokens,
-                metrics=metrics,
-            )
-            servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
-            await servicer.add_p2p_handlers(p2p)
-            servicer.p2p = p2p
-            await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, sessions)
-            on_online(self)
-            pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), cfg.update_period)
-                except asyncio.TimeoutError:
-                    await self._heartbeat(dht, validator, pinger, sessions)
-            # Leave: announce offline first so that clients move before streams close.
-            servicer.closing = True
-            await asyncio.to_thread(self._announce, dht, validator, ServerState.OFFLINE, sessions)
-            deadline = time.monotonic() + cfg.shutdown_grace
-            while len(sessions) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            await servicer.remove_p2p_handlers(p2p)
-        finally:
-            if self.relays is not None:
-                await self.relays.close()
-            if metrics_runner is not None:
-                await metrics_runner.cleanup()
-            if compute is not None:
-                compute.shutdown()
-            dht.shutdown()
+
+    async def _serve(self, p2p, blocks: BlockSpan, relays: list[str], resources: contextlib.AsyncExitStack) -> BlockServicer:
+        """Measure the blocks, then answer RPCs for them."""
+        cfg = self.config
+        self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
+        chunk_tokens = cfg.chunk_tokens or await asyncio.to_thread(self._measure_chunk_tokens, blocks)
+        compute = ComputeQueue(f"compute-{self.start}-{self.end}")
+        resources.callback(compute.shutdown)
+        sessions = SessionTable(
+            max_sessions=cfg.max_sessions,
+            cache_tokens=cfg.cache_tokens,
+            max_length=min(cfg.max_length, getattr(self.model_config, "max_position_embeddings", cfg.max_length)),
+        )
+        metrics = ServerMetrics()
+        metrics.blocks.set(self.end - self.start)
+        metrics.track_sessions(
+            lambda: len(sessions), lambda: sessions.cache_tokens - sessions.free_cache_tokens, sessions.cache_tokens
+        )
+        if cfg.metrics_port is not None:
+            resources.push_async_callback((await self._serve_metrics(metrics)).cleanup)
+        servicer = BlockServicer(
+            blocks,
+            compute,
+            sessions,
+            model_id=self.source.model_id,
+            dtype=self.dtype,
+            device=self.device,
+            session_idle_timeout=cfg.session_idle_timeout,
+            chunk_tokens=chunk_tokens,
+            metrics=metrics,
+        )
+        servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
+        await servicer.add_p2p_handlers(p2p)
+        servicer.p2p = p2p
+        return servicer
+
+    async def _leave(self, dht, validator, p2p, servicer: BlockServicer) -> None:
+        """Announce offline first, so that clients move their sessions before the streams close."""
+        servicer.closing = True
+        await asyncio.to_thread(self._announce, dht, validator, ServerState.OFFLINE, servicer.sessions)
+        deadline = time.monotonic() + self.config.shutdown_grace
+        while len(servicer.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await servicer.remove_p2p_handlers(p2p)
 
     async def _serve_metrics(self, metrics: ServerMetrics):
         host = "127.0.0.1" if self.config.host == "127.0.0.1" else "0.0.0.0"
@@ -291,7 +320,7 @@ class Server:
             active_sessions=len(sessions) if sessions is not None else 0,
             addrs=tuple([a for a in self.visible_maddrs if is_peer_maddr(a)][:16]),
             reachability=self.reachability,
-            # Clients spread over these by load (relay.choose_relay); the order is ours, not a preference.
+            # Clients spread over these by load (net/paths.choose_relay); the order is ours, not a preference.
             relay_addrs=tuple(sorted(self.relays.active))[:16] if self.relays is not None else (),
             software_version=__version__,
             public_name=self.config.public_name,

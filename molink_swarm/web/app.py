@@ -18,10 +18,10 @@ from typing import AsyncIterator, Optional, Sequence
 from aiohttp import web
 
 from molink_swarm.client.loop import run_on_client_loop
+from molink_swarm.client.status import SwarmView, swarm_snapshot
 from molink_swarm.errors import UserError
-from molink_swarm.metrics import WebMetrics, metrics_response
-from molink_swarm.status import SwarmView, swarm_snapshot
 from molink_swarm.web.engine import ChatEngine
+from molink_swarm.web.metrics import WebMetrics
 from molink_swarm.web.openai_api import ApiError, Limits, OpenAIApi
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class WebApp:
             return self._snapshot
 
     async def metrics_page(self, _request: web.Request) -> web.Response:
-        return metrics_response(self.metrics.registry)
+        return self.metrics.response()
 
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "models": [e.name for e in self.engines]})

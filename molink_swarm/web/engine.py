@@ -20,7 +20,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from molink_swarm.metrics import WebMetrics
+from molink_swarm.web.metrics import WebMetrics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,42 +1,41 @@
-"""The wire protocol between clients and servers: message schemas and tensor (de)serialization.
+"""The messages of the wire protocol between clients, servers and relays.
 
-Every RPC carries a hivemind ``ExpertRequest``/``ExpertResponse``: tensors as raw bytes with dtype and shape
-(hivemind's tensor serialization, which never unpickles), and metadata as the JSON of one of the pydantic
-models below. Requests are validated strictly (unknown fields rejected); nothing received is trusted.
+Every RPC carries a hivemind ``ExpertRequest``/``ExpertResponse``: tensors (see :mod:`.tensors`) and, as
+metadata, the JSON of one of the pydantic models below. Requests are validated strictly (unknown fields
+rejected); nothing received is trusted.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Optional, TypeVar
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.compression.base import USE_LEGACY_BFLOAT16
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from molink_swarm.protocol.errors import ProtocolError
+from molink_swarm.protocol.tensors import serialize_tensor
+
 PROTOCOL_VERSION = 1
-MAX_TENSOR_BYTES = 512 * 2**20
-# Activations may only travel in these dtypes (the compression issue adds 8-bit codecs). Bytes per element on
-# the wire: hivemind sends bfloat16 as float32 unless USE_LEGACY_BFLOAT16=0.
-_ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 4 if USE_LEGACY_BFLOAT16 else 2}
-_COMPRESSION_BY_NAME = {
-    "none": runtime_pb2.CompressionType.NONE,
-    "float16": runtime_pb2.CompressionType.FLOAT16,
-}
-
-
 _PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]+$"  # base58
 # A relay puts this, plus the caller's peer id, in the uid of a call it pipes to a server behind a NAT; the
 # server believes it only from the relays it registered with.
 RELAYED_FROM = "relayed-from:"
 
 
-class ProtocolError(Exception):
-    """The peer sent something invalid; the message is sent back to it verbatim."""
+# A step of at most this many tokens per sequence is a decode step: servers run it ahead of prompt chunks, and
+# clients time it apart from prefills.
+DECODE_MAX_TOKENS = 4
+
+
+def is_decode(tokens: int) -> bool:
+    return tokens <= DECODE_MAX_TOKENS
+
+
+# Session ids are chosen by clients: short, and safe to log and to use as keys.
+SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 
 
 class _Message(BaseModel):
@@ -46,7 +45,7 @@ class _Message(BaseModel):
 class SessionSpec(_Message):
     """Opens an inference session on a server (first message of an inference stream)."""
 
-    session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    session_id: SessionId
     start: int = Field(ge=0)
     end: int = Field(gt=0)
     max_length: int = Field(gt=0)
@@ -57,7 +56,7 @@ class PushTarget(_Message):
     """Where a server sends its output for the next hop of the chain (server-to-server forwarding)."""
 
     peer_id: str = Field(min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
-    session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    session_id: SessionId
     relay: Optional[str] = Field(default=None, max_length=256, description="multiaddr of the relay to go through")
 
     @field_validator("relay")
@@ -88,7 +87,7 @@ class InferenceStep(_Message):
 class PushStep(_Message):
     """The input of step ``position`` of session ``session_id``, pushed by the previous hop."""
 
-    session_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    session_id: SessionId
     position: int = Field(ge=0)
 
 
@@ -173,39 +172,6 @@ def decode_metadata(data: bytes, schema: type[M]) -> M:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "message"
         raise ProtocolError(f"Invalid {schema.__name__}: {where}: {first.get('msg')}") from None
-
-
-def serialize_tensor(tensor: torch.Tensor, compression: str = "none") -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach().cpu(), _COMPRESSION_BY_NAME[compression])
-
-
-def deserialize_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) -> torch.Tensor:
-    """Checks the declared dtype, shape and byte size before hivemind decodes the buffer."""
-    check_tensor(proto, max_bytes=max_bytes)
-    return deserialize_torch_tensor(proto)
-
-
-def check_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES) -> None:
-    """Refuses a tensor whose dtype, compression, shape or buffer size is not one we decode."""
-    itemsize = _ALLOWED_DTYPES.get(proto.dtype)
-    if itemsize is None:
-        raise ProtocolError(f"Unsupported tensor dtype {proto.dtype!r}; expected one of {sorted(_ALLOWED_DTYPES)}")
-    if proto.compression not in _COMPRESSION_BY_NAME.values():
-        raise ProtocolError(f"Unsupported tensor compression {proto.compression}")
-    if proto.compression == runtime_pb2.CompressionType.FLOAT16 and proto.dtype != "float32":
-        raise ProtocolError(f"16-bit compression applies to float32 tensors, not {proto.dtype}")
-    if not 1 <= len(proto.size) <= 4:
-        raise ProtocolError(f"Tensor rank {len(proto.size)} is not supported")
-    if any(dim <= 0 for dim in proto.size):
-        raise ProtocolError(f"Tensor of shape {list(proto.size)} is empty")
-    numel = math.prod(proto.size)
-    if numel * itemsize > max_bytes:
-        raise ProtocolError(f"Tensor of shape {list(proto.size)} exceeds the {max_bytes} byte limit")
-    expected = numel * (2 if proto.compression == runtime_pb2.CompressionType.FLOAT16 else itemsize)
-    if len(proto.buffer) != expected:
-        raise ProtocolError(f"Tensor buffer holds {len(proto.buffer)} bytes, shape/dtype need {expected}")
-    if proto.requires_grad:
-        raise ProtocolError("Tensors with requires_grad are not accepted")
 
 
 def request(message: _Message, *tensors: torch.Tensor, compression: str = "none") -> runtime_pb2.ExpertRequest:

@@ -16,13 +16,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from molink_swarm import wire
+from molink_swarm.net.paths import directly_connected, server_stub
+from molink_swarm.protocol import messages
+from molink_swarm.protocol.streams import queued
+from molink_swarm.protocol.tensors import serialize_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -54,25 +57,16 @@ class PushChannel:
             self.dropped += 1
         self._queue.put_nowait(
             runtime_pb2.ExpertRequest(
-                metadata=wire.encode_metadata(wire.PushStep(session_id=self.session_id, position=position)),
-                tensors=[wire.serialize_tensor(hidden)],
+                metadata=messages.encode_metadata(messages.PushStep(session_id=self.session_id, position=position)),
+                tensors=[serialize_tensor(hidden)],
             )
         )
 
-    async def _requests(self, queue: asyncio.Queue) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            yield item
-
     async def _run(self) -> None:
-        from molink_swarm.relay import directly_connected, server_stub
-
         try:
             # A hole punched to a relayed server (see NextServerPinger) makes the relay unnecessary.
             relay = None if self.relay is not None and await directly_connected(self.p2p, self.peer_id) else self.relay
-            replies = await server_stub(self.p2p, self.peer_id, relay).rpc_push_stream(self._requests(self._queue))
+            replies = await server_stub(self.p2p, self.peer_id, relay).rpc_push_stream(queued(self._queue))
             async for _ in replies:  # the receiver answers only at the end (or with an error)
                 pass
             self._failures = 0

@@ -1,4 +1,5 @@
-"""Start a swarm of real processes on this machine: a bootstrap peer and servers (used by `demo` and tests)."""
+"""Start a swarm of real processes on this machine: a bootstrap peer, servers, a web app (`demo`; tests build
+on it in molink_swarm/lab)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from molink_swarm.net.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -114,22 +116,6 @@ class SwarmProcess:
         return returncode
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
 def spawn(
     name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None, prefix: Sequence[str] = ()
 ) -> SwarmProcess:
@@ -166,7 +152,6 @@ class LocalSwarm:
         self.bootstrap: Optional[SwarmProcess] = None
         self.relays: list[SwarmProcess] = []  # more `dht` peers (each also a relay) after the bootstrap
         self.servers: list[SwarmProcess] = []
-        self.links: list[SwarmProcess] = []
         self.webs: list[SwarmProcess] = []
         self.initial_peers: list[str] = []
 
@@ -185,30 +170,11 @@ class LocalSwarm:
         self.initial_peers.append(relay.wait_for(_MADDR_RE.pattern, timeout).group(1))
         return relay
 
-    def start_server(
-        self,
-        blocks: str,
-        *extra: str,
-        wait: bool = True,
-        timeout: float = 240.0,
-        link_delay_s: Optional[float] = None,
-        link_bandwidth_mbit: Optional[float] = None,
-    ) -> SwarmProcess:
-        """Start a `join` process; with ``link_delay_s`` it sits behind an emulated WAN link (a relay process
-        that delays each direction by that much), and announces the relay's address so all peers cross it."""
+    def start_server(self, blocks: str, *extra: str, wait: bool = True, timeout: float = 240.0) -> SwarmProcess:
+        """Start a `join` process serving ``blocks`` ("a:b")."""
         name = f"server-{blocks.replace(':', '-')}-{len(self.servers)}"
         args = ["join", "--model", self.model, "--blocks", blocks, "--initial-peers", *self.initial_peers]
-        args += ["--host", "127.0.0.1", *extra]
-        if link_delay_s is not None or link_bandwidth_mbit is not None:
-            port = free_port()
-            link_args = ["--target", f"127.0.0.1:{port}", "--delay-ms", str((link_delay_s or 0.0) * 1000)]
-            if link_bandwidth_mbit is not None:
-                link_args += ["--bandwidth-mbit", str(link_bandwidth_mbit)]
-            link = spawn_module(f"link-{name}", "molink_swarm.wan_emulator", link_args, log_dir=self.log_dir)
-            self.links.append(link)
-            link_port = int(link.wait_for(r"listening on [\d.]+:(\d+)", 30).group(1))
-            args += ["--port", str(port), "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{link_port}"]
-        server = spawn(name, args, log_dir=self.log_dir, env=self.env)
+        server = spawn(name, [*args, "--host", "127.0.0.1", *extra], log_dir=self.log_dir, env=self.env)
         self.servers.append(server)
         if wait:
             server.wait_online(timeout)
@@ -233,7 +199,7 @@ class LocalSwarm:
         return next(s for s in self.servers if s.peer_id == str(peer_id))
 
     def stop(self) -> None:
-        for process in [*self.webs, *self.servers, *self.relays, *([self.bootstrap] if self.bootstrap else []), *self.links]:
+        for process in [*self.webs, *self.servers, *self.relays, *([self.bootstrap] if self.bootstrap else [])]:
             try:
                 process.stop()
             except Exception:  # teardown must reach every process

@@ -1,6 +1,6 @@
-"""Prometheus metrics of a server (`join --metrics-port`) and of the web app (its `/metrics`).
+"""Prometheus metrics of a server, served at ``/metrics`` on `join --metrics-port`.
 
-Each process keeps its own registry (not prometheus_client's global one), so tests can run many in one process.
+Each server keeps its own registry (not prometheus_client's global one), so tests can run many in one process.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class ServerMetrics:
@@ -47,42 +46,11 @@ class ServerMetrics:
         self.cache_tokens_total.set(total)
 
 
-class WebMetrics:
-    """What the web app exports: requests by endpoint and status, tokens, latency, concurrency."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "molink_web_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
-        )
-        self.prompt_tokens = Counter("molink_web_prompt_tokens", "Prompt tokens received", registry=self.registry)
-        self.completion_tokens = Counter(
-            "molink_web_completion_tokens", "Tokens generated", registry=self.registry
-        )
-        self.generation_seconds = Histogram(
-            "molink_web_generation_seconds", "Time to generate a whole answer", buckets=REQUEST_BUCKETS, registry=self.registry
-        )
-        self.first_token_seconds = Histogram(
-            "molink_web_first_token_seconds", "Time from request to first token", buckets=REQUEST_BUCKETS, registry=self.registry
-        )
-        self.active_generations = Gauge("molink_web_active_generations", "Answers being generated", registry=self.registry)
-        self.queued_generations = Gauge(
-            "molink_web_queued_generations", "Requests waiting for a generation slot", registry=self.registry
-        )
-
-
-def metrics_response(registry: CollectorRegistry) -> web.Response:
-    response = web.Response(body=generate_latest(registry))
-    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    response.charset = "utf-8"
-    return response
-
-
 async def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
-    """A tiny HTTP server answering ``GET /metrics`` (for `join --metrics-port`)."""
+    """A tiny HTTP server answering ``GET /metrics``."""
 
     async def handle(_request: web.Request) -> web.Response:
-        return metrics_response(registry)
+        return web.Response(body=generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split(";")[0], charset="utf-8")
 
     app = web.Application()
     app.router.add_get("/metrics", handle)

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from molink_swarm import __version__
@@ -19,17 +20,37 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
+    """Our lines for the user; libraries' notices meant for developers only with --verbose."""
     level = logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs piped to a file or another process: one line per event, never wrapped
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("molink_swarm").setLevel(level)
+    if not verbose:
+        # transformers' notices (tokenizer "legacy" behaviour, "attention mask is not set") are for developers.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        logging.getLogger("asyncio").setLevel(logging.ERROR)  # e.g. a daemon reaped after its loop closed
     # hivemind logs through its own handler; keep it to warnings unless asked.
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "DEBUG" if verbose else "WARNING")
     import hivemind.utils.logging as hivemind_logging
 
     hivemind_logging.get_logger("hivemind").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    hivemind_logging.get_logger("hivemind.p2p.p2p_daemon").addFilter(_ExpectedDaemonNoise())
+
+
+class _ExpectedDaemonNoise(logging.Filter):
+    """The p2p daemon reports its own socket closing as an error when we shut it down."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "use of closed network connection" not in record.getMessage()
 
 
 def _stop_event_on_signals() -> asyncio.Event:
@@ -45,7 +66,7 @@ def _stop_event_on_signals() -> asyncio.Event:
 
 def cmd_dht(args: argparse.Namespace) -> None:
     from molink_swarm.dht import start_dht
-    from molink_swarm.relay import RelayService
+    from molink_swarm.net.relay import RelayService
 
     async def run() -> None:
         stop = _stop_event_on_signals()
@@ -125,7 +146,7 @@ def cmd_join(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from molink_swarm.status import print_status
+    from molink_swarm.cli.status import print_status
 
     print_status(args.initial_peers, model=args.model)
 
@@ -134,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from molink_swarm.client.chat import run_terminal_chat
+    from molink_swarm.cli.chat import run_terminal_chat
 
     run_terminal_chat(args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
@@ -182,8 +203,9 @@ def cmd_web(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from molink_swarm.local_swarm import LocalSwarm, free_port, port_is_free
+    from molink_swarm.cli.local_swarm import LocalSwarm
     from molink_swarm.models import resolve_model
+    from molink_swarm.net.ports import free_port, port_is_free
     from molink_swarm.web import Limits
 
     console = Console()
@@ -195,7 +217,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
             swarm.start(["0:15", "15:30"])
         console.print(
             f"Swarm online. Add your own server: molink-swarm join --model {model} --num-blocks 10 "
-            f"--initial-peers {swarm.initial_peers[0]}"
+            f"--initial-peers {swarm.initial_peers[0]}",
+            soft_wrap=True,  # an address broken over two lines cannot be copied
         )
         port = 8080 if port_is_free(8080) else free_port()
         _serve_web([model], swarm.initial_peers, "127.0.0.1", port, Limits(), max_concurrent=8)

@@ -33,7 +33,7 @@ lower bounds: asyncio's epoll timers round up to whole milliseconds and the rela
 
 Synchronous code (tests, benchmarks that start subprocesses) can use :class:`WanEmulator`, which runs links
 on a background thread; a single link can also run as a process:
-``python -m molink_swarm.wan_emulator --target 127.0.0.1:1234 --delay-ms 20 --bandwidth-mbit 50``.
+``python -m molink_swarm.lab.wan_emulator --target 127.0.0.1:1234 --delay-ms 20 --bandwidth-mbit 50``.
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m molink_swarm.wan_emulator",
+        prog="python -m molink_swarm.lab.wan_emulator",
         description="Relay TCP connections to a target, adding one-way delay and a bandwidth cap per direction.",
     )
     parser.add_argument("--target", type=_parse_host_port, required=True, help="HOST:PORT to relay to")

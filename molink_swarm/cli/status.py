@@ -1,0 +1,59 @@
+"""`molink-swarm status`: the swarm as rich tables."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional, Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from molink_swarm.client.status import ServerView, SwarmView, swarm_snapshot
+from molink_swarm.dht import ServerState, start_dht
+
+
+def print_status(initial_peers: Sequence[str], model: Optional[str] = None, console: Optional[Console] = None) -> None:
+    """`molink-swarm status`: one rich table per model."""
+    console = console or Console()
+    dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+
+        async def take() -> SwarmView:
+            return await swarm_snapshot(dht, await dht.replicate_p2p(), model)
+
+        view = asyncio.run(take())
+    finally:
+        dht.shutdown()
+    if not view.models:
+        console.print("No models are announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers ...")
+        return
+    for m in view.models:
+        # Names come from peers' records: shown as plain text, never parsed as rich markup ("[/x]" would raise).
+        table = Table(title=Text(f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})"))
+        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "path", "RTT"):
+            table.add_column(column)
+        for s in m.servers:
+            state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
+            table.add_row(
+                s.peer_id[-10:],
+                Text(s.name or ""),
+                f"{s.start}:{s.end}",
+                Text(s.state, style=state_style),
+                f"{s.throughput:.0f}",
+                f"{s.active_sessions}/{s.max_sessions}",
+                str(s.free_cache_tokens),
+                Text(describe_path(s)),
+                f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
+            )
+        console.print(table)
+        if m.missing:
+            console.print(Text(f"Missing blocks: {m.missing}", style="bold red"))
+        else:
+            console.print(Text(f"All {m.num_blocks} blocks are served.", style="green"))
+
+
+def describe_path(server: ServerView) -> str:
+    """How this peer reaches the server: "direct", "hole-punched", or "relayed via …<relay>"."""
+    path = server.path
+    return f"relayed via …{server.relay[-8:]}" if path == "relayed" and server.relay else path
