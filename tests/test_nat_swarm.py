@@ -93,7 +93,7 @@ def test_generation_across_nats_is_token_identical(lab, inbound, smollm2, tmp_pa
         assert all(h["path"].startswith(after) for h in result["second"]["hops"]), (result["second"], client.stderr[-3000:])
         if inbound == "drop":  # servers punch holes to their next servers too (at their next heartbeat)
             first_server = processes[len(public)]
-            first_server.wait_for(r"Hole punched to the next server", 60)
+            first_server.wait_for(r"Hole punched to \S+", 60)
     finally:
         for process in reversed(processes):  # servers first: they announce leaving through the bootstrap
             process.stop()

@@ -95,8 +95,9 @@ class DistributedCausalLMMixin:
             if inputs.shape[0] != session.history.shape[0]:
                 raise SwarmError("The batch size of a session cannot change between generate() calls")
             inputs = torch.cat([session.history, inputs.to(session.history.device)], dim=1)
-            if "attention_mask" in kwargs:
-                kwargs["attention_mask"] = torch.ones_like(inputs)
+        if inputs is not None:
+            # Unpadded (checked above): saying so spares transformers a guess and its warning about the guess.
+            kwargs["attention_mask"] = torch.ones_like(inputs)
         kwargs["past_key_values"] = RemoteCache(session)
         kwargs.setdefault("use_cache", True)
         output = super().generate(inputs, *args, **kwargs)
