@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import logging
 import os
 import re
@@ -13,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class SwarmProcess:
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
+        self._terminated = False
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -101,10 +104,16 @@ class SwarmProcess:
             pass
         self.popen.wait(10)
 
+    def terminate(self) -> None:
+        """SIGTERM, once (a second one could hit it after it has removed its handler, on its way out)."""
+        if not self._terminated:
+            self._terminated = True
+            self.signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> Optional[int]:
         """SIGTERM, then SIGKILL if it does not exit in time; then reap anything of its group left behind."""
         if self.popen.poll() is None:
-            self.signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -148,12 +157,211 @@ def spawn_module(
 ) -> SwarmProcess:
     cmd = [*prefix, sys.executable, "-u", "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    popen = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
-    )
+    popen = None
+    if _forkserver_enabled and not prefix:
+        popen = _forkserver_spawn(cmd, module, list(args), full_env)
+    if popen is None:
+        popen = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+        )
     log_path = (log_dir / f"{name}.log") if log_dir else None
     logger.debug("Started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
     return SwarmProcess(name, popen, log_path=log_path)
+
+
+# ---- fork server: processes forked from one that has already imported torch, transformers and hivemind
+#
+# Importing them takes a `join` process about 8 s of CPU time, most of its start-up: a fork server pays that once.
+# Every process it forks is what ``python -u -m MODULE ARGS`` would be (its own session, the same environment,
+# stdout and stderr to a pipe), with an exit status; only ``prefix`` commands (e.g. `ip netns exec`) still run
+# through subprocess. Off unless ``use_forkserver()`` is called (the tests do).
+
+_forkserver_enabled = False
+_forkservers: dict[tuple, Any] = {}
+_forkserver_lock = threading.Lock()
+_PRELOAD = (
+    "torch",
+    "transformers",
+    "hivemind",
+    "rich.logging",
+    "molink_swarm.cli",
+    "molink_swarm.dht",
+    "molink_swarm.relay",
+    "molink_swarm.server.server",
+    "molink_swarm.wan_emulator",
+)
+
+
+def use_forkserver(enabled: bool = True) -> None:
+    """Start later swarm processes from a fork server (see above) instead of a fresh interpreter each."""
+    global _forkserver_enabled
+    _forkserver_enabled = enabled
+
+
+class ForkedProcess:
+    """The part of ``subprocess.Popen`` that SwarmProcess uses, for a process started by the fork server.
+
+    The process is not our child: the fork server's intermediate process waits for it and reports its exit code."""
+
+    def __init__(self, args: list[str], pid: int, stdout, status) -> None:
+        self.args, self.pid, self.stdout = args, pid, stdout
+        self.returncode: Optional[int] = None
+        self._exited = threading.Event()
+        self._status = status
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        code = -signal.SIGKILL  # the intermediate process died without a word: count it as killed
+        for line in self._status:
+            if line.startswith(b"exit "):
+                code = int(line.split()[1])
+        self._status.close()
+        self.returncode = code
+        self._exited.set()
+
+    def poll(self) -> Optional[int]:
+        return self.returncode if self._exited.is_set() else None
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+
+def _forkserver_spawn(cmd: list[str], module: str, args: list[str], env: dict) -> Optional[ForkedProcess]:
+    key = tuple(sorted(env.items()))
+    with _forkserver_lock:
+        server = _forkservers.get(key)
+        if server is None or server.poll() is not None:
+            server = _forkservers[key] = _start_forkserver(env)
+        if server is None:
+            return None
+        out_r, out_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            request = json.dumps({"module": module, "args": args, "cwd": os.getcwd()}).encode()
+            socket.send_fds(server.control, [request], [out_w, status_w])
+        except OSError:
+            logger.warning("The fork server is gone; starting processes with subprocess", exc_info=True)
+            for fd in (out_r, out_w, status_r, status_w):
+                os.close(fd)
+            _forkservers[key] = None
+            return None
+        os.close(out_w)
+        os.close(status_w)
+        status = os.fdopen(status_r, "rb")
+        first = status.readline()
+        if not first.startswith(b"pid "):
+            status.close()
+            os.close(out_r)
+            raise LocalSwarmError(f"The fork server could not start {cmd}")
+        stdout = io.TextIOWrapper(os.fdopen(out_r, "rb"), errors="replace")
+        return ForkedProcess(cmd, int(first.split()[1]), stdout, status)
+
+
+@dataclasses.dataclass
+class _ForkServer:
+    popen: subprocess.Popen
+    control: socket.socket
+
+    def poll(self) -> Optional[int]:
+        return self.popen.poll()
+
+
+def _start_forkserver(env: dict) -> Optional[_ForkServer]:
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = f"from molink_swarm.local_swarm import _forkserver_main; _forkserver_main({child_end.fileno()})"
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-u", "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # never hold the test's own output open
+            stderr=subprocess.DEVNULL,
+            env=env,
+            pass_fds=[child_end.fileno()],
+            start_new_session=True,
+        )
+    except OSError:
+        logger.warning("Cannot start the fork server", exc_info=True)
+        return None
+    finally:
+        child_end.close()
+    return _ForkServer(popen, parent_end)
+
+
+def _forkserver_main(fd: int) -> None:
+    """The fork server: preload, then fork one process per request (runs until the test process closes its end)."""
+    control = socket.socket(fileno=fd)
+    # What `molink-swarm` sets before it imports torch and hivemind (cli.main and cli._setup_logging).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+    import importlib
+
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the forked process imports it again, and fails there the way it always would
+            pass
+    request = _serve_forks(control)  # returns only in a forked process
+    _run_forked(request)
+
+
+def _serve_forks(control: socket.socket) -> dict:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # intermediate processes are reaped by the kernel
+    while True:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(control, 1 << 20, 2)
+        except OSError:
+            message, fds = b"", []
+        if not message or len(fds) != 2:
+            os._exit(0)  # the test process is gone
+        out_w, status_w = fds
+        if os.fork() != 0:
+            os.close(out_w)
+            os.close(status_w)
+            continue
+        # The intermediate process: forks the real one, reports its pid and then its exit code.
+        pid = -1
+        try:
+            control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            ready_r, ready_w = os.pipe()
+            pid = os.fork()
+            if pid != 0:
+                os.close(out_w)
+                os.close(ready_w)
+                os.read(ready_r, 1)  # end of file once it has its own session (or has died)
+                os.write(status_w, f"pid {pid}\n".encode())
+                _pid, status = os.waitpid(pid, 0)
+                os.write(status_w, f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+        finally:
+            if pid != 0:
+                os._exit(0)
+        # The forked process itself.
+        os.close(ready_r)
+        os.close(status_w)
+        os.setsid()  # like start_new_session: its process group id is its pid
+        os.close(ready_w)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.close(out_w)
+        return json.loads(message)
+
+
+def _run_forked(request: dict) -> None:
+    """Become ``python -u -m MODULE ARGS``: exceptions and exit codes end this process as they would end that one."""
+    import random
+    import runpy
+
+    os.chdir(request["cwd"])
+    random.seed()  # (done at fork anyway) and numpy's global generator, which is not
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    sys.argv = [request["module"], *request["args"]]
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
 
 class LocalSwarm:
@@ -232,12 +440,31 @@ class LocalSwarm:
     def server_by_peer(self, peer_id) -> SwarmProcess:
         return next(s for s in self.servers if s.peer_id == str(peer_id))
 
-    def stop(self) -> None:
-        for process in [*self.webs, *self.servers, *self.relays, *([self.bootstrap] if self.bootstrap else []), *self.links]:
-            try:
-                process.stop()
-            except Exception:  # teardown must reach every process
-                logger.warning("Could not stop %s (pid %d)", process.name, process.pid, exc_info=True)
+    def stop(self, graceful: bool = True) -> None:
+        """Stop web front ends, then servers, then relays and the bootstrap peer, then WAN links; the processes
+        of each group leave at once (each takes a second or two to announce it and shut down).
+
+        ``graceful=False`` kills them all at once instead (SIGKILL to each process group), e.g. at the end of
+        a test, where nobody is left to hear that they leave."""
+        bootstrap = [self.bootstrap] if self.bootstrap else []
+        if not graceful:
+            for process in [*self.webs, *self.servers, *self.relays, *bootstrap, *self.links]:
+                try:
+                    process.kill()
+                except Exception:  # teardown must reach every process
+                    logger.warning("Could not kill %s (pid %d)", process.name, process.pid, exc_info=True)
+            return
+        for group in (self.webs, self.servers, [*self.relays, *bootstrap], self.links):
+            for process in group:
+                try:
+                    process.terminate()
+                except Exception:  # teardown must reach every process
+                    logger.warning("Could not signal %s (pid %d)", process.name, process.pid, exc_info=True)
+            for process in group:
+                try:
+                    process.stop()
+                except Exception:  # teardown must reach every process
+                    logger.warning("Could not stop %s (pid %d)", process.name, process.pid, exc_info=True)
 
     def __enter__(self) -> "LocalSwarm":
         return self
