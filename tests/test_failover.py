@@ -87,6 +87,8 @@ def test_dead_replica_mid_generation(swarm, model_path, local, how):
     victims = []
 
     def fault(session):
+        # Every hop, not just the first, has timed its steps: a hung one is detected in a few of them.
+        assert all(hop.timer.decode_s is not None for hop in session._hops)
         victim = server_serving(local_swarm, session, 15)
         victims.append(victim)
         if how == "sigkill":
