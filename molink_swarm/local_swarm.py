@@ -140,10 +140,17 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def spawn(
-    name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None, prefix: Sequence[str] = ()
+    name: str,
+    args: Sequence[str],
+    *,
+    log_dir: Optional[Path] = None,
+    env: Optional[dict] = None,
+    prefix: Sequence[str] = (),
+    netns: Optional[str] = None,
 ) -> SwarmProcess:
-    """Run ``molink-swarm <args>``; ``prefix`` wraps the command (e.g. ``ip netns exec NS`` to run it in a namespace)."""
-    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env, prefix=prefix)
+    """Run ``molink-swarm <args>``; ``prefix`` wraps the command; ``netns`` runs it in that network namespace
+    (like ``ip netns exec NETNS``)."""
+    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env, prefix=prefix, netns=netns)
 
 
 def spawn_module(
@@ -154,18 +161,21 @@ def spawn_module(
     log_dir: Optional[Path] = None,
     env: Optional[dict] = None,
     prefix: Sequence[str] = (),
+    netns: Optional[str] = None,
 ) -> SwarmProcess:
     cmd = [*prefix, sys.executable, "-u", "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = None
     if _forkserver_enabled and not prefix:
-        popen = _forkserver_spawn(cmd, module, list(args), full_env)
+        popen = _forkserver_spawn(cmd, module, list(args), full_env, netns)
     if popen is None:
+        if netns is not None:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         popen = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
         )
     log_path = (log_dir / f"{name}.log") if log_dir else None
-    logger.debug("Started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
+    logger.debug("Started %s (pid %d): %s", name, popen.pid, " ".join(popen.args))
     return SwarmProcess(name, popen, log_path=log_path)
 
 
@@ -179,6 +189,7 @@ def spawn_module(
 _forkserver_enabled = False
 _forkservers: dict[tuple, Any] = {}
 _forkserver_lock = threading.Lock()
+_PER_PROCESS_ENV = {"PYTEST_CURRENT_TEST"}
 _PRELOAD = (
     "torch",
     "transformers",
@@ -228,18 +239,22 @@ class ForkedProcess:
         return self.returncode
 
 
-def _forkserver_spawn(cmd: list[str], module: str, args: list[str], env: dict) -> Optional[ForkedProcess]:
-    key = tuple(sorted(env.items()))
+def _forkserver_spawn(
+    cmd: list[str], module: str, args: list[str], env: dict, netns: Optional[str]
+) -> Optional[ForkedProcess]:
+    # A fork server per environment (modules read some of it as they load), except for what pytest changes per test.
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in _PER_PROCESS_ENV))
     with _forkserver_lock:
-        server = _forkservers.get(key)
-        if server is None or server.poll() is not None:
-            server = _forkservers[key] = _start_forkserver(env)
-        if server is None:
+        if key not in _forkservers or (_forkservers[key] is not None and _forkservers[key].poll() is not None):
+            _forkservers[key] = _start_forkserver(env)
+        server = _forkservers[key]
+        if server is None:  # it could not be started, or failed: subprocess it is
             return None
         out_r, out_w = os.pipe()
         status_r, status_w = os.pipe()
         try:
-            request = json.dumps({"module": module, "args": args, "cwd": os.getcwd()}).encode()
+            request = {"module": module, "args": args, "cwd": os.getcwd(), "env": env, "netns": netns}
+            request = json.dumps(request).encode()
             socket.send_fds(server.control, [request], [out_w, status_w])
         except OSError:
             logger.warning("The fork server is gone; starting processes with subprocess", exc_info=True)
@@ -254,9 +269,11 @@ def _forkserver_spawn(cmd: list[str], module: str, args: list[str], env: dict) -
         if not first.startswith(b"pid "):
             status.close()
             os.close(out_r)
-            raise LocalSwarmError(f"The fork server could not start {cmd}")
+            logger.warning("The fork server could not start %s; starting processes with subprocess", cmd)
+            _forkservers[key] = None
+            return None
         stdout = io.TextIOWrapper(os.fdopen(out_r, "rb"), errors="replace")
-        return ForkedProcess(cmd, int(first.split()[1]), stdout, status)
+        return ForkedProcess(cmd if netns is None else ["ip", "netns", "exec", netns, *cmd], int(first.split()[1]), stdout, status)
 
 
 @dataclasses.dataclass
@@ -270,7 +287,7 @@ class _ForkServer:
 
 def _start_forkserver(env: dict) -> Optional[_ForkServer]:
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    code = f"from molink_swarm.local_swarm import _forkserver_main; _forkserver_main({child_end.fileno()})"
+    code = f"from {__name__} import _forkserver_main; _forkserver_main({child_end.fileno()})"
     try:
         popen = subprocess.Popen(
             [sys.executable, "-u", "-c", code],
@@ -292,6 +309,7 @@ def _start_forkserver(env: dict) -> Optional[_ForkServer]:
 def _forkserver_main(fd: int) -> None:
     """The fork server: preload, then fork one process per request (runs until the test process closes its end)."""
     control = socket.socket(fileno=fd)
+    launch_env = dict(os.environ)
     # What `molink-swarm` sets before it imports torch and hivemind (cli.main and cli._setup_logging).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
@@ -302,8 +320,11 @@ def _forkserver_main(fd: int) -> None:
             importlib.import_module(name)
         except Exception:  # the forked process imports it again, and fails there the way it always would
             pass
+    import gc
+
+    gc.freeze()  # what is loaded now stays shared with the forked processes (collections would copy it)
     request = _serve_forks(control)  # returns only in a forked process
-    _run_forked(request)
+    _run_forked(request, launch_env)
 
 
 def _serve_forks(control: socket.socket) -> dict:
@@ -351,12 +372,33 @@ def _serve_forks(control: socket.socket) -> dict:
         return json.loads(message)
 
 
-def _run_forked(request: dict) -> None:
+def _enter_netns(name: str) -> None:
+    """Move this process into the network namespace ``name`` (made by ``ip netns add``), as ``ip netns exec``
+    does; every socket it and its children open is then in there."""
+    import ctypes
+
+    clone_newnet = 0x40000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(os.path.join("/var/run/netns", name), os.O_RDONLY)
+    try:
+        if libc.setns(fd, clone_newnet) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns to network namespace {name}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+def _run_forked(request: dict, launch_env: dict) -> None:
     """Become ``python -u -m MODULE ARGS``: exceptions and exit codes end this process as they would end that one."""
     import random
     import runpy
 
+    if request["netns"] is not None:
+        _enter_netns(request["netns"])
     os.chdir(request["cwd"])
+    for name in launch_env.keys() - request["env"].keys():
+        del os.environ[name]
+    os.environ.update({k: v for k, v in request["env"].items() if launch_env.get(k) != v})
     random.seed()  # (done at fork anyway) and numpy's global generator, which is not
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
