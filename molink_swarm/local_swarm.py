@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 _MADDR_RE = re.compile(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
+_ONLINE_RE = re.compile(r"Server (\S+) online")
 
 
 class LocalSwarmError(RuntimeError):
@@ -84,8 +85,17 @@ class SwarmProcess:
 
     def wait_online(self, timeout: float = 240.0) -> "SwarmProcess":
         """Wait for the server's `online` line; remembers its peer id."""
-        self.peer_id = self.wait_for(r"Server (\S+) online", timeout).group(1)
+        self.peer_id = self.wait_for(_ONLINE_RE.pattern, timeout).group(1)
         return self
+
+    def is_online(self) -> bool:
+        """Whether the server has said it is online (without waiting); remembers its peer id."""
+        if self.peer_id is None:
+            with self._cond:
+                match = next(filter(None, map(_ONLINE_RE.search, self.lines)), None)
+            if match:
+                self.peer_id = match.group(1)
+        return self.peer_id is not None
 
     def output(self, last: int = 60) -> str:
         return "\n".join(self.lines[-last:])
@@ -480,7 +490,8 @@ class LocalSwarm:
         return web, url
 
     def server_by_peer(self, peer_id) -> SwarmProcess:
-        return next(s for s in self.servers if s.peer_id == str(peer_id))
+        """The server with this peer id (also one whose `online` line nobody has waited for yet)."""
+        return next(s for s in self.servers if s.is_online() and s.peer_id == str(peer_id))
 
     def stop(self, graceful: bool = True) -> None:
         """Stop web front ends, then servers, then relays and the bootstrap peer, then WAN links; the processes
