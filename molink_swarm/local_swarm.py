@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -189,6 +190,34 @@ def spawn_module(
     return SwarmProcess(name, popen, log_path=log_path)
 
 
+def run(args: Sequence[str], *, timeout: float, module: str = "molink_swarm") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` to its end, stdout and stderr captured apart (like ``subprocess.run`` with
+    ``capture_output=True, text=True``); forked from the fork server when it is on (see below)."""
+    cmd = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # as spawn() has it: the same fork server
+    process = _forkserver_spawn(cmd, module, list(args), env, None, separate_stderr=True) if _forkserver_enabled else None
+    if process is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    outputs: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda name=name, stream=stream: outputs.__setitem__(name, stream.read()), daemon=True)
+        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    for reader in readers:
+        reader.join()
+    process.stdout.close()
+    process.stderr.close()
+    return subprocess.CompletedProcess(cmd, process.returncode, outputs["stdout"], outputs["stderr"])
+
+
 # ---- fork server: processes forked from one that has already imported torch, transformers and hivemind
 #
 # Importing them takes a `join` process about 8 s of CPU time, most of its start-up: a fork server pays that once.
@@ -224,8 +253,8 @@ class ForkedProcess:
 
     The process is not our child: the fork server's intermediate process waits for it and reports its exit code."""
 
-    def __init__(self, args: list[str], pid: int, stdout, status) -> None:
-        self.args, self.pid, self.stdout = args, pid, stdout
+    def __init__(self, args: list[str], pid: int, stdout, status, stderr=None) -> None:
+        self.args, self.pid, self.stdout, self.stderr = args, pid, stdout, stderr
         self.returncode: Optional[int] = None
         self._exited = threading.Event()
         self._status = status
@@ -250,7 +279,7 @@ class ForkedProcess:
 
 
 def _forkserver_spawn(
-    cmd: list[str], module: str, args: list[str], env: dict, netns: Optional[str]
+    cmd: list[str], module: str, args: list[str], env: dict, netns: Optional[str], separate_stderr: bool = False
 ) -> Optional[ForkedProcess]:
     # A fork server per environment (modules read some of it as they load), except for what pytest changes per test.
     key = tuple(sorted((k, v) for k, v in env.items() if k not in _PER_PROCESS_ENV))
@@ -261,29 +290,33 @@ def _forkserver_spawn(
         if server is None:  # it could not be started, or failed: subprocess it is
             return None
         out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe() if separate_stderr else (None, out_w)
         status_r, status_w = os.pipe()
+        ours, theirs = [out_r, status_r, *([err_r] if separate_stderr else [])], [out_w, status_w, *([err_w] if separate_stderr else [])]
         try:
             request = {"module": module, "args": args, "cwd": os.getcwd(), "env": env, "netns": netns}
             request = json.dumps(request).encode()
-            socket.send_fds(server.control, [request], [out_w, status_w])
+            socket.send_fds(server.control, [request], [out_w, err_w, status_w])
         except OSError:
             logger.warning("The fork server is gone; starting processes with subprocess", exc_info=True)
-            for fd in (out_r, out_w, status_r, status_w):
+            for fd in ours + theirs:
                 os.close(fd)
             _forkservers[key] = None
             return None
-        os.close(out_w)
-        os.close(status_w)
+        for fd in theirs:
+            os.close(fd)
         status = os.fdopen(status_r, "rb")
         first = status.readline()
         if not first.startswith(b"pid "):
-            status.close()
-            os.close(out_r)
+            for fd in ours:
+                os.close(fd)
             logger.warning("The fork server could not start %s; starting processes with subprocess", cmd)
             _forkservers[key] = None
             return None
         stdout = io.TextIOWrapper(os.fdopen(out_r, "rb"), errors="replace")
-        return ForkedProcess(cmd if netns is None else ["ip", "netns", "exec", netns, *cmd], int(first.split()[1]), stdout, status)
+        stderr = io.TextIOWrapper(os.fdopen(err_r, "rb"), errors="replace") if separate_stderr else None
+        args = cmd if netns is None else ["ip", "netns", "exec", netns, *cmd]
+        return ForkedProcess(args, int(first.split()[1]), stdout, status, stderr)
 
 
 @dataclasses.dataclass
@@ -341,15 +374,15 @@ def _serve_forks(control: socket.socket) -> dict:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # intermediate processes are reaped by the kernel
     while True:
         try:
-            message, fds, _flags, _addr = socket.recv_fds(control, 1 << 20, 2)
+            message, fds, _flags, _addr = socket.recv_fds(control, 1 << 20, 3)
         except OSError:
             message, fds = b"", []
-        if not message or len(fds) != 2:
+        if not message or len(fds) != 3:
             os._exit(0)  # the test process is gone
-        out_w, status_w = fds
+        out_w, err_w, status_w = fds
         if os.fork() != 0:
-            os.close(out_w)
-            os.close(status_w)
+            for fd in fds:
+                os.close(fd)
             continue
         # The intermediate process: forks the real one, reports its pid and then its exit code.
         pid = -1
@@ -360,6 +393,7 @@ def _serve_forks(control: socket.socket) -> dict:
             pid = os.fork()
             if pid != 0:
                 os.close(out_w)
+                os.close(err_w)
                 os.close(ready_w)
                 os.read(ready_r, 1)  # end of file once it has its own session (or has died)
                 os.write(status_w, f"pid {pid}\n".encode())
@@ -377,8 +411,9 @@ def _serve_forks(control: socket.socket) -> dict:
         os.dup2(devnull, 0)
         os.close(devnull)
         os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
+        os.dup2(err_w, 2)
         os.close(out_w)
+        os.close(err_w)
         return json.loads(message)
 
 
