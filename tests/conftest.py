@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Before torch loads (as `molink-swarm` does for its processes): OpenMP threads that spin while they wait make every
+# small op of this process (clients, reference models) many times slower while swarm processes share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -11,11 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from molink_swarm.lab import LocalSwarm
+from molink_swarm.lab import LocalSwarm, use_forkserver
 from molink_swarm.lab.nat_lab import NatLab, lab_unavailable_reason
 from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
+use_forkserver()  # swarm processes start from a process that has imported torch etc. already (seconds each)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,7 +91,7 @@ def _swarm_factory(log_dir: Path) -> Iterator[SwarmFactory]:
         yield start
     finally:
         for swarm in swarms:
-            swarm.stop()
+            swarm.stop(graceful=False)  # a graceful stop takes seconds; nothing checks it here
 
 
 @pytest.fixture

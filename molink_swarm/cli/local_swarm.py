@@ -3,6 +3,7 @@ on it in molink_swarm/lab)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -13,13 +14,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from molink_swarm.net.ports import free_port
 
 logger = logging.getLogger(__name__)
 
 _MADDR_RE = re.compile(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
+_ONLINE_RE = re.compile(r"Server (\S+) online")
 
 
 class LocalSwarmError(RuntimeError):
@@ -38,6 +40,7 @@ class SwarmProcess:
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
+        self._terminated = False
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -83,8 +86,17 @@ class SwarmProcess:
 
     def wait_online(self, timeout: float = 240.0) -> "SwarmProcess":
         """Wait for the server's `online` line; remembers its peer id."""
-        self.peer_id = self.wait_for(r"Server (\S+) online", timeout).group(1)
+        self.peer_id = self.wait_for(_ONLINE_RE.pattern, timeout).group(1)
         return self
+
+    def is_online(self) -> bool:
+        """Whether the server has said it is online (without waiting); remembers its peer id."""
+        if self.peer_id is None:
+            with self._cond:
+                match = next(filter(None, map(_ONLINE_RE.search, self.lines)), None)
+            if match:
+                self.peer_id = match.group(1)
+        return self.peer_id is not None
 
     def output(self, last: int = 60) -> str:
         return "\n".join(self.lines[-last:])
@@ -103,10 +115,16 @@ class SwarmProcess:
             pass
         self.popen.wait(10)
 
+    def terminate(self) -> None:
+        """SIGTERM, once (a second one could hit it after it has removed its handler, on its way out)."""
+        if not self._terminated:
+            self._terminated = True
+            self.signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> Optional[int]:
         """SIGTERM, then SIGKILL if it does not exit in time; then reap anything of its group left behind."""
         if self.popen.poll() is None:
-            self.signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -116,11 +134,23 @@ class SwarmProcess:
         return returncode
 
 
+# Test tooling may start processes another way (molink_swarm/lab/forkserver.py): called with (cmd, module, args,
+# env, netns), it returns an object with Popen's pid/poll/wait/stdout, or None to fall back to subprocess.
+launcher: Optional[Callable[..., object]] = None
+
+
 def spawn(
-    name: str, args: Sequence[str], *, log_dir: Optional[Path] = None, env: Optional[dict] = None, prefix: Sequence[str] = ()
+    name: str,
+    args: Sequence[str],
+    *,
+    log_dir: Optional[Path] = None,
+    env: Optional[dict] = None,
+    prefix: Sequence[str] = (),
+    netns: Optional[str] = None,
 ) -> SwarmProcess:
-    """Run ``molink-swarm <args>``; ``prefix`` wraps the command (e.g. ``ip netns exec NS`` to run it in a namespace)."""
-    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env, prefix=prefix)
+    """Run ``molink-swarm <args>``; ``prefix`` wraps the command; ``netns`` runs it in that network namespace
+    (like ``ip netns exec NETNS``)."""
+    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env, prefix=prefix, netns=netns)
 
 
 def spawn_module(
@@ -131,15 +161,48 @@ def spawn_module(
     log_dir: Optional[Path] = None,
     env: Optional[dict] = None,
     prefix: Sequence[str] = (),
+    netns: Optional[str] = None,
 ) -> SwarmProcess:
     cmd = [*prefix, sys.executable, "-u", "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    popen = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
-    )
+    popen = launcher(cmd, module, list(args), full_env, netns) if launcher is not None and not prefix else None
+    if popen is None:
+        if netns is not None:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        popen = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+        )
     log_path = (log_dir / f"{name}.log") if log_dir else None
-    logger.debug("Started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
+    logger.debug("Started %s (pid %d): %s", name, popen.pid, " ".join(popen.args))
     return SwarmProcess(name, popen, log_path=log_path)
+
+
+def run(args: Sequence[str], *, timeout: float, module: str = "molink_swarm") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` to its end, stdout and stderr captured apart (like ``subprocess.run`` with
+    ``capture_output=True, text=True``); started by the ``launcher`` when one is set."""
+    cmd = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # as spawn() has it: the same fork server
+    process = launcher(cmd, module, list(args), env, None, separate_stderr=True) if launcher is not None else None
+    if process is None:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    outputs: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda name=name, stream=stream: outputs.__setitem__(name, stream.read()), daemon=True)
+        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    for reader in readers:
+        reader.join()
+    process.stdout.close()
+    process.stderr.close()
+    return subprocess.CompletedProcess(cmd, process.returncode, outputs["stdout"], outputs["stderr"])
 
 
 class LocalSwarm:
@@ -196,14 +259,37 @@ class LocalSwarm:
         return web, url
 
     def server_by_peer(self, peer_id) -> SwarmProcess:
-        return next(s for s in self.servers if s.peer_id == str(peer_id))
+        """The server with this peer id (also one whose `online` line nobody has waited for yet)."""
+        return next(s for s in self.servers if s.is_online() and s.peer_id == str(peer_id))
 
-    def stop(self) -> None:
-        for process in [*self.webs, *self.servers, *self.relays, *([self.bootstrap] if self.bootstrap else [])]:
-            try:
-                process.stop()
-            except Exception:  # teardown must reach every process
-                logger.warning("Could not stop %s (pid %d)", process.name, process.pid, exc_info=True)
+    def stop(self, graceful: bool = True) -> None:
+        """Stop web front ends, then servers, then relays and the bootstrap peer; the processes of each group leave
+        at once (each takes a second or two to announce it and shut down).
+
+        ``graceful=False`` kills them all at once instead (SIGKILL to each process group), e.g. at the end of
+        a test, where nobody is left to hear that they leave."""
+        if not graceful:
+            for process in [process for group in self._groups() for process in group]:
+                try:
+                    process.kill()
+                except Exception:  # teardown must reach every process
+                    logger.warning("Could not kill %s (pid %d)", process.name, process.pid, exc_info=True)
+            return
+        for group in self._groups():
+            for process in group:
+                try:
+                    process.terminate()
+                except Exception:  # teardown must reach every process
+                    logger.warning("Could not signal %s (pid %d)", process.name, process.pid, exc_info=True)
+            for process in group:
+                try:
+                    process.stop()
+                except Exception:  # teardown must reach every process
+                    logger.warning("Could not stop %s (pid %d)", process.name, process.pid, exc_info=True)
+
+    def _groups(self) -> list[list[SwarmProcess]]:
+        """The processes in the order they stop: each group after the one before it has left."""
+        return [self.webs, self.servers, [*self.relays, *([self.bootstrap] if self.bootstrap else [])]]
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -152,8 +152,9 @@ class _HopStream:
     def pending(self) -> bool:
         return self._pending is not None
 
-    async def receive(self, extra_timeout: float = 0.0) -> torch.Tensor:
-        """This server's output for the step sent last; ``extra_timeout`` covers the hops before it."""
+    async def receive(self, extra_timeout: float = 0.0, upstream_done: Optional[float] = None) -> torch.Tensor:
+        """This server's output for the step sent last; ``extra_timeout`` covers the hops before it, and
+        ``upstream_done`` (perf_counter) is when the previous hop's output arrived, if this step was forwarded."""
         position, shape, started = self._pending
         tokens = shape[1]
         try:
@@ -169,6 +170,10 @@ class _HopStream:
             raise messages.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
         if extra_timeout == 0.0:
             self.timer.record(tokens, time.perf_counter() - started)
+        elif upstream_done is not None:
+            # Forwarded: its input left the previous server about when that one's output reached us. Without
+            # this, a hop after the first never measures its steps and a hung one takes initial_timeout to detect.
+            self.timer.record(tokens, time.perf_counter() - max(started, upstream_done))
         self.last_result = result
         return output
 
@@ -267,18 +272,19 @@ class InferenceSession:
         forwarded = self.forwarding and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
         if forwarded:
             await self._send_forwarded(hidden)
-        index, upstream_s = 0, 0.0
+        index, upstream_s, upstream_done = 0, 0.0, None
         while index < len(self._hops):
             hop = self._hops[index]
             try:
                 if hop.pending:
-                    output = await hop.receive(extra_timeout=upstream_s)
+                    output = await hop.receive(extra_timeout=upstream_s, upstream_done=upstream_done)
                 else:
                     output = await hop.step(hidden, self.position)
             except SERVER_FAILURES as e:
                 await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}")
                 continue
             upstream_s += hop.timer.timeout(hidden.shape[1])
+            upstream_done = time.perf_counter()
             hop.remember(hidden)
             hidden = output
             index += 1

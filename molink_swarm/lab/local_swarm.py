@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 from molink_swarm.cli import local_swarm as base
-from molink_swarm.cli.local_swarm import LocalSwarmError, SwarmProcess, spawn, spawn_module
+from molink_swarm.cli.local_swarm import LocalSwarmError, SwarmProcess, run, spawn, spawn_module
 from molink_swarm.net.ports import free_port
 
-__all__ = ["LocalSwarm", "LocalSwarmError", "SwarmProcess", "spawn", "spawn_module"]
+__all__ = ["LocalSwarm", "LocalSwarmError", "SwarmProcess", "run", "spawn", "spawn_module"]
 
 
 class LocalSwarm(base.LocalSwarm):
@@ -41,7 +41,5 @@ class LocalSwarm(base.LocalSwarm):
         announce = ["--port", str(port), "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{link_port}"]
         return super().start_server(blocks, *extra, *announce, wait=wait, timeout=timeout)
 
-    def stop(self) -> None:
-        super().stop()
-        for link in self.links:
-            link.stop()
+    def _groups(self) -> list[list[SwarmProcess]]:
+        return [*super()._groups(), self.links]
