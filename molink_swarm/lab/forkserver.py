@@ -2,9 +2,11 @@
 hivemind.
 
 Importing them takes a `join` process about 8 s of CPU time, most of its start-up: a fork server pays that once.
-Every process it forks is what ``python -u -m MODULE ARGS`` would be (its own session, the same environment,
-stdout and stderr to a pipe), with an exit status; only ``prefix`` commands (e.g. `ip netns exec`) still run
-through subprocess. Off unless ``use_forkserver()`` is called (the tests do).
+Every process it forks is what ``python -u -m MODULE ARGS`` would be (its own session, the same environment and
+working directory, stdout and stderr to pipes, in network namespace ``netns`` if given), with an exit status
+reported by an intermediate process that waits for it. Commands with a ``prefix`` still run through subprocess,
+and so does everything when a fork server cannot be used. Off unless ``use_forkserver()`` is called (the tests
+do; `demo` does not).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def _forkserver_spawn(
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe() if separate_stderr else (None, out_w)
         status_r, status_w = os.pipe()
-        ours, theirs = [out_r, status_r, *([err_r] if separate_stderr else [])], [out_w, status_w, *([err_w] if separate_stderr else [])]
+        ours = [out_r, status_r, *([err_r] if separate_stderr else [])]
+        theirs = [out_w, status_w, *([err_w] if separate_stderr else [])]
         try:
             request = {"module": module, "args": args, "cwd": os.getcwd(), "env": env, "netns": netns}
             request = json.dumps(request).encode()
@@ -242,7 +245,7 @@ def _run_forked(request: dict, launch_env: dict) -> None:
     for name in launch_env.keys() - request["env"].keys():
         del os.environ[name]
     os.environ.update({k: v for k, v in request["env"].items() if launch_env.get(k) != v})
-    random.seed()  # (done at fork anyway) and numpy's global generator, which is not
+    random.seed()  # fresh randomness, as a new interpreter has (random does it at fork too; numpy does not)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     sys.argv = [request["module"], *request["args"]]
