@@ -41,7 +41,7 @@ with model.inference_session(max_length=ids.shape[1] + tokens) as session:
     started = time.perf_counter()
     model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     elapsed = time.perf_counter() - started
-    paths = [model.swarm.links.path(hop.peer_id).split(" via ")[0] for hop in session.chain]
+    paths = [model.swarm.links.path_kind(hop.peer_id) for hop in session.chain]
 print("RESULT " + json.dumps({"tok_s": tokens / elapsed, "paths": paths}), flush=True)
 """
 

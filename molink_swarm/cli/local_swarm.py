@@ -139,18 +139,9 @@ class SwarmProcess:
 launcher: Optional[Callable[..., object]] = None
 
 
-def spawn(
-    name: str,
-    args: Sequence[str],
-    *,
-    log_dir: Optional[Path] = None,
-    env: Optional[dict] = None,
-    prefix: Sequence[str] = (),
-    netns: Optional[str] = None,
-) -> SwarmProcess:
-    """Run ``molink-swarm <args>``; ``prefix`` wraps the command; ``netns`` runs it in that network namespace
-    (like ``ip netns exec NETNS``)."""
-    return spawn_module(name, "molink_swarm", args, log_dir=log_dir, env=env, prefix=prefix, netns=netns)
+def spawn(name: str, args: Sequence[str], **options) -> SwarmProcess:
+    """Run ``molink-swarm <args>`` (options as for :func:`spawn_module`)."""
+    return spawn_module(name, "molink_swarm", args, **options)
 
 
 def spawn_module(
@@ -163,6 +154,8 @@ def spawn_module(
     prefix: Sequence[str] = (),
     netns: Optional[str] = None,
 ) -> SwarmProcess:
+    """Run ``python -m <module> <args>`` in its own session; ``prefix`` wraps the command, and ``netns`` runs it in
+    that network namespace (like ``ip netns exec NETNS``)."""
     cmd = [*prefix, sys.executable, "-u", "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = launcher(cmd, module, list(args), full_env, netns) if launcher is not None and not prefix else None

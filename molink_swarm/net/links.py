@@ -63,12 +63,16 @@ class PeerLinks:
         """The relay our calls to ``peer`` go through (None: directly, or hole-punched)."""
         return None if peer in self.hole_punched else self.routes.get(peer)
 
-    def path(self, peer: PeerID) -> str:
-        """"direct", "hole-punched" or "relayed via <relay peer id>"."""
+    def path_kind(self, peer: PeerID) -> str:
+        """"direct", "hole-punched" or "relayed"."""
         if peer in self.hole_punched:
             return "hole-punched"
-        relay = self.routes.get(peer)
-        return f"relayed via {relay_peer_id(relay)}" if relay else "direct"
+        return "relayed" if peer in self.routes else "direct"
+
+    def path(self, peer: PeerID) -> str:
+        """Like :meth:`path_kind`, naming the relay: "relayed via <relay peer id>"."""
+        kind = self.path_kind(peer)
+        return f"relayed via {relay_peer_id(self.routes[peer])}" if kind == "relayed" else kind
 
     def stub(self, peer: PeerID):
         return server_stub(self.p2p, peer, self.relay_for(peer))

@@ -328,5 +328,9 @@ class Server:
             next_rtts=self.next_rtts,
         )
         ttl = self.config.update_period * 2.5 if state != ServerState.OFFLINE else self.config.update_period
-        if not declare_server(dht, validator, self.model_record, record, ttl=ttl):
+        if declare_server(dht, validator, self.model_record, record, ttl=ttl):
+            return
+        if state == ServerState.OFFLINE:  # peers leaving with us may miss it; our online record expires anyway
+            logger.info("Could not announce leaving on every DHT peer; our last record expires within %.0f s", self.config.update_period * 2.5)
+        else:
             logger.warning("Could not announce all blocks in the DHT (will retry at the next heartbeat)")
