@@ -123,26 +123,50 @@ def test_relayed_mode_gives_the_same_tokens(distributed, tiny_llama_local):
     assert torch.equal(got, tiny_llama_local.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False))
 
 
-def test_threads_generate_at_once_each_in_its_own_session(distributed, tiny_llama_local):
-    prompts = [prompt(8, seed=20 + i) for i in range(3)]
+def test_threads_generate_at_once_each_in_its_own_session(tiny_swarm, distributed, tiny_llama_local):
+    """Sessions of different lengths that start and end at different times share the servers' passes (continuous
+    batching), and each gets what it would get alone: identical tokens, logits within 1e-4."""
+    before = [batch_counts(server) for server in tiny_swarm.servers]
+    jobs = [(prompt(3 + 5 * i, seed=20 + i), 6 + 3 * (i % 4)) for i in range(10)]
 
-    def run(ids):
-        return distributed.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    def run(job):
+        ids, new_tokens = job
+        return distributed.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
 
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        outputs = list(pool.map(run, prompts))
-    for ids, got in zip(prompts, outputs):
-        assert torch.equal(got, tiny_llama_local.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12))
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        outputs = list(pool.map(run, jobs))
+    for (ids, new_tokens), got in zip(jobs, outputs):
+        want = tiny_llama_local.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=0)
+    after = [batch_counts(server) for server in tiny_swarm.servers]
+    passes = sum(a[0] - b[0] for a, b in zip(after, before))
+    steps = sum(a[1] - b[1] for a, b in zip(after, before))
+    assert steps > passes, "no pass of any server computed the steps of two sessions together"
+
+
+def batch_counts(server) -> tuple[float, float]:
+    """(passes, steps) a server has computed: more steps than passes means steps of sessions were batched."""
+    values = server_metrics(server)
+    return float(values["molink_server_batch_steps_count"]), float(values["molink_server_batch_steps_sum"])
+
+
+def server_metrics(server) -> dict[str, str]:
+    url = server.wait_for(r"metrics at (\S+)", 5).group(1)
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return dict(re.findall(r"^(molink_server_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text, re.MULTILINE))
 
 
 def test_servers_export_prometheus_metrics(tiny_swarm, distributed):
     distributed.generate(prompt(10, seed=7), max_new_tokens=6, do_sample=False, min_new_tokens=6)
     for server in tiny_swarm.servers:
-        url = server.wait_for(r"metrics at (\S+)", 5).group(1)
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            assert reply.headers["Content-Type"].startswith("text/plain")
-            text = reply.read().decode()
-        values = dict(re.findall(r"^(molink_server_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text, re.MULTILINE))
+        values = server_metrics(server)
         assert float(values['molink_server_tokens_total{kind="decode"}']) >= 5
         assert float(values['molink_server_tokens_total{kind="prefill"}']) >= 10
         assert float(values['molink_server_step_seconds_count{kind="decode"}']) >= 5

@@ -121,6 +121,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         force_relay=args.force_relay,
         chunk_tokens=args.chunk_tokens,
+        max_batch_size=args.max_batch_size,
     )
     server = Server(config)
 
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=32)
     p.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
                    help="split long prompts and forward passes into chunks of N tokens (default: measured, ~0.25 s each)")
+    p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
+                   help="steps of up to N sessions computed in one pass (continuous batching; 1: off)")
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget, in tokens, over all sessions")
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT heartbeats")
     p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")

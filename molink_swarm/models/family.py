@@ -12,15 +12,15 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from molink_swarm.errors import UserError
+from molink_swarm.models.cache import SpanCache
+from molink_swarm.models.packed import ATTENTION_KWARG, PackedBatch, PackedStep, packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -31,31 +31,12 @@ class UnsupportedModelError(UserError):
     pass
 
 
-class SpanCache(DynamicCache):
-    """A session's KV cache for blocks ``start..end-1`` of a server.
-
-    Attention modules address the cache by their *global* layer index; this cache holds only the span's
-    layers, so it shifts the index. Everything else (mask sizes, lengths) already uses local indices.
-    """
-
-    def __init__(self, config: PretrainedConfig, start: int, end: int):
-        super().__init__(config=_span_config(config, start, end))
-        self.offset = start
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        return super().update(key_states, value_states, layer_idx - self.offset, cache_kwargs)
-
-
-def _span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
-    span = copy.copy(config)
-    span.num_hidden_layers = end - start
-    if getattr(config, "layer_types", None) is not None:
-        span.layer_types = list(config.layer_types[start:end])
-    return span
-
-
 class BlockSpan(nn.Module):
-    """Blocks ``start..end-1`` of a model, runnable on hidden states with an optional per-session cache."""
+    """Blocks ``start..end-1`` of a model, runnable on hidden states with per-session caches.
+
+    Every call runs as a packed batch (see packed.py): one session's step is a batch of one, so a lone session and
+    a batch of many take the same path.
+    """
 
     def __init__(self, config: PretrainedConfig, start: int, layers: nn.ModuleList, rotary_emb: nn.Module):
         super().__init__()
@@ -63,14 +44,11 @@ class BlockSpan(nn.Module):
         self.start, self.end = start, start + len(layers)
         self.layers = layers
         self.rotary_emb = rotary_emb
-        self._sliding = getattr(config, "sliding_window", None) is not None and getattr(
-            config, "use_sliding_window", True
-        )
 
-    def new_cache(self, start: Optional[int] = None, end: Optional[int] = None) -> SpanCache:
-        return SpanCache(self.config, self.start if start is None else start, self.end if end is None else end)
+    def new_cache(self, start: Optional[int] = None, end: Optional[int] = None, max_length: Optional[int] = None) -> SpanCache:
+        start = self.start if start is None else start
+        return SpanCache(self.config, start, self.end if end is None else end, max_length=max_length)
 
-    @torch.inference_mode()
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -83,38 +61,36 @@ class BlockSpan(nn.Module):
         """Run blocks ``start..end-1`` (default: all) on ``hidden_states`` [batch, seq, hidden].
 
         ``position`` is the index of the first token in the sequence; with a cache it must equal the number of
-        tokens the cache already holds.
+        tokens the cache already holds. Without one, the sequence is computed on its own.
         """
+        cache = self.new_cache(start, end) if cache is None else cache
+        return self.forward_packed([PackedStep(hidden_states, position, cache)], start=start, end=end)[0]
+
+    @torch.inference_mode()
+    def forward_packed(
+        self, steps: Sequence[PackedStep], *, start: Optional[int] = None, end: Optional[int] = None
+    ) -> list[torch.Tensor]:
+        """Run blocks ``start..end-1`` on the steps of several sessions at once (their caches must cover these
+        blocks); returns each step's output, as if each had run alone."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        seq_len = hidden_states.shape[1]
-        cache_position = torch.arange(position, position + seq_len, device=hidden_states.device)
-        position_ids = cache_position.unsqueeze(0).expand(hidden_states.shape[0], -1)
-        mask_kwargs = dict(
-            config=self.config,
-            input_embeds=hidden_states,
-            attention_mask=None,
-            cache_position=cache_position,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if self._sliding:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        batch = PackedBatch(steps)
+        hidden_states = batch.pack([step.hidden for step in steps])
+        position_ids = batch.position_ids(hidden_states.device)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers[start - self.start : end - self.start]:
-            attention_type = getattr(layer, "attention_type", "sliding_attention" if self._sliding else "full_attention")
             out = layer(
                 hidden_states,
-                attention_mask=masks.get(attention_type, masks["full_attention"]),
+                attention_mask=None,  # each step's mask is made where it attends (PackedBatch.attend)
                 position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                cache_position=cache_position,
+                past_key_values=batch,
+                use_cache=True,
+                cache_position=position_ids[0],
                 position_embeddings=position_embeddings,
+                **{ATTENTION_KWARG: batch},
             )
             hidden_states = out[0] if isinstance(out, tuple) else out
-        return hidden_states
+        return batch.unpack(hidden_states)
 
 
 class FamilyAdapter:
@@ -163,10 +139,13 @@ class FamilyAdapter:
     ) -> BlockSpan:
         """Build blocks ``start..end-1`` reading only their tensors (memory-mapped by ``read``)."""
         all_names = list(all_names)
+        # The blocks attend through the packed implementation, which runs this family's own attention per step.
+        block_config = copy.deepcopy(self.config)
+        block_config._attn_implementation = packed_attention(self.config._attn_implementation)
         layers = nn.ModuleList()
         for index in range(start, end):
             with torch.device("meta"):
-                layer = self.layer_class(self.config, index)
+                layer = self.layer_class(block_config, index)
             names = self.block_tensor_names(all_names, index)
             prefix = f"{self.layer_prefix}{index}."
             state = {name[len(prefix) :]: tensor.to(device=device, dtype=dtype) for name, tensor in read(names).items()}
@@ -176,7 +155,7 @@ class FamilyAdapter:
                 raise ValueError(f"Block {index}: missing weights {still_meta}, unexpected {unexpected}")
             layers.append(layer.eval())
         rotary = self.rotary_class(config=self.config, device=device)
-        return BlockSpan(self.config, start, layers, rotary).eval()
+        return BlockSpan(block_config, start, layers, rotary).eval()
 
 
 _ADAPTERS: dict[str, type[FamilyAdapter]] = {}

@@ -12,14 +12,16 @@ import collections
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import torch
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
+from molink_swarm.models.cache import SpanCache
 from molink_swarm.models.family import BlockSpan
+from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.push import PushChannel
 from molink_swarm.protocol import messages
 from molink_swarm.protocol.messages import (
@@ -39,7 +41,7 @@ from molink_swarm.protocol.rpc import BlockRPC
 from molink_swarm.protocol.streams import StreamLimits
 from molink_swarm.protocol.tensors import check_tensor, deserialize_tensor
 from molink_swarm.server.metrics import ServerMetrics
-from molink_swarm.server.scheduler import ComputeQueue, Priority
+from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority
 from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
 
 logger = logging.getLogger(__name__)
@@ -133,7 +135,8 @@ class BlockServicer(BlockRPC):
         hidden = await self._step_input(session, step, request)
         self._check_step(session, step, hidden)
         started = time.perf_counter()
-        output = await self._compute(lambda offset, chunk: self._run_step(session, step.position + offset, chunk), hidden)
+        span = (session.spec.start, session.spec.end)
+        output = await self._compute(span, session.cache, step.position, hidden, Priority.PREFILL)
         session.stepped(step.position, hidden.shape[1])
         elapsed = time.perf_counter() - started
         self._count(hidden, elapsed, kind="decode" if is_decode(hidden.shape[1]) else "prefill")
@@ -146,7 +149,7 @@ class BlockServicer(BlockRPC):
         if self.closing:
             raise ProtocolError("Server is shutting down; use another server")
         self._check_span(spec.start, spec.end)
-        session = self.sessions.open(spec, self.blocks.new_cache(spec.start, spec.end), owner=owner)
+        session = self.sessions.open(spec, self.blocks.new_cache(spec.start, spec.end, spec.max_length), owner=owner)
         logger.debug("Opened session %s for blocks %d:%d", spec.session_id, spec.start, spec.end)
         return session
 
@@ -219,30 +222,36 @@ class BlockServicer(BlockRPC):
                 f"{session.spec.max_length}"
             )
 
-    def _run_step(self, session: Session, position: int, hidden: torch.Tensor) -> torch.Tensor:
-        if position < session.cache.get_seq_length():
-            session.cache.crop(position)  # roll back (a replay or a regenerated suffix)
-        output = self.blocks(
-            hidden.to(self.device, self.dtype),
-            position=position,
-            cache=session.cache,
-            start=session.spec.start,
-            end=session.spec.end,
-        )
-        return output.to("cpu", hidden.dtype)
-
-    async def _compute(self, run_chunk: Callable[[int, torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``run_chunk(offset, chunk)`` over ``hidden`` in chunks of at most ``chunk_tokens`` tokens, each its
-        own compute task: between two chunks of a long prompt, other sessions' decode steps get their turn."""
+    async def _compute(
+        self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor, priority: Priority
+    ) -> torch.Tensor:
+        """Run blocks ``span`` on ``hidden`` from ``position`` on, in passes batched with other sessions' work
+        (see scheduler.py). A long input goes in chunks of at most ``chunk_tokens`` tokens, each its own task:
+        between two chunks, other sessions' decode steps get their turn."""
         tokens = hidden.shape[1]
         if is_decode(tokens):
-            return await self.compute.run(lambda: run_chunk(0, hidden), Priority.DECODE)
+            return await self.compute.run_batched(self._work(span, cache, position, hidden), Priority.DECODE)
         size = max(1, self.chunk_tokens // hidden.shape[0])
         outputs = []
         for offset in range(0, tokens, size):
-            chunk = hidden[:, offset : offset + size]
-            outputs.append(await self.compute.run(lambda: run_chunk(offset, chunk), Priority.PREFILL))
+            work = self._work(span, cache, position + offset, hidden[:, offset : offset + size])
+            outputs.append(await self.compute.run_batched(work, priority))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _work(self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor) -> BatchWork:
+        return BatchWork(key=span, tokens=hidden.shape[0] * hidden.shape[1], payload=(cache, position, hidden), run=self._run_pass)
+
+    def _run_pass(self, works: list[BatchWork]) -> list[torch.Tensor]:
+        """One pass of the blocks over the steps of several sessions (on the compute thread)."""
+        steps = []
+        for work in works:
+            cache, position, hidden = work.payload
+            if position < cache.get_seq_length():
+                cache.crop(position)  # roll back (a replay or a regenerated suffix)
+            steps.append(PackedStep(hidden.to(self.device, self.dtype), position, cache))
+        start, end = works[0].key
+        outputs = self.blocks.forward_packed(steps, start=start, end=end)
+        return [output.to("cpu", work.payload[2].dtype) for output, work in zip(outputs, works)]
 
     # ---- forward: a full sequence through some of the blocks, no cache. A stream (of one message each way)
     # because hivemind caps unary messages at 4 MiB, less than one long prompt's hidden states.
@@ -265,13 +274,8 @@ class BlockServicer(BlockRPC):
             caller = messages.origin(request.uid, context.remote_id, self.trusted_relays)
             with self._forward_slot(caller):
                 cache = self.blocks.new_cache(spec.start, spec.end)  # chunks of one pass see the earlier ones
-
-                def run_chunk(offset: int, chunk: torch.Tensor) -> torch.Tensor:
-                    output = self.blocks(chunk.to(self.device, self.dtype), position=offset, cache=cache, start=spec.start, end=spec.end)
-                    return output.to("cpu", hidden.dtype)
-
                 started = time.perf_counter()
-                output = await self._compute(run_chunk, hidden)
+                output = await self._compute((spec.start, spec.end), cache, 0, hidden, Priority.FORWARD)
                 self._count(hidden, time.perf_counter() - started, kind="forward")
             yield response(None, output)
             # Let the client end the stream: closing it from here first can break the client's pending write.

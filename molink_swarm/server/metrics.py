@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ServerMetrics:
@@ -39,6 +40,15 @@ class ServerMetrics:
             "molink_server_cache_tokens_total", "KV cache budget in tokens", registry=self.registry
         )
         self.blocks = Gauge("molink_server_blocks", "Blocks served", registry=self.registry)
+        self.batch_steps = Histogram(
+            "molink_server_batch_steps",
+            "Steps (of different sessions or forward passes) computed in one pass of the blocks",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_batch(self, steps: int, tokens: int) -> None:
+        self.batch_steps.observe(steps)
 
     def track_sessions(self, count: Callable[[], int], reserved: Callable[[], int], total: int) -> None:
         self.active_sessions.set_function(count)

@@ -1,25 +1,32 @@
-"""One compute queue per server: every session's work goes through it, decode steps first, nothing starves.
+"""One compute queue per server: every session's work goes through it, batched across sessions, decode steps
+first, nothing starves.
 
-Blocks run on one worker thread (torch releases the GIL, so the event loop keeps serving the network while a
-step computes). Each task gets a deadline: its arrival time plus the slack of its class (none for decode
-steps, more for prefill chunks, most for forward passes), and the worker runs the earliest deadline first. A
-decode step therefore jumps ahead of queued prefills, but a prefill that has waited longer than its slack goes
-before newer decode steps: a steady stream of decode steps cannot starve it (strict priorities could). Long
-work is handed in as chunks (see handler.py), so one task never holds the worker for long.
+Blocks run on one worker thread (torch releases the GIL, so the event loop keeps serving the network while a pass
+computes). Each task gets a deadline: its arrival time plus the slack of its class (none for decode steps, more
+for prefill chunks, most for forward passes), and the worker takes the earliest deadline first. A decode step
+therefore jumps ahead of queued prefills, but a prefill that has waited longer than its slack goes before newer
+decode steps: a steady stream of decode steps cannot starve it (strict priorities could).
+
+Continuous batching: when the worker takes a task of :class:`BatchWork`, it takes with it every queued task with
+the same key (the same blocks) that fits the batch (:func:`select_batch`), and runs them as one pass. Nothing
+waits for a batch to fill: a task that arrives while a pass computes joins the next one, so a lone session runs
+as soon as the worker is free. Long work is handed in as chunks (see handler.py), so no pass is long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import heapq
 import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 from molink_swarm.protocol.errors import ProtocolError
+from molink_swarm.protocol.messages import is_decode
 
 logger = logging.getLogger(__name__)
 
@@ -34,34 +41,84 @@ class Priority(enum.IntEnum):
 SLACK_S = {Priority.DECODE: 0.0, Priority.PREFILL: 0.5, Priority.FORWARD: 1.0}
 
 
+@dataclasses.dataclass(eq=False)
+class BatchWork:
+    """Work that may run in one pass with other work of the same ``key``: ``run`` gets the whole batch and returns
+    one result per item, in order."""
+
+    key: Hashable
+    tokens: int
+    payload: Any
+    run: Callable[[list["BatchWork"]], list[Any]]
+
+
+@dataclasses.dataclass(order=True)
+class _Task:
+    deadline: float
+    order: int
+    fn: Optional[Callable[[], Any]] = dataclasses.field(compare=False, default=None)
+    work: Optional[BatchWork] = dataclasses.field(compare=False, default=None)
+    future: Optional[asyncio.Future] = dataclasses.field(compare=False, default=None)
+    loop: Optional[asyncio.AbstractEventLoop] = dataclasses.field(compare=False, default=None)
+
+
+def select_batch(head: BatchWork, queued: Sequence[BatchWork], *, max_items: int, max_tokens: int) -> list[BatchWork]:
+    """Which of ``queued`` (earliest deadline first) join ``head`` in one pass.
+
+    Decode steps of the same blocks always join (up to ``max_items``): each costs little next to reading every
+    weight once more. Prompt chunks join while the pass stays within ``max_tokens`` tokens, so that a pass, and so
+    the wait of the next decode steps, stays about as short as one chunk.
+    """
+    batch, tokens = [head], head.tokens
+    for work in queued:
+        if len(batch) >= max_items:
+            break
+        if work.key != head.key:
+            continue
+        if is_decode(work.tokens) or tokens + work.tokens <= max_tokens:
+            batch.append(work)
+            tokens += work.tokens
+    return batch
+
+
 class ComputeQueue:
-    def __init__(self, name: str = "compute", max_queued: int = 1024):
+    def __init__(self, name: str = "compute", max_queued: int = 1024, max_batch: int = 32, max_batch_tokens: int = 256):
         self.max_queued = max_queued
-        self._heap: list[tuple[float, int, Callable | None, asyncio.Future | None, Any]] = []
+        self.max_batch = max_batch  # 1: no batching across sessions
+        self.max_batch_tokens = max_batch_tokens
+        self._heap: list[_Task] = []
         self._ready = threading.Condition()
         self._counter = itertools.count()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self.busy_s = 0.0
+        self.on_batch: Optional[Callable[[int, int], None]] = None  # (items, tokens) of each batched pass
 
     def __len__(self) -> int:
         return len(self._heap)
 
     async def run(self, fn: Callable[[], Any], priority: Priority) -> Any:
         """Run ``fn()`` on the compute thread when its turn comes; returns its result or raises its error."""
+        return await self._submit(priority, fn=fn)
+
+    async def run_batched(self, work: BatchWork, priority: Priority) -> Any:
+        """Run ``work`` in a pass with other queued work of its key; returns its own result or raises."""
+        return await self._submit(priority, work=work)
+
+    async def _submit(self, priority: Priority, **task: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._ready:
             if len(self._heap) >= self.max_queued:
                 raise ProtocolError("Server is overloaded; try another server")
             deadline = time.monotonic() + SLACK_S[priority]
-            heapq.heappush(self._heap, (deadline, next(self._counter), fn, future, loop))
+            heapq.heappush(self._heap, _Task(deadline, next(self._counter), future=future, loop=loop, **task))
             self._ready.notify()
         return await future
 
     def shutdown(self) -> None:
         with self._ready:
-            heapq.heappush(self._heap, (-float("inf"), -1, None, None, None))
+            heapq.heappush(self._heap, _Task(-float("inf"), -1))
             self._ready.notify()
         self._thread.join(timeout=10)
 
@@ -70,21 +127,62 @@ class ComputeQueue:
             with self._ready:
                 while not self._heap:
                     self._ready.wait()
-                _deadline, _count, fn, future, loop = heapq.heappop(self._heap)
-            if fn is None:
-                return
-            if future.cancelled():
+                head = heapq.heappop(self._heap)
+                if head.fn is None and head.work is None:
+                    return
+                batch = self._take_batch(head) if head.work is not None else [head]
+            batch = [task for task in batch if not task.future.cancelled()]
+            if not batch:
                 continue
             started = time.perf_counter()
-            try:
-                result, error = fn(), None
-            except BaseException as e:  # handed to the awaiting coroutine, which answers the peer
-                result, error = None, e
+            if batch[0].work is not None:
+                self._run_batch(batch)
+            else:
+                self._settle(batch[0], *_call(batch[0].fn))
             self.busy_s += time.perf_counter() - started
-            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _take_batch(self, head: _Task) -> list[_Task]:
+        """Remove and return ``head`` and the queued tasks that join it (called with the lock held)."""
+        if self.max_batch <= 1:
+            return [head]
+        queued = sorted(task for task in self._heap if task.work is not None and task.work.key == head.work.key)
+        chosen = select_batch(
+            head.work, [task.work for task in queued], max_items=self.max_batch, max_tokens=self.max_batch_tokens
+        )
+        if len(chosen) == 1:
+            return [head]
+        taken = {id(work) for work in chosen[1:]}
+        batch = [head, *(task for task in queued if id(task.work) in taken)]
+        self._heap = [task for task in self._heap if task.work is None or id(task.work) not in taken]
+        heapq.heapify(self._heap)
+        return batch
+
+    def _run_batch(self, batch: list[_Task]) -> None:
+        works = [task.work for task in batch]
+        results, error = _call(lambda: batch[0].work.run(works))
+        if error is not None and len(batch) > 1:
+            # One member's fault must not fail the others: each runs alone, so only the faulty one gets the error.
+            for task in batch:
+                self._settle(task, *_call(lambda: task.work.run([task.work])[0]))
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(batch), sum(work.tokens for work in works))
+        for index, task in enumerate(batch):
+            self._settle(task, None if results is None else results[index], error)
+
+    @staticmethod
+    def _settle(task: _Task, result: Any, error: Optional[BaseException]) -> None:
+        task.loop.call_soon_threadsafe(_settle, task.future, result, error)
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def _call(fn: Callable[[], Any]) -> tuple[Any, Optional[BaseException]]:
+    try:
+        return fn(), None
+    except BaseException as e:  # handed to the awaiting coroutine, which answers the peer
+        return None, e
+
+
+def _settle(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
     if future.cancelled():
         return
     if error is not None:

@@ -70,6 +70,7 @@ class ServerConfig(BaseModel):
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
     force_relay: bool = False
     chunk_tokens: Optional[int] = Field(default=None, gt=0)  # None: measured (see _measure_chunk_tokens)
+    max_batch_size: int = Field(default=32, gt=0)  # sessions' steps computed in one pass; 1: no batching
 
 
 def parse_block_range(text: str) -> tuple[int, int]:
@@ -197,7 +198,9 @@ class Server:
         cfg = self.config
         self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
         chunk_tokens = cfg.chunk_tokens or await asyncio.to_thread(self._measure_chunk_tokens, blocks)
-        compute = ComputeQueue(f"compute-{self.start}-{self.end}")
+        compute = ComputeQueue(
+            f"compute-{self.start}-{self.end}", max_batch=cfg.max_batch_size, max_batch_tokens=chunk_tokens
+        )
         resources.callback(compute.shutdown)
         sessions = SessionTable(
             max_sessions=cfg.max_sessions,
@@ -206,6 +209,7 @@ class Server:
         )
         metrics = ServerMetrics()
         metrics.blocks.set(self.end - self.start)
+        compute.on_batch = metrics.observe_batch
         metrics.track_sessions(
             lambda: len(sessions), lambda: sessions.cache_tokens - sessions.free_cache_tokens, sessions.cache_tokens
         )

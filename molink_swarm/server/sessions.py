@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from molink_swarm.models.family import SpanCache
+from molink_swarm.models.cache import SpanCache
 from molink_swarm.protocol.messages import ProtocolError, SessionSpec
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,228 @@
+"""Continuous batching on a server: packed steps of many sessions equal each session run alone.
+
+In-process (the blocks and caches a server builds), so that every combination of lengths, positions, joins and
+leaves is cheap to check; tests/test_generate_tiny.py checks the same through real server processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from molink_swarm.models.family import adapter_for
+from molink_swarm.models.packed import PackedStep
+from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority, select_batch
+from tests.conftest import make_tiny_llama
+
+HIDDEN = 64
+
+
+def build_blocks(model, start: int = 0, end: int | None = None):
+    config = model.config
+    adapter = adapter_for(AutoConfig.for_model(**config.to_dict()))
+    state = model.state_dict()
+    end = adapter.num_blocks if end is None else end
+    return adapter.build_blocks(start, end, state.keys(), lambda names: {n: state[n] for n in names}, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="module")
+def blocks(llama):
+    return build_blocks(llama)
+
+
+def _last_layer_output(model, hidden: torch.Tensor) -> torch.Tensor:
+    captured = {}
+    handle = model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            model.model(inputs_embeds=hidden)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def test_one_session_equals_transformers(llama, blocks):
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 9, HIDDEN)
+    expected = _last_layer_output(llama, hidden)
+    cache = blocks.new_cache()
+    prefill = blocks(hidden[:, :6], cache=cache)
+    decoded = [blocks(hidden[:, i : i + 1], position=i, cache=cache) for i in range(6, 9)]
+    torch.testing.assert_close(torch.cat([prefill, *decoded], dim=1), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_steps_of_different_lengths_equal_each_alone(blocks):
+    """Sessions at different positions, decode steps next to a prompt chunk, all in one pass."""
+    torch.manual_seed(1)
+    prompts = [torch.randn(1, n, HIDDEN) for n in (3, 11, 7)]
+    alone_caches = [blocks.new_cache() for _ in prompts]
+    packed_caches = [blocks.new_cache() for _ in prompts]
+    for prompt, cache in zip(prompts, alone_caches):
+        blocks(prompt, cache=cache)
+    for prompt, cache in zip(prompts, packed_caches):
+        blocks(prompt, cache=cache)
+    positions = [p.shape[1] for p in prompts]
+    for step in range(4):
+        inputs = [torch.randn(1, 1 if i != 1 or step != 2 else 5, HIDDEN) for i in range(len(prompts))]
+        alone = [blocks(x, position=pos, cache=c) for x, pos, c in zip(inputs, positions, alone_caches)]
+        packed = blocks.forward_packed([PackedStep(x, pos, c) for x, pos, c in zip(inputs, positions, packed_caches)])
+        for a, b in zip(alone, packed):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        positions = [pos + x.shape[1] for pos, x in zip(positions, inputs)]
+
+
+def test_sessions_join_and_leave_mid_batch(blocks):
+    torch.manual_seed(2)
+    caches, alone, positions = {}, {}, {}
+    for name, length in (("a", 4), ("b", 9)):
+        prompt = torch.randn(1, length, HIDDEN)
+        caches[name], alone[name] = blocks.new_cache(), blocks.new_cache()
+        blocks(prompt, cache=caches[name])
+        blocks(prompt, cache=alone[name])
+        positions[name] = length
+    schedule = [["a", "b"], ["a", "b", "c"], ["b", "c"], ["c"], ["a", "c"]]
+    for step, members in enumerate(schedule):
+        if "c" in members and "c" not in caches:
+            prompt = torch.randn(1, 2, HIDDEN)
+            caches["c"], alone["c"] = blocks.new_cache(), blocks.new_cache()
+            blocks(prompt, cache=caches["c"])
+            blocks(prompt, cache=alone["c"])
+            positions["c"] = 2
+        inputs = {name: torch.randn(1, 1, HIDDEN) for name in members}
+        packed = blocks.forward_packed([PackedStep(inputs[n], positions[n], caches[n]) for n in members])
+        for name, output in zip(members, packed):
+            expected = blocks(inputs[name], position=positions[name], cache=alone[name])
+            torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
+            positions[name] += 1
+
+
+def test_sessions_with_several_rows_pack_with_single_row_ones(blocks):
+    torch.manual_seed(3)
+    wide, narrow = torch.randn(3, 5, HIDDEN), torch.randn(1, 8, HIDDEN)
+    wide_cache, narrow_cache = blocks.new_cache(), blocks.new_cache()
+    outputs = blocks.forward_packed([PackedStep(wide, 0, wide_cache), PackedStep(narrow, 0, narrow_cache)])
+    torch.testing.assert_close(outputs[0], blocks(wide), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs[1], blocks(narrow), atol=1e-5, rtol=1e-4)
+
+
+def test_cache_grows_in_place_and_rolls_back(blocks):
+    torch.manual_seed(4)
+    hidden = torch.randn(1, 40, HIDDEN)
+    cache = blocks.new_cache(max_length=40)
+    for i in range(40):
+        blocks(hidden[:, i : i + 1], position=i, cache=cache)
+    layer = cache.layer(0)
+    assert layer.get_seq_length() == 40 and layer._keys.shape[-2] == 40  # capped at max_length, not doubled past it
+    cache.crop(30)
+    redo = blocks(hidden[:, 30:32], position=30, cache=cache)
+    fresh = blocks(hidden[:, :32])
+    torch.testing.assert_close(redo, fresh[:, 30:32], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_sliding_windows_in_packed_steps(model_type):
+    """Families with sliding-window attention: the window is applied per step (a window of 5 over 12 tokens)."""
+    torch.manual_seed(5)
+    options = dict(use_sliding_window=True, max_window_layers=0) if model_type == "qwen2" else {}
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=5,
+        **options,
+    )
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    spans = build_blocks(model)
+    hidden = torch.randn(1, 12, HIDDEN)
+    expected = _last_layer_output(model, hidden)
+    cache, other = spans.new_cache(), spans.new_cache()
+    spans(hidden[:, :7], cache=cache)
+    spans(torch.randn(1, 3, HIDDEN), cache=other)
+    outputs = []
+    for i in range(7, 12):
+        out, _ = spans.forward_packed([PackedStep(hidden[:, i : i + 1], i, cache), PackedStep(torch.randn(1, 1, HIDDEN), i - 4, other)])
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected[:, 7:], atol=1e-5, rtol=1e-4)
+
+
+# ---- the server's compute queue: what joins a pass
+
+
+def queue_recorder(queue_kwargs=None):
+    passes: list[list[str]] = []
+
+    def run(works):
+        passes.append([w.payload for w in works])
+        if any(w.payload == "faulty" for w in works):
+            raise ValueError("bad input")
+        time.sleep(0.02)
+        return [f"out-{w.payload}" for w in works]
+
+    return ComputeQueue("test", **(queue_kwargs or {})), passes, run
+
+
+async def test_steps_arriving_during_a_pass_join_the_next_one():
+    queue, passes, run = queue_recorder()
+    try:
+        first = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run), Priority.DECODE))
+        await asyncio.sleep(0.005)  # "a" computes alone: nothing waits for a batch to fill
+        others = [
+            asyncio.ensure_future(queue.run_batched(BatchWork(key, 1, name, run), Priority.DECODE))
+            for key, name in [("span", "b"), ("span", "c"), ("other-span", "d"), ("span", "e")]
+        ]
+        results = await asyncio.wait_for(asyncio.gather(first, *others), 5)
+    finally:
+        queue.shutdown()
+    assert results == ["out-a", "out-b", "out-c", "out-d", "out-e"]
+    assert passes[0] == ["a"]
+    assert sorted(map(sorted, passes[1:])) == [["b", "c", "e"], ["d"]]  # batched by blocks, never across them
+
+
+async def test_a_faulty_member_fails_alone():
+    queue, passes, run = queue_recorder()
+    try:
+        blocker = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run), Priority.DECODE))
+        await asyncio.sleep(0.005)
+        good = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "b", run), Priority.DECODE))
+        bad = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "faulty", run), Priority.DECODE))
+        assert await asyncio.wait_for(good, 5) == "out-b"
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(bad, 5)
+        await blocker
+    finally:
+        queue.shutdown()
+    assert ["b", "faulty"] in passes and ["b"] in passes  # tried together, then each alone
+
+
+async def test_batching_off_runs_one_step_per_pass():
+    queue, passes, run = queue_recorder({"max_batch": 1})
+    try:
+        tasks = [asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, str(i), run), Priority.DECODE)) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    finally:
+        queue.shutdown()
+    assert [len(p) for p in passes] == [1, 1, 1, 1]
+
+
+def test_prompt_chunks_join_within_the_token_budget_and_decode_steps_always():
+    def work(tokens):
+        return BatchWork("span", tokens, tokens, run=None)
+
+    head = work(200)
+    chosen = select_batch(head, [work(1), work(100), work(50), work(1), work(6)], max_items=32, max_tokens=256)
+    assert [w.payload for w in chosen] == [200, 1, 50, 1]
+    assert len(select_batch(work(1), [work(1)] * 40, max_items=32, max_tokens=256)) == 32
