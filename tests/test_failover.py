@@ -3,6 +3,7 @@ is exactly what local transformers produces."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import threading
@@ -14,6 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from molink_swarm import AutoDistributedModelForCausalLM
+from molink_swarm.client.batched import BatchedDecoder
+from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import SwarmError
 from tests.conftest import make_tiny_llama
 
@@ -236,3 +239,34 @@ def test_twenty_generations_with_a_random_server_killed_each_time(swarm, model_p
 def victim_span(local_swarm, victim) -> str:
     args = victim.popen.args
     return args[args.index("--blocks") + 1]
+
+
+def test_a_server_dies_under_a_batch_of_sessions(swarm, model_path, local):
+    """Six generations of one engine share the servers' passes; the server of blocks 10:20 that holds them dies;
+    every generation moves and ends exactly as local transformers."""
+    local_swarm = swarm(model_path, ["0:10", "10:20", "10:20", "20:30"])
+    model = open_model(local_swarm, model_path)
+    decoder = BatchedDecoder(model)
+    prompts = [prompt(4 + 3 * i, seed=40 + i)[0].tolist() for i in range(6)]
+    victims = []
+
+    async def generate(index: int) -> list[int]:
+        tokens = []
+        async for token in decoder.generate(prompts[index], 24):
+            tokens.append(token)
+            if index == 0 and len(tokens) == 8:
+                victims.append(server_serving(local_swarm, next(iter(decoder.active)), 15))
+                victims[0].kill()
+        return tokens
+
+    async def generate_all():
+        return await asyncio.gather(*(generate(i) for i in range(len(prompts))))
+
+    try:
+        outputs = run_sync(generate_all())
+        for ids, tokens in zip(prompts, outputs):
+            want = local.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
+            assert tokens == want.tolist()
+        assert decoder.failovers >= 1 and victims
+    finally:
+        model.shutdown()

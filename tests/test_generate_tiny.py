@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import re
 import urllib.request
@@ -194,3 +195,29 @@ def test_long_prompts_computed_in_chunks_match_local(distributed, tiny_llama_loc
         assert torch.allclose(distributed(ids).logits, tiny_llama_local(ids).logits, atol=1e-4)
     expected = tiny_llama_local.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     assert torch.equal(distributed.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), expected)
+
+
+def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
+    """The web app's engine: generations of different lengths at once, each equal to local greedy decoding, with
+    the client's LM head run once per step for all of them, and no failover on the way."""
+    from molink_swarm.client.batched import BatchedDecoder
+    from molink_swarm.client.loop import run_sync
+
+    decoder = BatchedDecoder(distributed)
+    jobs = [(prompt(2 + 4 * i, seed=60 + i)[0].tolist(), 5 + 2 * i) for i in range(6)]
+    batch_sizes = []
+    compute = decoder.heads._compute
+    decoder.heads._compute = lambda hidden: batch_sizes.append(len(hidden)) or compute(hidden)
+
+    async def generate(ids, new_tokens):
+        return [token async for token in decoder.generate(ids, new_tokens)]
+
+    async def generate_all():
+        return await asyncio.gather(*(generate(*job) for job in jobs))
+
+    outputs = run_sync(generate_all())
+    for (ids, new_tokens), tokens in zip(jobs, outputs):
+        want = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+        assert tokens == want[0, len(ids) :].tolist()
+    assert decoder.failovers == 0 and not decoder.active
+    assert max(batch_sizes) > 1, "the LM head never ran for two generations at once"

@@ -222,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             soft_wrap=True,  # an address broken over two lines cannot be copied
         )
         port = 8080 if port_is_free(8080) else free_port()
-        _serve_web([model], swarm.initial_peers, "127.0.0.1", port, Limits(), max_concurrent=8)
+        _serve_web([model], swarm.initial_peers, "127.0.0.1", port, Limits(), max_concurrent=24)
     finally:
         swarm.stop()
 
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens one request may generate")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted, in tokens")
     p.add_argument("--max-sessions-per-client", type=int, default=2, help="concurrent generations per client address")
-    p.add_argument("--max-concurrent", type=int, default=8, help="generations at once over all clients (others queue)")
+    p.add_argument("--max-concurrent", type=int, default=24,
+                   help="generations at once over all clients, batched together (others queue; a server admits 24 sessions of one peer by default)")
     p.add_argument("--wait-for-blocks", type=float, default=10.0, metavar="S",
                    help="how long a request waits for missing blocks to appear before failing")
     p.set_defaults(func=cmd_web)

@@ -121,7 +121,7 @@ class DistributedCausalLMMixin:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self.embed_inputs(input_ids)
         session = self._active_session
         if isinstance(past_key_values, RemoteCache) or (session is not None and past_key_values is not None):
             session = past_key_values.session if isinstance(past_key_values, RemoteCache) else session
@@ -142,6 +142,10 @@ class DistributedCausalLMMixin:
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the first block takes for these tokens."""
+        return self.get_input_embeddings()(input_ids)
 
     def _final_norm(self) -> torch.nn.Module:
         base = getattr(self, self.base_model_prefix)

@@ -65,11 +65,14 @@ class StepTimer:
         self.decode_s: Optional[float] = None
         self.per_token_s: Optional[float] = None
 
-    def timeout(self, tokens: int) -> float:
+    def expected(self, tokens: int) -> Optional[float]:
+        """How long a step of ``tokens`` tokens usually takes (None until measured)."""
         if messages.is_decode(tokens):
-            expected = self.decode_s
-        else:
-            expected = None if self.per_token_s is None else self.per_token_s * tokens
+            return self.decode_s
+        return None if self.per_token_s is None else self.per_token_s * tokens
+
+    def timeout(self, tokens: int) -> float:
+        expected = self.expected(tokens)
         if expected is None:
             return self.initial_timeout + 0.01 * tokens
         return max(self.min_timeout, self.factor * expected)
@@ -97,6 +100,7 @@ class _HopStream:
         self.last_result: Optional[messages.StepResult] = None
         self._pending: Optional[tuple[int, torch.Size, float]] = None
         self.push_channel: Optional[PushChannel] = None  # the client's fallback copies of pushed inputs
+        self.fallback_push: Optional[asyncio.TimerHandle] = None  # a copy due unless this hop answers first
 
     @property
     def peer_id(self):
@@ -161,6 +165,10 @@ class _HopStream:
             reply = await asyncio.wait_for(anext(self._responses), self.timer.timeout(tokens) + extra_timeout)
         except StopAsyncIteration:
             raise ConnectionError(f"Server {self.peer_id} closed the session") from None
+        finally:
+            if self.fallback_push is not None:
+                self.fallback_push.cancel()
+                self.fallback_push = None
         self._pending = None
         result = messages.decode_metadata(reply.metadata, messages.StepResult)
         if len(reply.tensors) != 1 or result.position != position + tokens:
@@ -243,6 +251,12 @@ class InferenceSession:
             self.closed = True
             run_sync(self._close_hops())
 
+    async def aclose(self) -> None:
+        """``close()`` from the client loop."""
+        if not self.closed:
+            self.closed = True
+            await self._close_hops()
+
     def __enter__(self) -> "InferenceSession":
         return self
 
@@ -317,9 +331,14 @@ class InferenceSession:
                 return
 
     def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
+        """Our copy of ``hop``'s input. In the healthy path the previous server's push got there first and the hop
+        answers within about its usual step time; only if it does not is the copy sent (each copy costs a message
+        and a serialization per hop and token, which adds up over many sessions)."""
         if hop.push_channel is None:
             hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.links.relay_for(hop.peer_id))
-        hop.push_channel.push(self.position, hidden)
+        expected = hop.timer.expected(hidden.shape[1])
+        grace = 0.0 if expected is None else 2.0 * expected + 0.01
+        hop.fallback_push = asyncio.get_running_loop().call_later(grace, hop.push_channel.push, self.position, hidden)
 
     def _schedule_leave_check(self) -> None:
         """Refresh the server list in the background so that servers that announced leaving are moved off early."""

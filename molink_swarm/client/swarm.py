@@ -6,7 +6,7 @@ import asyncio
 import atexit
 import logging
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -55,6 +55,7 @@ class SwarmClient:
         self._servers: dict[PeerID, ServerInfo] = {}  # online as of the last reads
         self._missed: dict[PeerID, int] = {}  # online server -> DHT reads in a row that did not find it
         self._fetched_at = -float("inf")
+        self._refreshing: Optional[asyncio.Future] = None
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
         self._closed = False
         atexit.register(self.shutdown)  # users forget; a clean exit beats "Task was destroyed" noise
@@ -106,7 +107,16 @@ class SwarmClient:
         relay = self.links.relay_for(server.peer_id)
         return max(load, self.links.relay_loads.get(relay, 0.0)) if relay is not None else load
 
-    async def refresh_departures(self) -> None:
+    async def refresh_departures(self, max_age: float = 1.0) -> None:
+        """Re-read the servers unless the last read is younger than ``max_age`` seconds. Sessions ask every second
+        or so; however many there are, they share one DHT read."""
+        if time.monotonic() - self._fetched_at < max_age:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_quietly())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_quietly(self) -> None:
         try:
             await self.servers(refresh=True)
         except Exception:  # a failed look-up must not break the session that asked in the background

@@ -52,7 +52,6 @@ class WebApp:
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/healthz", self.health)
         self.api.add_routes(app)
-        app.on_cleanup.append(self._close)
         return app
 
     # ---- pages and JSON
@@ -140,10 +139,6 @@ class WebApp:
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
-    async def _close(self, _app: web.Application) -> None:
-        for engine in self.engines:
-            engine.close()
-
 
 def _http_message(error: web.HTTPException, limits: Limits) -> str:
     if error.status == 413:
@@ -209,7 +204,7 @@ async def run_web(
     host: str = "127.0.0.1",
     port: int = 8080,
     limits: Limits = Limits(),
-    max_concurrent: int = 8,
+    max_concurrent: int = 24,
     wait_for_blocks_s: float = 10.0,
     stop: Optional[asyncio.Event] = None,
     on_ready=None,

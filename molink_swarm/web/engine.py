@@ -1,10 +1,11 @@
 """Text generation for the web app: many requests at once over one distributed model, streamed as text.
 
-Each request generates in its own worker thread and inference session (the model's active session is per
-thread). Tokens travel to the event loop as ids; all tokenizer work happens on the event loop, so the
-tokenizer is never used from two threads. A fixed number of generation slots, handed out first come first
-served, shares the swarm fairly among visitors; a request that is stopped (stop string, client gone) frees
-its slot as soon as the running step ends.
+All requests share one :class:`BatchedDecoder` (client/batched.py): each has its own inference session, the
+servers compute their steps in shared passes, and the client's LM head runs once per step for all of them. The
+decoding runs on the client's event loop; tokens travel to the web app's loop as ids, and all tokenizer work
+happens there, so the tokenizer is never used from two threads. A fixed number of generation slots, handed out
+first come first served, shares the swarm fairly among visitors; a request that is stopped (stop string, client
+gone) frees its slot as soon as the running step ends.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import asyncio
 import dataclasses
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional, Sequence
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-
+from molink_swarm.client.batched import BatchedDecoder, Sampling
+from molink_swarm.client.loop import event_loop as client_loop
 from molink_swarm.web.metrics import WebMetrics
 
 
@@ -93,31 +91,6 @@ class TextAssembler:
         return longest
 
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _QueueStreamer(BaseStreamer):
-    """Hands each new token id list to the event loop (the first call carries the prompt, skipped)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.loop, self.queue = loop, queue
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
 _DONE = object()
 
 
@@ -131,7 +104,7 @@ class ChatEngine:
         *,
         name: str,
         aliases: Sequence[str] = (),
-        max_concurrent: int = 8,
+        max_concurrent: int = 24,
         metrics: Optional[WebMetrics] = None,
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -139,7 +112,7 @@ class ChatEngine:
         self.max_concurrent = max_concurrent
         self.metrics = metrics or WebMetrics()
         self.created = int(time.time())
-        self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix=f"generate-{name}")
+        self.decoder = BatchedDecoder(model)
         self._slots: Optional[asyncio.Semaphore] = None
         eos = model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -176,7 +149,7 @@ class ChatEngine:
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         started = time.perf_counter()
         try:
-            loop.run_in_executor(self._executor, self._generate, prompt_ids, params, queue, cancel, loop)
+            asyncio.run_coroutine_threadsafe(self._decode(prompt_ids, params, queue, cancel, loop), client_loop())
         except BaseException:
             self._release_slot()
             raise
@@ -213,7 +186,7 @@ class ChatEngine:
             cancel.set()  # a client that went away, a stop string, or the end: the worker stops at its next step
             self.metrics.generation_seconds.observe(time.perf_counter() - started)
 
-    def _generate(
+    async def _decode(
         self,
         prompt_ids: list[int],
         params: SamplingParams,
@@ -221,23 +194,12 @@ class ChatEngine:
         cancel: threading.Event,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Runs on a worker thread; hands tokens, then _DONE or the error, to the event loop."""
+        """Runs on the client loop; hands tokens, then _DONE or the error, to the web app's loop."""
         outcome: Any = _DONE
         try:
-            ids = torch.tensor([prompt_ids], dtype=torch.long)
-            sampling: dict[str, Any] = dict(do_sample=False)
-            if params.temperature > 0:
-                sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            with self.model.inference_session(max_length=len(prompt_ids) + params.max_new_tokens):
-                self.model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=params.max_new_tokens,
-                    pad_token_id=self.pad_id,
-                    streamer=_QueueStreamer(loop, queue),
-                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
-                    **sampling,
-                )
+            sampling = Sampling(temperature=params.temperature, top_p=params.top_p)
+            async for token in self.decoder.generate(prompt_ids, params.max_new_tokens, sampling, stopped=cancel.is_set):
+                loop.call_soon_threadsafe(queue.put_nowait, [token])
         except BaseException as e:  # handed to the request, which answers with a clear error
             outcome = e
         finally:
@@ -247,6 +209,3 @@ class ChatEngine:
     def _release_slot(self) -> None:
         self.metrics.active_generations.dec()
         self._slots.release()
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
