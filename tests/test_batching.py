@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from molink_swarm.client.batched import GroupCount
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority, select_batch
@@ -226,3 +227,16 @@ def test_prompt_chunks_join_within_the_token_budget_and_decode_steps_always():
     chosen = select_batch(head, [work(1), work(100), work(50), work(1), work(6)], max_items=32, max_tokens=256)
     assert [w.payload for w in chosen] == [200, 1, 50, 1]
     assert len(select_batch(work(1), [work(1)] * 40, max_items=32, max_tokens=256)) == 32
+
+
+def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():
+    count = GroupCount(max_groups=8)
+    assert count.target() == 1  # nothing measured: one group
+    count.record(trip_s=0.40, stage_s=0.10)  # four stages of about equal time: four groups keep each one busy
+    assert count.target() == 4
+    for _ in range(30):
+        count.record(trip_s=0.40, stage_s=0.40)  # one stage is all of the trip: more groups would only queue there
+    assert count.target() == 1
+    for _ in range(30):
+        count.record(trip_s=5.0, stage_s=0.01)
+    assert count.target() == 8

@@ -1,9 +1,16 @@
 """Many generations at once over one distributed model, as one engine (the web app's).
 
-Each generation has its own inference session, so the servers hold its cache and batch its steps with everyone
-else's (see server/scheduler.py). What the client computes itself, the final norm and the LM head (for a small
-model, a fifth of all the work), runs once per step for every generation waiting for it: :class:`HeadBatcher`
-collects them the way a server's compute queue does, without waiting for a batch to fill.
+Each generation has its own inference session (the servers hold its cache), but generations step in
+*micro-batches*: the members of a group send their steps together, so the steps reach each server together and run
+there in one pass (see server/scheduler.py), and the client's own final norm and LM head (for a small model, a
+fifth of all the work) run once for the whole group. Free-running generations would reach the servers and the
+head one at a time and batch poorly.
+
+Several groups are in flight at once, each on a different stage of the chain (MoLink's overlap of compute and
+transfer): while one group's steps compute on the second server, another's are on the first, a third's at the
+head. How many groups: as many as fit in one trip around the chain, measured as the trip time over the time of
+its slowest stage (:class:`GroupCount`). A new generation joins the smallest group at its next step; a lone
+generation is a group of one and pays nothing for any of this.
 
 Everything here runs on the client's event loop (client/loop.py), where the sessions' P2P streams live.
 """
@@ -12,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import time
 from typing import AsyncIterator, Callable, Optional, Sequence
 
 import torch
@@ -38,53 +47,57 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class HeadBatcher:
-    """Final norm + LM head for the last hidden state of every generation that asks at about the same time: one
-    matrix product for all of them. A request that arrives while a batch computes joins the next one."""
+class GroupCount:
+    """How many micro-batches to keep in flight: one trip of a group around the chain (its steps on every server,
+    the transfers, the head) over the time of the trip's slowest stage. With fewer groups some stage idles; with
+    more, groups queue at the slowest stage and only get smaller. Measured, smoothed, never a constant."""
 
-    def __init__(self, norm: torch.nn.Module, head: torch.nn.Module, max_batch: int = 64):
-        self.norm, self.head, self.max_batch = norm, head, max_batch
-        self._waiting: list[tuple[torch.Tensor, asyncio.Future]] = []
-        self._draining: Optional[asyncio.Task] = None
+    def __init__(self, smoothing: float = 0.2, max_groups: int = 8):
+        self.smoothing, self.max_groups = smoothing, max_groups
+        self.trip_s: Optional[float] = None
+        self.stage_s: Optional[float] = None
 
-    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [vocab] for ``hidden`` [hidden_size]."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((hidden, future))
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain())
-        return await future
+    def record(self, trip_s: float, stage_s: float) -> None:
+        if self.trip_s is None:
+            self.trip_s, self.stage_s = trip_s, stage_s
+        else:
+            self.trip_s += self.smoothing * (trip_s - self.trip_s)
+            self.stage_s += self.smoothing * (stage_s - self.stage_s)
 
-    async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
-            try:
-                logits = await asyncio.to_thread(self._compute, torch.stack([hidden for hidden, _ in batch]))
-            except Exception as e:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future), row in zip(batch, logits):
-                if not future.done():
-                    future.set_result(row)
+    def target(self) -> int:
+        if self.trip_s is None or not self.stage_s:
+            return 1
+        return max(1, min(self.max_groups, math.floor(self.trip_s / self.stage_s)))
 
-    @torch.inference_mode()
-    def _compute(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden))
+
+@dataclasses.dataclass(eq=False)
+class _Generation:
+    session: InferenceSession
+    inputs: torch.Tensor  # token ids of its next step, [1, tokens]
+    max_new_tokens: int
+    sampling: Sampling
+    stopped: Callable[[], bool]
+    generator: Optional[torch.Generator]
+    tokens: asyncio.Queue  # new token ids, then None (done) or the error
+    produced: int = 0
+    done: bool = False
 
 
 class BatchedDecoder:
     """Generates for many prompts at once with one distributed causal LM (greedy or sampling)."""
 
-    def __init__(self, model, *, batch_head: bool = True, **session_options):
+    def __init__(self, model, *, micro_batches: bool = True, max_groups: int = 8, **session_options):
         self.model = model
         self.session_options = session_options
-        self.heads = HeadBatcher(model._final_norm(), model.get_output_embeddings(), max_batch=64 if batch_head else 1)
+        self.micro_batches = micro_batches  # False: every generation steps on its own (for comparisons)
+        self.norm, self.head = model._final_norm(), model.get_output_embeddings()
         eos = model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.groups: list[list[_Generation]] = []
+        self.group_count = GroupCount(max_groups=max_groups)
         self.active: set[InferenceSession] = set()  # one per running generation
         self.failovers = 0  # of the generations that have ended
+        self.head_batches: list[int] = []  # rows of the last LM head runs (a window, for tests and metrics)
 
     async def generate(
         self,
@@ -94,9 +107,6 @@ class BatchedDecoder:
         stopped: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[int]:
         """Yield new token ids until an end-of-sequence token (yielded too), ``max_new_tokens`` or ``stopped()``."""
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator().manual_seed(sampling.seed)
         session = InferenceSession(
             self.model.swarm,
             max_length=len(prompt_ids) + max_new_tokens,
@@ -104,18 +114,91 @@ class BatchedDecoder:
             wait_for_blocks_s=self.model.wait_for_blocks_s,
             **self.session_options,
         )
+        generation = _Generation(
+            session=session,
+            inputs=torch.tensor([list(prompt_ids)], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stopped=stopped,
+            generator=None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed),
+            tokens=asyncio.Queue(),
+        )
         self.active.add(session)
+        self._join(generation)
         try:
-            inputs = torch.tensor([list(prompt_ids)], dtype=torch.long)
-            for _ in range(max_new_tokens):
-                with torch.inference_mode():
-                    hidden = await session.astep(self.model.embed_inputs(inputs))
-                token = sampling.choose(await self.heads.logits(hidden[0, -1]), generator)
-                yield token
-                if token in self.eos_ids or stopped():
+            while True:
+                item = await generation.tokens.get()
+                if item is None:
                     return
-                inputs = torch.tensor([[token]], dtype=torch.long)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            self.active.discard(session)
-            self.failovers += session.failovers
-            await session.aclose()
+            generation.done = True  # the consumer may stop early: its group drops it at the next step
+
+    def _join(self, generation: _Generation) -> None:
+        target = self.group_count.target() if self.micro_batches else math.inf
+        if len(self.groups) < target:
+            group: list[_Generation] = []
+            self.groups.append(group)
+            asyncio.create_task(self._run_group(group))
+        else:
+            group = min(self.groups, key=len)
+        group.append(generation)
+
+    async def _run_group(self, group: list[_Generation]) -> None:
+        try:
+            while group:
+                members = list(group)
+                started = time.perf_counter()
+                steps = await asyncio.gather(*(self._step(member) for member in members), return_exceptions=True)
+                trip_s = time.perf_counter() - started
+                alive = []
+                for member, hidden in zip(members, steps):
+                    if isinstance(hidden, BaseException):
+                        self._finish(group, member, hidden)
+                    elif member.done:
+                        self._finish(group, member, None)
+                    else:
+                        alive.append((member, hidden))
+                if not alive:
+                    continue
+                started = time.perf_counter()
+                logits = await asyncio.to_thread(self._logits, torch.stack([hidden[0, -1] for _, hidden in alive]))
+                head_s = time.perf_counter() - started
+                for (member, _), row in zip(alive, logits):
+                    self._advance(group, member, member.sampling.choose(row, member.generator))
+                slowest_hop = max(alive[0][0].session.hop_compute_s, default=0.0)
+                self.group_count.record(trip_s + head_s, max(head_s, slowest_hop))
+        finally:
+            for member in list(group):
+                self._finish(group, member, RuntimeError("The generation engine stopped"))
+            if group in self.groups:
+                self.groups.remove(group)
+
+    async def _step(self, member: _Generation) -> torch.Tensor:
+        with torch.inference_mode():
+            embeddings = self.model.embed_inputs(member.inputs)
+        return await member.session.astep(embeddings)
+
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.head_batches = [*self.head_batches[-99:], hidden.shape[0]]
+        return self.head(self.norm(hidden))
+
+    def _advance(self, group: list[_Generation], member: _Generation, token: int) -> None:
+        member.tokens.put_nowait(token)
+        member.produced += 1
+        if token in self.eos_ids or member.produced >= member.max_new_tokens or member.stopped() or member.done:
+            self._finish(group, member, None)
+        else:
+            member.inputs = torch.tensor([[token]], dtype=torch.long)
+
+    def _finish(self, group: list[_Generation], member: _Generation, outcome: Optional[BaseException]) -> None:
+        if member not in group:
+            return
+        group.remove(member)
+        member.tokens.put_nowait(outcome)
+        self.active.discard(member.session)
+        self.failovers += member.session.failovers
+        asyncio.create_task(member.session.aclose())

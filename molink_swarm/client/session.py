@@ -240,6 +240,11 @@ class InferenceSession:
     def chain(self) -> list[Hop]:
         return [h.hop for h in self._hops]
 
+    @property
+    def hop_compute_s(self) -> list[float]:
+        """Each hop's time for the last step, as its server measured it (queueing and compute)."""
+        return [h.last_result.compute_s for h in self._hops if h.last_result is not None]
+
     # ---- synchronous API (what the model classes call)
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:

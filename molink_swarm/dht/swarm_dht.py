@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
+import time
 from functools import partial
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
@@ -106,11 +108,26 @@ def declare_server(
     keys = [block_key(model.model_id, i) for i in range(record.start, record.end)] + [MODELS_KEY]
     values = [record.to_wire()] * (record.end - record.start) + [model.to_wire()]
     expiration = get_dht_time() + ttl
-    results = dht.run_coroutine(partial(_store_many, keys=keys, values=values, expiration_time=expiration, subkey=subkey))
+    results = _run(dht, partial(_store_many, keys=keys, values=values, expiration_time=expiration, subkey=subkey))
     ok = all(results.values())
     if not ok:
         logger.debug("Some DHT stores failed: %s", {k: v for k, v in results.items() if not v})
     return ok
+
+
+def _run(dht: hivemind.DHT, coroutine, timeout: float = 120.0):
+    """``dht.run_coroutine`` that gives up when the DHT process is gone: a call pending when the DHT shuts down is
+    never answered, and the thread waiting for it would keep the interpreter from exiting."""
+    future = dht.run_coroutine(coroutine, return_future=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except concurrent.futures.TimeoutError:
+            if not dht.is_alive():
+                raise RuntimeError("The DHT was shut down") from None
+            if time.monotonic() > deadline:
+                raise
 
 
 async def _get_many(_dht: hivemind.DHT, node: DHTNode, keys, latest: bool) -> dict:
@@ -120,7 +137,7 @@ async def _get_many(_dht: hivemind.DHT, node: DHTNode, keys, latest: bool) -> di
 def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int, latest: bool = True) -> list[ServerInfo]:
     """All servers announced for ``model_id``, one entry per server (not per block), invalid records skipped."""
     keys = [block_key(model_id, i) for i in range(num_blocks)]
-    found = dht.run_coroutine(partial(_get_many, keys=keys, latest=latest))
+    found = _run(dht, partial(_get_many, keys=keys, latest=latest))
     servers: dict[PeerID, ServerInfo] = {}
     for key in keys:
         for peer_id, record, expiration_time in owned_records(key, found.get(key), ServerRecord):
@@ -136,7 +153,7 @@ def fetch_models(dht: hivemind.DHT) -> dict[str, ModelRecord]:
     Every server of a model announces the same record; if peers disagree about a model id, the record most
     peers announce wins, and on a tie the one with fewer blocks (what a reader fetches per model is bounded
     by the honest record, not inflated by a forged one)."""
-    entry = dht.run_coroutine(partial(_get_many, keys=[MODELS_KEY], latest=True)).get(MODELS_KEY)
+    entry = _run(dht, partial(_get_many, keys=[MODELS_KEY], latest=True)).get(MODELS_KEY)
     votes: dict[str, collections.Counter[ModelRecord]] = collections.defaultdict(collections.Counter)
     for _peer_id, record, _expiration in owned_records(MODELS_KEY, entry, ModelRecord):
         votes[record.model_id][record] += 1
