@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 
 from molink_swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from molink_swarm.client.chunking import ChunkPolicy  # noqa: E402
 from molink_swarm.lab import LocalSwarm  # noqa: E402
 
 
@@ -76,7 +77,10 @@ def p5(args) -> str:
         for server in servers:
             server.wait_online()
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        if args.gate_slack_s is not None:
+            model.swarm.gate.slack_s = args.gate_slack_s
         prompt = torch.randn(1, args.prompt_tokens, model.config.hidden_size)
+        policy = ChunkPolicy(target_s=args.chunk_target_s) if args.chunk_target_s else ChunkPolicy()
         windows: dict[str, list[float]] = {"alone": [], "chunked": [], "unchunked": []}
         prompt_s: dict[str, list[float]] = {"chunked": [], "unchunked": []}
         chunks: list[int] = []
@@ -89,7 +93,7 @@ def p5(args) -> str:
                         if condition == "alone":
                             time.sleep(args.window_s)
                         else:
-                            options = dict(prefill_chunking=condition == "chunked")
+                            options = dict(prefill_chunking=condition == "chunked", chunk_policy=policy)
                             with model.inference_session(max_length=args.prompt_tokens + 8, **options) as session:
                                 session.step(prompt)
                                 chunks.append(session.prefill_chunks)
@@ -112,7 +116,7 @@ def p5(args) -> str:
         f"chunked_p99_ms={1000 * percentile(chunked, 0.99):.1f} unchunked_p99_ms={1000 * percentile(unchunked, 0.99):.1f} "
         f"prompt_s={statistics.median(prompt_s['chunked']):.2f} "
         f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} forced_chunks={forced} "
-        f"measured_link_mbit={link_mbit:.0f} "
+        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} gate_slack_s={model.swarm.gate.slack_s} "
         f"steps={len(alone)}/{len(chunked)}/{len(unchunked)} mbit={args.mbit} prompt_tokens={args.prompt_tokens} "
         f"servers={len(args.blocks)}"
     )
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2000, help="P5: the fifth session's prompt")
     parser.add_argument("--rounds", type=int, default=2, help="P5: prompts of each kind (alternating)")
     parser.add_argument("--window-s", type=float, default=5.0, help="P5: seconds of decoding alone per round")
+    parser.add_argument("--chunk-target-s", type=float, default=None, help="P5: ChunkPolicy.target_s of the prompt")
+    parser.add_argument("--gate-slack-s", type=float, default=None, help="P5: the client's LinkGate.slack_s")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
     args = parser.parse_args()
     for name in args.only or sorted(MEASUREMENTS):

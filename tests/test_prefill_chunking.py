@@ -55,6 +55,34 @@ def test_a_chunk_waits_for_decode_steps_to_its_server_only():
     asyncio.run(main())
 
 
+def test_a_chunk_goes_once_its_server_has_answered_though_the_step_goes_on_down_the_chain():
+    async def main():
+        gate, events = LinkGate(slack_s=60), []
+        step_done = asyncio.Event()
+
+        async def decode():
+            with gate.decode(["a", "b"]) as answered:
+                await asyncio.sleep(0.01)
+                events.append("a answered")
+                answered("a")
+                await step_done.wait()
+
+        async def chunk(peer):
+            async with gate.prefill(peer):
+                events.append(f"chunk to {peer}")
+
+        decoding = asyncio.create_task(decode())
+        await asyncio.sleep(0)
+        await chunk("a")
+        assert gate.decoding_to("b") == 1
+        step_done.set()
+        await decoding
+        await chunk("b")
+        assert events == ["a answered", "chunk to a", "chunk to b"] and gate.forced == 0
+
+    asyncio.run(main())
+
+
 def test_chunks_to_one_server_go_one_at_a_time_in_order():
     async def main():
         gate, events = LinkGate(slack_s=60), []
@@ -100,13 +128,14 @@ def test_a_steady_stream_of_decode_steps_cannot_starve_a_chunk():
 # ---- chunk sizing (pure)
 
 
-def test_chunks_take_about_the_target_time_on_the_slowest_link_within_bounds():
+def test_chunks_take_about_the_target_time_or_a_round_trip_on_the_slowest_link_within_bounds():
     policy = ChunkPolicy(target_s=0.1, min_tokens=16, max_tokens=512)
     per_token = 2 * 576 * 4  # SmolLM2's hidden states, float32, there and back
     assert policy.tokens(per_token, 50e6 / 8) == 135  # 50 Mbit/s: 0.1 s carries 135 positions
     assert policy.tokens(per_token, 1e3) == 16
     assert policy.tokens(per_token, 1e12) == 512
     assert ChunkPolicy(min_tokens=16, max_tokens=8).tokens(per_token, 1e3) == 8  # the ceiling wins
+    assert policy.tokens(per_token, 50e6 / 8, rtt_s=0.2) == 271  # a far link: a round trip's worth per chunk
 
 
 def test_link_throughput_leaves_out_compute_and_round_trip_and_takes_the_slowest():

@@ -1,11 +1,14 @@
 """How long a prompt's chunks should be: each chunk's input and output cross the slowest link of the chain in about
-``target_s``.
+``target_s``, or in one round trip over a link slower than that.
 
 Why chunks: a prompt sent whole occupies each link for as long as its activations take to cross it (seconds for
 a 2k-token prompt over a home uplink), and every decode step sent after it, by any session of this process,
 waits behind it. A chunk that takes ``target_s`` is all a decode step can find ahead of it (see link_gate.py),
 and chunks let the hops of a chain work on different chunks at once (session.py). Too small a chunk wastes
-round trips and per-step overhead, hence a floor; too large a one stalls decode steps, hence a ceiling.
+round trips and per-step overhead, hence a floor; too large a one stalls decode steps, hence a ceiling. A chunk
+costs a round trip on each hop whatever its size: over a far link, chunks that carry less than a round trip's
+worth would leave the link idle most of the time (and there decode steps take several round trips, so such a
+chunk delays them by a like share).
 
 Link throughput is measured from the chunks themselves: a relayed step's bytes (input up, output down) over its
 time minus the server's compute time and the round trip. Until a link has been measured, a slow home link is
@@ -20,15 +23,15 @@ from typing import Hashable, Iterable
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPolicy:
-    target_s: float = 0.05  # a chunk's input and output cross its slowest link in about this (~25 ms each way)
+    target_s: float = 0.02  # a chunk's input and output cross its slowest link in about this (~10 ms each way)
     min_tokens: int = 16
     max_tokens: int = 512
     unmeasured_bytes_per_s: float = 10e6 / 8  # a link not measured yet is taken for a 10 Mbit/s one
 
-    def tokens(self, bytes_per_token: int, link_bytes_per_s: float) -> int:
+    def tokens(self, bytes_per_token: int, link_bytes_per_s: float, rtt_s: float = 0.0) -> int:
         """Tokens per chunk (per sequence) when one token position costs ``bytes_per_token`` on the wire, input
-        and output together, over a link that carries ``link_bytes_per_s``."""
-        ideal = int(self.target_s * link_bytes_per_s / bytes_per_token)
+        and output together, over a link that carries ``link_bytes_per_s`` with round trips of ``rtt_s``."""
+        ideal = int(max(self.target_s, rtt_s) * link_bytes_per_s / bytes_per_token)
         return max(min(self.min_tokens, self.max_tokens), min(self.max_tokens, ideal))
 
 

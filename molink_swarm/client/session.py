@@ -20,10 +20,10 @@ import copy
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.chunking import ChunkPolicy
@@ -288,8 +288,8 @@ class InferenceSession:
             if hop.peer_id in self.swarm.departed:
                 await self._replace(index, f"server {hop.peer_id} left the swarm")
         if messages.is_decode(hidden.shape[1]):
-            with self.swarm.gate.decode(hop.peer_id for hop in self._hops):
-                output = await self._step(hidden)
+            with self.swarm.gate.decode(hop.peer_id for hop in self._hops) as answered:
+                output = await self._step(hidden, answered)
         elif self.prefill_chunking:
             output = await self._prefill(hidden)
         else:
@@ -297,8 +297,9 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return output
 
-    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """One step through the whole chain: forwarded server to server where it is small enough, else relayed."""
+    async def _step(self, hidden: torch.Tensor, answered: Callable[[PeerID], None] = lambda _: None) -> torch.Tensor:
+        """One step through the whole chain: forwarded server to server where it is small enough, else relayed.
+        ``answered(peer)`` is called as each server answers."""
         forwarded = self.forwarding and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
         if forwarded:
             await self._send_forwarded(hidden)
@@ -313,6 +314,7 @@ class InferenceSession:
             except SERVER_FAILURES as e:
                 await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}")
                 continue
+            answered(hop.peer_id)
             upstream_s += hop.timer.timeout(hidden.shape[1])
             upstream_done = time.perf_counter()
             hop.remember(hidden, self.position)
@@ -346,7 +348,8 @@ class InferenceSession:
                 return None
             peers = [hop.peer_id for stage in stages for hop in stage]
             slowest = self.swarm.link_throughput.slowest(peers, self.chunk_policy.unmeasured_bytes_per_s)
-            size = self.chunk_policy.tokens(bytes_per_token, slowest)
+            rtt = max(self.swarm.links.rtts.get(peer, 0.0) for peer in peers)
+            size = self.chunk_policy.tokens(bytes_per_token, slowest, rtt)
             chunk = (offset, hidden[:, offset : offset + size])
             offset += size
             self.prefill_chunks += 1
