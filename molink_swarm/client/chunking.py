@@ -23,8 +23,12 @@ from typing import Hashable, Iterable
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPolicy:
-    target_s: float = 0.02  # a chunk's input and output cross its slowest link in about this (~10 ms each way)
-    min_tokens: int = 16
+    # A chunk's input and output cross its slowest link in about this (~25 ms each way). Smaller chunks delay decode
+    # steps less on the link but cost more round trips and more turns in the servers' compute queues, where each
+    # chunk may wait behind decode steps (see server/scheduler.py): under heavy decode load a prompt in tiny
+    # chunks crawls.
+    target_s: float = 0.05
+    min_tokens: int = 32
     max_tokens: int = 512
     unmeasured_bytes_per_s: float = 10e6 / 8  # a link not measured yet is taken for a 10 Mbit/s one
 
