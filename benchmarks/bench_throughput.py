@@ -12,6 +12,7 @@ Prints one line per measurement, e.g.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -80,7 +81,9 @@ def p5(args) -> str:
         if args.gate_slack_s is not None:
             model.swarm.gate.slack_s = args.gate_slack_s
         prompt = torch.randn(1, args.prompt_tokens, model.config.hidden_size)
-        policy = ChunkPolicy(target_s=args.chunk_target_s) if args.chunk_target_s else ChunkPolicy()
+        policy = ChunkPolicy(pipelined=not args.no_pipelining)
+        if args.chunk_target_s:
+            policy = dataclasses.replace(policy, target_s=args.chunk_target_s)
         windows: dict[str, list[float]] = {"alone": [], "chunked": [], "unchunked": []}
         prompt_s: dict[str, list[float]] = {"chunked": [], "unchunked": []}
         chunks: list[int] = []
@@ -116,7 +119,7 @@ def p5(args) -> str:
         f"chunked_p99_ms={1000 * percentile(chunked, 0.99):.1f} unchunked_p99_ms={1000 * percentile(unchunked, 0.99):.1f} "
         f"prompt_s={statistics.median(prompt_s['chunked']):.2f} "
         f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} forced_chunks={forced} "
-        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} gate_slack_s={model.swarm.gate.slack_s} "
+        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} pipelined={policy.pipelined} gate_slack_s={model.swarm.gate.slack_s} "
         f"steps={len(alone)}/{len(chunked)}/{len(unchunked)} mbit={args.mbit} prompt_tokens={args.prompt_tokens} "
         f"servers={len(args.blocks)}"
     )
@@ -136,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="P5: prompts of each kind (alternating)")
     parser.add_argument("--window-s", type=float, default=5.0, help="P5: seconds of decoding alone per round")
     parser.add_argument("--chunk-target-s", type=float, default=None, help="P5: ChunkPolicy.target_s of the prompt")
+    parser.add_argument("--no-pipelining", action="store_true", help="P5: chunks of the prompt go one at a time")
     parser.add_argument("--gate-slack-s", type=float, default=None, help="P5: the client's LinkGate.slack_s")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
     args = parser.parse_args()

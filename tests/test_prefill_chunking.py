@@ -4,6 +4,7 @@ link: the output is what one step of the whole prompt gives, failover included."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -173,14 +174,22 @@ def prompt(length: int, seed: int) -> torch.Tensor:
 
 def test_chunked_prefill_equals_one_shot_prefill(distributed):
     hidden = torch.randn(1, 100, distributed.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ways = {
+        "one shot": dict(prefill_chunking=False),
+        "pipelined": dict(chunk_policy=SMALL_CHUNKS),
+        "one chunk at a time": dict(chunk_policy=dataclasses.replace(SMALL_CHUNKS, pipelined=False)),
+    }
     outputs = {}
-    for chunking in (False, True):
-        with distributed.inference_session(max_length=128, prefill_chunking=chunking, chunk_policy=SMALL_CHUNKS) as s:
-            outputs[chunking] = s.step(hidden)
-            outputs[chunking, "next"] = s.step(hidden[:, :1])  # the caches hold the same prompt
-            assert s.prefill_chunks == (13 if chunking else 0)
-    assert torch.allclose(outputs[True], outputs[False], atol=1e-5), (outputs[True] - outputs[False]).abs().max()
-    assert torch.allclose(outputs[True, "next"], outputs[False, "next"], atol=1e-5)
+    for way, options in ways.items():
+        with distributed.inference_session(max_length=128, **options) as session:
+            prompt_output = session.step(hidden)
+            outputs[way] = prompt_output, session.step(hidden[:, :1])  # the caches hold the same prompt
+            assert session.prefill_chunks == (0 if way == "one shot" else 13)
+    expected_prompt, expected_next = outputs["one shot"]
+    for way in ("pipelined", "one chunk at a time"):
+        got_prompt, got_next = outputs[way]
+        assert torch.allclose(got_prompt, expected_prompt, atol=1e-5), (way, (got_prompt - expected_prompt).abs().max())
+        assert torch.allclose(got_next, expected_next, atol=1e-5), way
 
 
 def test_chunked_prompts_of_a_chat_generate_what_local_transformers_does(distributed, tiny_llama_local):

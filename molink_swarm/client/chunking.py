@@ -31,6 +31,9 @@ class ChunkPolicy:
     min_tokens: int = 32
     max_tokens: int = 512
     unmeasured_bytes_per_s: float = 10e6 / 8  # a link not measured yet is taken for a 10 Mbit/s one
+    # The hops of a chain work on different chunks at once (on machines of their own, that is pure gain; servers
+    # sharing one machine's cores also take them from each other, and from other sessions' decode steps).
+    pipelined: bool = True
 
     def tokens(self, bytes_per_token: int, link_bytes_per_s: float, rtt_s: float = 0.0) -> int:
         """Tokens per chunk (per sequence) when one token position costs ``bytes_per_token`` on the wire, input

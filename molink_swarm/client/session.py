@@ -329,7 +329,8 @@ class InferenceSession:
     async def _prefill(self, hidden: torch.Tensor) -> torch.Tensor:
         """A prompt in chunks, each its own step at its own position, relayed by the client and pipelined: hop 1
         gets chunk k+1 while hop 2 works on chunk k (MoLink's overlap of transfer and compute). The outputs,
-        concatenated, are what one step of the whole prompt gives.
+        concatenated, are what one step of the whole prompt gives. At most one chunk per hop is under way (one
+        in all with ``ChunkPolicy(pipelined=False)``), so each chunk is sized on recent measurements.
 
         Each hop's blocks are a stage with its own task; a failover replaces the stage's hop (by one or more
         hops) and the stage carries on, the others untouched. If a stage fails for good, the chunks already
@@ -339,12 +340,14 @@ class InferenceSession:
         outputs: list[torch.Tensor] = []
         failures: list[Exception] = []
         bytes_per_token = 2 * hidden[:, :1].numel() * hidden.element_size()  # input and output of one position
+        under_way = asyncio.Semaphore(len(stages) if self.chunk_policy.pipelined else 1)  # chunks in the chain
         offset = 0
 
         async def first_inputs() -> Optional[tuple[int, torch.Tensor]]:
-            # Each chunk is sized when the first hop is ready for it, from the latest measurements.
             nonlocal offset
+            await under_way.acquire()
             if failures or offset >= hidden.shape[1]:
+                under_way.release()
                 return None
             peers = [hop.peer_id for stage in stages for hop in stage]
             slowest = self.swarm.link_throughput.slowest(peers, self.chunk_policy.unmeasured_bytes_per_s)
@@ -360,17 +363,20 @@ class InferenceSession:
             try:
                 while (item := await receive()) is not None:
                     if failures:
-                        continue  # the prefill failed: drop what is left
+                        under_way.release()  # the prefill failed: drop what is left
+                        continue
                     chunk_offset, chunk = item
                     try:
                         output = await self._through_stage(stages[index], chunk, self.position + chunk_offset)
                     except Exception as e:  # SwarmError, or a bug: stop feeding chunks, let the others finish
                         failures.append(e)
+                        under_way.release()
                         continue
                     if index + 1 < len(stages):
-                        await inboxes[index].put((chunk_offset, output))
+                        inboxes[index].put_nowait((chunk_offset, output))
                     else:
                         outputs.append(output)
+                        under_way.release()
             finally:
                 if index + 1 < len(stages):
                     inboxes[index].put_nowait(None)
