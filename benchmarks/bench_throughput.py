@@ -4,9 +4,17 @@ P5: p50/p99 inter-token latency of 4 decoding sessions while a fifth session of 
 2,000-token prompt, every server behind a 50 Mbit/s emulated link, vs the same sessions without the prompt; with
 the client's prefill chunking on and off, side by side in one run (SPEC target: p99_ratio <= 1.25).
 
+The decoding sessions run all along; the rounds alternate windows of decoding alone, a chunked prompt and an
+unchunked one, and each step counts in the window it ended in. On one machine the servers also share its cores:
+a prompt's compute then slows every decode step whatever the links do. To see the links' share, run a model of
+the same width with almost no compute, e.g. a 2-block random Llama of hidden size 576 with `--blocks 0:1 1:2`.
+
 Usage: python benchmarks/bench_throughput.py [--only p5] [--model smollm2-135m-instruct] [--rounds 2]
+    [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N]
 Prints one line per measurement, e.g.
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
+(forced_chunks: chunks that went after waiting the gate's slack while decode steps were under way; measured_link:
+the client's estimate of the slowest link.)
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Decode steps go to every hop at once and each server pushes its output to the next (server to server). A prompt
 goes in chunks (see chunking.py), relayed by the client and pipelined over the hops, each chunk waiting for its
 turn on each link behind other sessions' decode steps (see link_gate.py). Server pushes thus carry decode steps
-only, and need no gate of their own.
+only, and need no gate of their own (without chunking, a prompt of up to FORWARD_MAX_BYTES is pushed too).
 
 Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
 closed stream, step timeout, or it left the DHT), the client bans it (a server behind a NAT is first tried
