@@ -1,5 +1,10 @@
 """Inference sessions: a chain of servers, each holding the KV cache of its blocks for this session.
 
+Decode steps go to every hop at once and each server pushes its output to the next (server to server). A prompt
+goes in chunks (see chunking.py), relayed by the client and pipelined over the hops, each chunk waiting for its
+turn on each link behind other sessions' decode steps (see link_gate.py). Server pushes thus carry decode steps
+only, and need no gate of their own (without chunking, a prompt of up to FORWARD_MAX_BYTES is pushed too).
+
 Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
 closed stream, step timeout, or it left the DHT), the client bans it (a server behind a NAT is first tried
 through the next relay it announced: the relay may be what failed), plans a replacement chain for that hop's
@@ -15,12 +20,13 @@ import copy
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
+from molink_swarm.client.chunking import ChunkPolicy
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.errors import UserError
@@ -96,6 +102,7 @@ class _HopStream:
         self._opened = False
         self._step_id = 0
         self._inputs: list[torch.Tensor] = []
+        self._held = 0  # positions in _inputs
         self.created_at = time.monotonic()
         self.last_result: Optional[messages.StepResult] = None
         self._pending: Optional[tuple[int, torch.Size, float]] = None
@@ -106,8 +113,13 @@ class _HopStream:
     def peer_id(self):
         return self.hop.peer_id
 
-    def remember(self, hidden: torch.Tensor) -> None:
+    def remember(self, hidden: torch.Tensor, position: int) -> None:
+        """Keep the input of the step at ``position``; what was kept from there on is replaced (a step retried
+        after a failed one that got partway through the chain)."""
+        if position < self._held:
+            self._inputs = [self.history()[:, :position]]
         self._inputs.append(hidden)
+        self._held = position + hidden.shape[1]
 
     def history(self) -> Optional[torch.Tensor]:
         """Inputs of every position this hop holds, [batch, positions, hidden] (None before the first step)."""
@@ -217,7 +229,11 @@ class InferenceSession:
         initial_step_timeout: float = 60.0,
         leave_check_period: float = 1.0,
         forwarding: bool = True,
+        prefill_chunking: bool = True,
+        chunk_policy: ChunkPolicy = ChunkPolicy(),
     ):
+        """``prefill_chunking=False`` sends a prompt as one step (as servers still compute it in chunks), which
+        stalls other sessions' decode steps on slow links while it crosses them; ``chunk_policy`` sizes chunks."""
         self.swarm = swarm
         self.max_length = max_length
         self.model_name = model_name
@@ -225,10 +241,12 @@ class InferenceSession:
         self.min_step_timeout, self.initial_step_timeout = min_step_timeout, initial_step_timeout
         self.leave_check_period = leave_check_period
         self.forwarding = forwarding
+        self.prefill_chunking, self.chunk_policy = prefill_chunking, chunk_policy
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.history: Optional[torch.Tensor] = None
         self.failovers = 0
+        self.prefill_chunks = 0  # prompt chunks sent (steps of a prefill)
         self.replay_compute_s = 0.0
         self._hops: list[_HopStream] = []
         self._batch_size: Optional[int] = None
@@ -288,6 +306,19 @@ class InferenceSession:
         for index, hop in enumerate(self._hops):
             if hop.peer_id in self.swarm.departed:
                 await self._replace(index, f"server {hop.peer_id} left the swarm")
+        if messages.is_decode(hidden.shape[1]):
+            with self.swarm.gate.decode(hop.peer_id for hop in self._hops) as answered:
+                output = await self._step(hidden, answered)
+        elif self.prefill_chunking:
+            output = await self._prefill(hidden)
+        else:
+            output = await self._step(hidden)
+        self.position += hidden.shape[1]
+        return output
+
+    async def _step(self, hidden: torch.Tensor, answered: Callable[[PeerID], None] = lambda _: None) -> torch.Tensor:
+        """One step through the whole chain: forwarded server to server where it is small enough, else relayed.
+        ``answered(peer)`` is called as each server answers."""
         forwarded = self.forwarding and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
         if forwarded:
             await self._send_forwarded(hidden)
@@ -302,16 +333,106 @@ class InferenceSession:
             except SERVER_FAILURES as e:
                 await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}")
                 continue
+            answered(hop.peer_id)
             upstream_s += hop.timer.timeout(hidden.shape[1])
             upstream_done = time.perf_counter()
-            hop.remember(hidden)
+            hop.remember(hidden, self.position)
             hidden = output
             index += 1
             if index < len(self._hops) and self._hops[index].pending:
                 # Also deliver the input ourselves: it keeps the chain going when the previous server could not
                 # push (or was replaced); the server uses whichever copy arrives first.
                 self._push(self._hops[index], hidden)
-        self.position += hidden.shape[1]
+        return hidden
+
+    async def _prefill(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A prompt in chunks, each its own step at its own position, relayed by the client and pipelined: hop 1
+        gets chunk k+1 while hop 2 works on chunk k (MoLink's overlap of transfer and compute). The outputs,
+        concatenated, are what one step of the whole prompt gives. At most one chunk per hop is under way (one
+        in all with ``ChunkPolicy(pipelined=False)``), so each chunk is sized on recent measurements.
+
+        Each hop's blocks are a stage with its own task; a failover replaces the stage's hop (by one or more
+        hops) and the stage carries on, the others untouched. If a stage fails for good, the chunks already
+        under way finish (no stream is left waiting for a reply) and the error is raised."""
+        stages = [[hop] for hop in self._hops]
+        inboxes: list[asyncio.Queue] = [asyncio.Queue() for _ in stages[1:]]  # between stage i-1 and stage i
+        outputs: list[torch.Tensor] = []
+        failures: list[Exception] = []
+        bytes_per_token = 2 * hidden[:, :1].numel() * hidden.element_size()  # input and output of one position
+        under_way = asyncio.Semaphore(len(stages) if self.chunk_policy.pipelined else 1)  # chunks in the chain
+        offset = 0
+
+        async def first_inputs() -> Optional[tuple[int, torch.Tensor]]:
+            nonlocal offset
+            await under_way.acquire()
+            if failures or offset >= hidden.shape[1]:
+                under_way.release()
+                return None
+            peers = [hop.peer_id for stage in stages for hop in stage]
+            slowest = self.swarm.link_throughput.slowest(peers, self.chunk_policy.unmeasured_bytes_per_s)
+            rtt = max(self.swarm.links.rtts.get(peer, 0.0) for peer in peers)
+            size = self.chunk_policy.tokens(bytes_per_token, slowest, rtt)
+            chunk = (offset, hidden[:, offset : offset + size])
+            offset += size
+            self.prefill_chunks += 1
+            return chunk
+
+        async def run_stage(index: int) -> None:
+            receive = first_inputs if index == 0 else inboxes[index - 1].get
+            try:
+                while (item := await receive()) is not None:
+                    if failures:
+                        under_way.release()  # the prefill failed: drop what is left
+                        continue
+                    chunk_offset, chunk = item
+                    try:
+                        output = await self._through_stage(stages[index], chunk, self.position + chunk_offset)
+                    except Exception as e:  # SwarmError, or a bug: stop feeding chunks, let the others finish
+                        failures.append(e)
+                        under_way.release()
+                        continue
+                    if index + 1 < len(stages):
+                        inboxes[index].put_nowait((chunk_offset, output))
+                    else:
+                        outputs.append(output)
+                        under_way.release()
+            finally:
+                if index + 1 < len(stages):
+                    inboxes[index].put_nowait(None)
+
+        try:
+            await asyncio.gather(*(run_stage(index) for index in range(len(stages))))
+        finally:
+            self._hops = [hop for stage in stages for hop in stage]
+        if failures:
+            raise failures[0]
+        return torch.cat(outputs, dim=1)
+
+    async def _through_stage(self, hops: list[_HopStream], hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """One chunk through the hops of one stage (more than one after a failover split its blocks), each hop when
+        the gate gives it the link; a failed hop is replaced in ``hops`` and the chunk sent again."""
+        index = 0
+        while index < len(hops):
+            hop = hops[index]
+            try:
+                async with self.swarm.gate.prefill(hop.peer_id):
+                    started = time.perf_counter()
+                    output = await hop.step(hidden, position)
+            except SERVER_FAILURES as e:
+                hops[index : index + 1] = await self._rebuild(
+                    hop, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}"
+                )
+                continue
+            self.swarm.link_throughput.record(
+                hop.peer_id,
+                2 * hidden.numel() * hidden.element_size(),
+                time.perf_counter() - started,
+                hop.last_result.compute_s,
+                self.swarm.links.rtts.get(hop.peer_id, 0.0),
+            )
+            hop.remember(hidden, position)
+            hidden = output
+            index += 1
         return hidden
 
     async def _send_forwarded(self, hidden: torch.Tensor) -> None:
@@ -382,7 +503,7 @@ class InferenceSession:
                 inputs = replay
                 for current in streams:
                     outputs = await current.step(inputs, 0)
-                    current.remember(inputs)
+                    current.remember(inputs, 0)
                     self.replay_compute_s += current.last_result.compute_s if current.last_result else 0.0
                     inputs = outputs
                 return streams
@@ -396,15 +517,18 @@ class InferenceSession:
                     raise SwarmError(f"Could not rebuild the session on blocks {start}:{end}: {e}") from e
 
     async def _replace(self, index: int, reason: str) -> None:
-        failed = self._hops[index]
+        self._hops[index : index + 1] = await self._rebuild(self._hops[index], reason)
+
+    async def _rebuild(self, failed: _HopStream, reason: str) -> list[_HopStream]:
+        """The hops that take over ``failed``'s blocks, their caches rebuilt from its inputs."""
         logger.warning("Session %s: %s; rebuilding blocks %d:%d", self.session_id[:8], reason, failed.hop.start, failed.hop.end)
         await self.swarm.report_failure(failed.peer_id)
         asyncio.create_task(failed.close())  # never wait on a dead or hung peer
         # The replacement starts with the failed hop's step times: a replica that hangs during the replay is
         # then detected as fast as the original would have been.
         replacement = await self._open_hops(failed.hop.start, failed.hop.end, failed.history(), failed.timer)
-        self._hops[index : index + 1] = replacement
         self.failovers += 1
+        return replacement
 
     def _stream(self, hop: Hop, timer: Optional[StepTimer] = None) -> _HopStream:
         spec = messages.SessionSpec(

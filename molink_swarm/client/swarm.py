@@ -12,6 +12,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
+from molink_swarm.client.chunking import LinkThroughput
+from molink_swarm.client.link_gate import LinkGate
 from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
 from molink_swarm.net.links import PeerLinks
@@ -50,6 +52,9 @@ class SwarmClient:
         self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/0.0.0.0/tcp/0"])
         self.p2p: P2P = run_sync(self.dht.replicate_p2p())
         self.links = PeerLinks(self.p2p, hole_punching=hole_punching)
+        # Shared by every session of this process, since they share the links: decode steps first on each.
+        self.gate = LinkGate()
+        self.link_throughput = LinkThroughput()
         self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
         self.other_dtypes: list[ServerInfo] = []  # online servers of these weights in another dtype (for errors)
         self._servers: dict[PeerID, ServerInfo] = {}  # online as of the last reads

@@ -1,0 +1,159 @@
+"""Throughput and interference of concurrent sessions on one swarm; one function per measurement.
+
+P5: p50/p99 inter-token latency of 4 decoding sessions while a fifth session of the same client process sends a
+2,000-token prompt, every server behind a 50 Mbit/s emulated link, vs the same sessions without the prompt; with
+the client's prefill chunking on and off, side by side in one run (SPEC target: p99_ratio <= 1.25).
+
+The decoding sessions run all along; the rounds alternate windows of decoding alone, a chunked prompt and an
+unchunked one, and each step counts in the window it ended in. On one machine the servers also share its cores:
+a prompt's compute then slows every decode step whatever the links do. To see the links' share, run a model of
+the same width with almost no compute, e.g. a 2-block random Llama of hidden size 576 with `--blocks 0:1 1:2`.
+
+Usage: python benchmarks/bench_throughput.py [--only p5] [--model smollm2-135m-instruct] [--rounds 2]
+    [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N]
+Prints one line per measurement, e.g.
+`P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
+(forced_chunks: chunks that went after waiting the gate's slack while decode steps were under way; measured_link:
+the client's estimate of the slowest link.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # every process shares this machine's cores
+
+import torch  # noqa: E402
+from hivemind.p2p import PeerID  # noqa: E402
+
+from molink_swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from molink_swarm.client.chunking import ChunkPolicy  # noqa: E402
+from molink_swarm.lab import LocalSwarm  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Decoders:
+    """Sessions that decode one token after another, each in its own thread, and log every step's (start, end)."""
+
+    def __init__(self, model, sessions: int, max_length: int = 1024):
+        self.model, self.max_length = model, max_length
+        self.steps: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._decode, daemon=True) for _ in range(sessions)]
+
+    def __enter__(self) -> "Decoders":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _decode(self) -> None:
+        hidden_size = self.model.config.hidden_size
+        while not self._stop.is_set():  # a new session whenever one is full
+            with self.model.inference_session(max_length=self.max_length) as session:
+                session.step(torch.randn(1, 8, hidden_size))  # a short prompt: its time is not a decode step's
+                while session.position < self.max_length and not self._stop.is_set():
+                    started = time.perf_counter()
+                    session.step(torch.randn(1, 1, hidden_size))
+                    self.steps.append((started, time.perf_counter()))
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Inter-token latencies of the steps that ended within [start, end]."""
+        return [e - s for s, e in list(self.steps) if start <= e <= end]
+
+
+def p5(args) -> str:
+    """4 decoding sessions, alone and while a fifth sends a long prompt (chunked, then not), in alternating rounds."""
+    with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
+        swarm.start_bootstrap()
+        extra = ["--chunk-tokens", str(args.server_chunk_tokens)] if args.server_chunk_tokens else []
+        servers = [swarm.start_server(blocks, *extra, wait=False, link_bandwidth_mbit=args.mbit) for blocks in args.blocks]
+        for server in servers:
+            server.wait_online()
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        if args.gate_slack_s is not None:
+            model.swarm.gate.slack_s = args.gate_slack_s
+        prompt = torch.randn(1, args.prompt_tokens, model.config.hidden_size)
+        policy = ChunkPolicy(pipelined=not args.no_pipelining)
+        if args.chunk_target_s:
+            policy = dataclasses.replace(policy, target_s=args.chunk_target_s)
+        windows: dict[str, list[float]] = {"alone": [], "chunked": [], "unchunked": []}
+        prompt_s: dict[str, list[float]] = {"chunked": [], "unchunked": []}
+        chunks: list[int] = []
+        try:
+            with Decoders(model, args.sessions) as decoders:
+                time.sleep(args.window_s)  # warm-up: streams open, links and step times measured
+                for _ in range(args.rounds):
+                    for condition in ("alone", "chunked", "unchunked"):
+                        started = time.perf_counter()
+                        if condition == "alone":
+                            time.sleep(args.window_s)
+                        else:
+                            options = dict(prefill_chunking=condition == "chunked", chunk_policy=policy)
+                            with model.inference_session(max_length=args.prompt_tokens + 8, **options) as session:
+                                session.step(prompt)
+                                chunks.append(session.prefill_chunks)
+                            prompt_s[condition].append(time.perf_counter() - started)
+                        windows[condition] += decoders.latencies(started, time.perf_counter())
+                        time.sleep(1.0)  # the previous prompt's last bytes and compute drain
+            forced = model.swarm.gate.forced
+            measured = [model.swarm.link_throughput.get(PeerID.from_base58(server.peer_id)) for server in servers]
+            link_mbit = min(8 * rate / 1e6 for rate in measured if rate is not None)
+        finally:
+            model.shutdown()
+
+    alone, chunked, unchunked = windows["alone"], windows["chunked"], windows["unchunked"]
+    return (
+        f"P5 p99_ratio={percentile(chunked, 0.99) / percentile(alone, 0.99):.2f} "
+        f"unchunked_p99_ratio={percentile(unchunked, 0.99) / percentile(alone, 0.99):.2f} "
+        f"p50_ratio={statistics.median(chunked) / statistics.median(alone):.2f} "
+        f"unchunked_p50_ratio={statistics.median(unchunked) / statistics.median(alone):.2f} "
+        f"alone_p50_ms={1000 * statistics.median(alone):.1f} alone_p99_ms={1000 * percentile(alone, 0.99):.1f} "
+        f"chunked_p99_ms={1000 * percentile(chunked, 0.99):.1f} unchunked_p99_ms={1000 * percentile(unchunked, 0.99):.1f} "
+        f"prompt_s={statistics.median(prompt_s['chunked']):.2f} "
+        f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} forced_chunks={forced} "
+        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} pipelined={policy.pipelined} gate_slack_s={model.swarm.gate.slack_s} "
+        f"steps={len(alone)}/{len(chunked)}/{len(unchunked)} mbit={args.mbit} prompt_tokens={args.prompt_tokens} "
+        f"servers={len(args.blocks)}"
+    )
+
+
+MEASUREMENTS = {"p5": p5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(MEASUREMENTS), action="append", help="run only these measurements")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--blocks", nargs="+", default=["0:15", "15:30"], help="one server per range")
+    parser.add_argument("--mbit", type=float, default=50.0, help="P5: bandwidth of each server's emulated link")
+    parser.add_argument("--sessions", type=int, default=4, help="P5: decoding sessions")
+    parser.add_argument("--prompt-tokens", type=int, default=2000, help="P5: the fifth session's prompt")
+    parser.add_argument("--rounds", type=int, default=2, help="P5: prompts of each kind (alternating)")
+    parser.add_argument("--window-s", type=float, default=5.0, help="P5: seconds of decoding alone per round")
+    parser.add_argument("--chunk-target-s", type=float, default=None, help="P5: ChunkPolicy.target_s of the prompt")
+    parser.add_argument("--no-pipelining", action="store_true", help="P5: chunks of the prompt go one at a time")
+    parser.add_argument("--gate-slack-s", type=float, default=None, help="P5: the client's LinkGate.slack_s")
+    parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
+    args = parser.parse_args()
+    for name in args.only or sorted(MEASUREMENTS):
+        print(MEASUREMENTS[name](args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

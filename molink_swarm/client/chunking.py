@@ -1,0 +1,66 @@
+"""How long a prompt's chunks should be: each chunk's input and output cross the slowest link of the chain in about
+``target_s``, or in one round trip over a link slower than that.
+
+Why chunks: a prompt sent whole occupies each link for as long as its activations take to cross it (seconds for
+a 2k-token prompt over a home uplink), and every decode step sent after it, by any session of this process,
+waits behind it. A chunk that takes ``target_s`` is all a decode step can find ahead of it (see link_gate.py),
+and chunks let the hops of a chain work on different chunks at once (session.py). Too small a chunk wastes
+round trips and per-step overhead, hence a floor; too large a one stalls decode steps, hence a ceiling. A chunk
+costs a round trip on each hop whatever its size: over a far link, chunks that carry less than a round trip's
+worth would leave the link idle most of the time (and there decode steps take several round trips, so such a
+chunk delays them by a like share).
+
+Link throughput is measured from the chunks themselves: a relayed step's bytes (input up, output down) over its
+time minus the server's compute time and the round trip. Until a link has been measured, a slow home link is
+assumed: the first chunk is small, and the next ones grow to what the link carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable, Iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPolicy:
+    # A chunk's input and output cross its slowest link in about this (~25 ms each way). Smaller chunks delay decode
+    # steps less on the link but cost more round trips and more turns in the servers' compute queues, where each
+    # chunk may wait behind decode steps (see server/scheduler.py): under heavy decode load a prompt in tiny
+    # chunks crawls.
+    target_s: float = 0.05
+    min_tokens: int = 32
+    max_tokens: int = 512
+    unmeasured_bytes_per_s: float = 10e6 / 8  # a link not measured yet is taken for a 10 Mbit/s one
+    # The hops of a chain work on different chunks at once (on machines of their own, that is pure gain; servers
+    # sharing one machine's cores also take them from each other, and from other sessions' decode steps).
+    pipelined: bool = True
+
+    def tokens(self, bytes_per_token: int, link_bytes_per_s: float, rtt_s: float = 0.0) -> int:
+        """Tokens per chunk (per sequence) when one token position costs ``bytes_per_token`` on the wire, input
+        and output together, over a link that carries ``link_bytes_per_s`` with round trips of ``rtt_s``."""
+        ideal = int(max(self.target_s, rtt_s) * link_bytes_per_s / bytes_per_token)
+        return max(min(self.min_tokens, self.max_tokens), min(self.max_tokens, ideal))
+
+
+class LinkThroughput:
+    """Bytes per second to each server, measured from relayed steps (a moving average, per process: every session
+    of a client shares its links)."""
+
+    def __init__(self, weight: float = 0.5, min_transfer_s: float = 1e-3):
+        self.weight = weight  # of a new sample: links change (other traffic), and the first guess is a guess
+        self.min_transfer_s = min_transfer_s  # below this a step's transfer time is noise, not a measurement
+        self._rates: dict[Hashable, float] = {}
+
+    def record(self, peer: Hashable, nbytes: int, elapsed_s: float, compute_s: float, rtt_s: float) -> None:
+        """A step that sent and received ``nbytes`` in all took ``elapsed_s``, of which the server computed for
+        ``compute_s`` (queueing included) and ``rtt_s`` was the round trip."""
+        rate = nbytes / max(self.min_transfer_s, elapsed_s - compute_s - rtt_s)
+        previous = self._rates.get(peer)
+        self._rates[peer] = rate if previous is None else (1 - self.weight) * previous + self.weight * rate
+
+    def get(self, peer: Hashable) -> float | None:
+        return self._rates.get(peer)
+
+    def slowest(self, peers: Iterable[Hashable], unmeasured: float) -> float:
+        """The lowest throughput among ``peers`` (``unmeasured`` for one not measured yet)."""
+        return min((self._rates.get(peer, unmeasured) for peer in peers), default=unmeasured)

@@ -1,0 +1,232 @@
+"""Long prompts go in chunks, pipelined over the chain, each chunk behind other sessions' decode steps on each
+link: the output is what one step of the whole prompt gives, failover included."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from molink_swarm import AutoDistributedModelForCausalLM
+from molink_swarm.client.chunking import ChunkPolicy, LinkThroughput
+from molink_swarm.client.link_gate import LinkGate
+
+# ---- the gate (pure asyncio, no network)
+
+
+def test_a_chunk_goes_at_once_when_no_decode_step_is_under_way():
+    async def main():
+        gate = LinkGate(slack_s=60)
+        async with gate.prefill("a"):
+            pass
+        assert gate.forced == 0
+
+    asyncio.run(main())
+
+
+def test_a_chunk_waits_for_decode_steps_to_its_server_only():
+    async def main():
+        gate, events = LinkGate(slack_s=60), []
+        decode_done = asyncio.Event()
+
+        async def decode():
+            with gate.decode(["a", "b"]):
+                await decode_done.wait()
+                events.append("decode done")
+
+        async def chunk(peer):
+            async with gate.prefill(peer):
+                events.append(f"chunk to {peer}")
+
+        decoding = asyncio.create_task(decode())
+        await asyncio.sleep(0)
+        await chunk("c")  # another server: no wait
+        waiting = asyncio.create_task(chunk("a"))
+        await asyncio.sleep(0.01)
+        assert events == ["chunk to c"]  # held back while the decode step to "a" is under way
+        decode_done.set()
+        await asyncio.gather(decoding, waiting)
+        assert events == ["chunk to c", "decode done", "chunk to a"]
+        assert gate.forced == 0 and gate.decoding_to("a") == 0
+
+    asyncio.run(main())
+
+
+def test_a_chunk_goes_once_its_server_has_answered_though_the_step_goes_on_down_the_chain():
+    async def main():
+        gate, events = LinkGate(slack_s=60), []
+        step_done = asyncio.Event()
+
+        async def decode():
+            with gate.decode(["a", "b"]) as answered:
+                await asyncio.sleep(0.01)
+                events.append("a answered")
+                answered("a")
+                await step_done.wait()
+
+        async def chunk(peer):
+            async with gate.prefill(peer):
+                events.append(f"chunk to {peer}")
+
+        decoding = asyncio.create_task(decode())
+        await asyncio.sleep(0)
+        await chunk("a")
+        assert gate.decoding_to("b") == 1
+        step_done.set()
+        await decoding
+        await chunk("b")
+        assert events == ["a answered", "chunk to a", "chunk to b"] and gate.forced == 0
+
+    asyncio.run(main())
+
+
+def test_chunks_to_one_server_go_one_at_a_time_in_order():
+    async def main():
+        gate, events = LinkGate(slack_s=60), []
+        release = asyncio.Event()
+
+        async def chunk(name):
+            async with gate.prefill("a"):
+                events.append(f"{name} sent")
+                await release.wait()
+                events.append(f"{name} answered")
+
+        tasks = [asyncio.create_task(chunk(name)) for name in ("first", "second", "third")]
+        await asyncio.sleep(0.01)
+        assert events == ["first sent"]
+        release.set()
+        await asyncio.gather(*tasks)
+        assert events == [f"{n} {what}" for n in ("first", "second", "third") for what in ("sent", "answered")]
+
+    asyncio.run(main())
+
+
+def test_a_steady_stream_of_decode_steps_cannot_starve_a_chunk():
+    async def main():
+        gate, stop = LinkGate(slack_s=0.05), asyncio.Event()
+
+        async def decode_steps():  # two sessions whose steps overlap: never a moment without one under way
+            with gate.decode(["a"]):
+                while not stop.is_set():
+                    with gate.decode(["a"]):
+                        await asyncio.sleep(0.001)
+
+        steps = asyncio.create_task(decode_steps())
+        await asyncio.sleep(0)
+        async with gate.prefill("a"):
+            went_during_decode = gate.decoding_to("a") > 0
+        stop.set()
+        await steps
+        assert went_during_decode and gate.forced == 1
+
+    asyncio.run(main())
+
+
+# ---- chunk sizing (pure)
+
+
+def test_chunks_take_about_the_target_time_or_a_round_trip_on_the_slowest_link_within_bounds():
+    policy = ChunkPolicy(target_s=0.1, min_tokens=16, max_tokens=512)
+    per_token = 2 * 576 * 4  # SmolLM2's hidden states, float32, there and back
+    assert policy.tokens(per_token, 50e6 / 8) == 135  # 50 Mbit/s: 0.1 s carries 135 positions
+    assert policy.tokens(per_token, 1e3) == 16
+    assert policy.tokens(per_token, 1e12) == 512
+    assert ChunkPolicy(min_tokens=16, max_tokens=8).tokens(per_token, 1e3) == 8  # the ceiling wins
+    assert policy.tokens(per_token, 50e6 / 8, rtt_s=0.2) == 271  # a far link: a round trip's worth per chunk
+
+
+def test_link_throughput_leaves_out_compute_and_round_trip_and_takes_the_slowest():
+    links = LinkThroughput(weight=0.5)
+    links.record("fast", 1_000_000, elapsed_s=0.35, compute_s=0.2, rtt_s=0.05)  # 0.1 s of transfer
+    links.record("slow", 1_000_000, elapsed_s=1.3, compute_s=0.2, rtt_s=0.1)  # 1 s
+    assert links.get("fast") == pytest.approx(1e7)
+    assert links.slowest(["fast", "slow"], unmeasured=1e9) == pytest.approx(1e6)
+    assert links.slowest(["fast", "new"], unmeasured=5e5) == 5e5  # not measured yet: assumed slow
+    links.record("slow", 1_000_000, elapsed_s=0.6, compute_s=0.0, rtt_s=0.1)  # 2e6: the average moves halfway
+    assert links.get("slow") == pytest.approx(1.5e6)
+
+
+# ---- through a real swarm of a tiny random model
+
+SMALL_CHUNKS = ChunkPolicy(min_tokens=8, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_swarm(module_swarm, tiny_llama_path):
+    # A replica of 2:4, so that one can be killed mid-prompt.
+    return module_swarm(tiny_llama_path, ["0:2", "2:4", "2:4", "4:6"])
+
+
+@pytest.fixture(scope="module")
+def distributed(tiny_swarm, tiny_llama_path):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_path, initial_peers=tiny_swarm.initial_peers)
+    yield model
+    model.shutdown()
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_chunked_prefill_equals_one_shot_prefill(distributed):
+    hidden = torch.randn(1, 100, distributed.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ways = {
+        "one shot": dict(prefill_chunking=False),
+        "pipelined": dict(chunk_policy=SMALL_CHUNKS),
+        "one chunk at a time": dict(chunk_policy=dataclasses.replace(SMALL_CHUNKS, pipelined=False)),
+    }
+    outputs = {}
+    for way, options in ways.items():
+        with distributed.inference_session(max_length=128, **options) as session:
+            prompt_output = session.step(hidden)
+            outputs[way] = prompt_output, session.step(hidden[:, :1])  # the caches hold the same prompt
+            assert session.prefill_chunks == (0 if way == "one shot" else 13)
+    expected_prompt, expected_next = outputs["one shot"]
+    for way in ("pipelined", "one chunk at a time"):
+        got_prompt, got_next = outputs[way]
+        assert torch.allclose(got_prompt, expected_prompt, atol=1e-5), (way, (got_prompt - expected_prompt).abs().max())
+        assert torch.allclose(got_next, expected_next, atol=1e-5), way
+
+
+def test_chunked_prompts_of_a_chat_generate_what_local_transformers_does(distributed, tiny_llama_local):
+    first, second = prompt(60, seed=1), prompt(30, seed=2)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with distributed.inference_session(max_length=128, chunk_policy=SMALL_CHUNKS) as session:
+        out1 = distributed.generate(first, **kwargs)
+        out2 = distributed.generate(second, **kwargs)
+        assert session.prefill_chunks == 8 + 4  # 60 tokens, then 31 (the last token of the first answer + 30)
+    expected1 = tiny_llama_local.generate(first, **kwargs)
+    assert torch.equal(out1, expected1)
+    assert torch.equal(out2, tiny_llama_local.generate(torch.cat([expected1, second], dim=1), **kwargs))
+
+
+def test_a_server_killed_mid_prompt_is_replaced_and_the_output_is_unchanged(tiny_swarm, distributed, tiny_llama_local):
+    ids = prompt(200, seed=3)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    killed_at_position, done = [], threading.Event()
+
+    with distributed.inference_session(max_length=256, chunk_policy=SMALL_CHUNKS) as session:
+
+        def kill_after_a_few_chunks():
+            # A few chunks in, the middle hop has cached some of them: its replacement must replay them.
+            while session.prefill_chunks < 5 and not done.is_set():
+                time.sleep(0.001)
+            if not done.is_set():
+                hop = next(h for h in session.chain if h.start == 2)
+                tiny_swarm.server_by_peer(hop.peer_id).kill()
+                killed_at_position.append(session.position)
+
+        killer = threading.Thread(target=kill_after_a_few_chunks)
+        killer.start()
+        try:
+            out = distributed.generate(ids, **kwargs)
+        finally:
+            done.set()
+            killer.join()
+        assert session.failovers == 1
+    assert killed_at_position == [0]  # during the prompt
+    assert torch.equal(out, tiny_llama_local.generate(ids, **kwargs))
