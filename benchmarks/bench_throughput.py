@@ -1,5 +1,9 @@
 """Throughput and interference of concurrent sessions on one swarm; one function per measurement.
 
+P3: aggregate decode tokens/s of 1, 4 and 16 concurrent generations of one engine (client/batched.py) over the same
+chain, with batching on (servers batch across sessions, the engine steps generations in micro-batches) and off
+(`--max-batch-size 1`, every generation on its own), side by side in one run (SPEC target: speedup16 >= 6).
+
 P5: p50/p99 inter-token latency of 4 decoding sessions while a fifth session of the same client process sends a
 2,000-token prompt, every server behind a 50 Mbit/s emulated link, vs the same sessions without the prompt; with
 the client's prefill chunking on and off, side by side in one run (SPEC target: p99_ratio <= 1.25).
@@ -9,9 +13,10 @@ unchunked one, and each step counts in the window it ended in. On one machine th
 a prompt's compute then slows every decode step whatever the links do. To see the links' share, run a model of
 the same width with almost no compute, e.g. a 2-block random Llama of hidden size 576 with `--blocks 0:1 1:2`.
 
-Usage: python benchmarks/bench_throughput.py [--only p5] [--model smollm2-135m-instruct] [--rounds 2]
+Usage: python benchmarks/bench_throughput.py [--only p3|p5] [--model smollm2-135m-instruct] [--rounds 2]
     [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N]
 Prints one line per measurement, e.g.
+`P3 speedup16=<16 generations' aggregate / 1 generation's> batching_gain=<on / off, 16 generations> ...`
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
 (forced_chunks: chunks that went after waiting the gate's slack while decode steps were under way; measured_link:
 the client's estimate of the slowest link.)
@@ -20,6 +25,7 @@ the client's estimate of the slowest link.)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import statistics
@@ -34,7 +40,9 @@ import torch  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 
 from molink_swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from molink_swarm.client.batched import BatchedDecoder  # noqa: E402
 from molink_swarm.client.chunking import ChunkPolicy  # noqa: E402
+from molink_swarm.client.loop import run_sync  # noqa: E402
 from molink_swarm.lab import LocalSwarm  # noqa: E402
 
 
@@ -133,7 +141,45 @@ def p5(args) -> str:
     )
 
 
-MEASUREMENTS = {"p5": p5}
+def p3(args) -> str:
+    """1, 4 and 16 generations at once, batching on, then the same with batching off (a fresh swarm each)."""
+    rates = {}
+    for batching in (True, False):
+        with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
+            swarm.start(args.blocks, "--max-batch-size", "32" if batching else "1")
+            model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+            try:
+                decoder = BatchedDecoder(model, micro_batches=batching)
+                run_sync(generate_together(decoder, 2, 4))  # warm-up: streams open, step times measured
+                for count in args.p3_sessions:
+                    started = time.perf_counter()
+                    tokens = run_sync(generate_together(decoder, count, args.new_tokens))
+                    rates[batching, count] = tokens / (time.perf_counter() - started)
+            finally:
+                model.shutdown()
+    most = max(args.p3_sessions)
+    on = " ".join(f"{n}:{rates[True, n]:.1f}" for n in args.p3_sessions)
+    off = " ".join(f"{n}:{rates[False, n]:.1f}" for n in args.p3_sessions)
+    return (
+        f"P3 speedup{most}={rates[True, most] / rates[True, 1]:.2f} batching_gain={rates[True, most] / rates[False, most]:.2f} "
+        f"unbatched_speedup{most}={rates[False, most] / rates[False, 1]:.2f} "
+        f"on_tok_s={on.replace(' ', ',')} off_tok_s={off.replace(' ', ',')} new_tokens={args.new_tokens} "
+        f"servers={len(args.blocks)}"
+    )
+
+
+async def generate_together(decoder: BatchedDecoder, count: int, new_tokens: int) -> int:
+    """``count`` greedy generations of ``new_tokens`` tokens at once (from different 16-token prompts); the number
+    of tokens generated (a generation ends early at an end-of-sequence token)."""
+
+    async def one(seed: int) -> int:
+        prompt = torch.randint(100, 10000, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return len([token async for token in decoder.generate(prompt, new_tokens)])
+
+    return sum(await asyncio.gather(*(one(seed) for seed in range(count))))
+
+
+MEASUREMENTS = {"p3": p3, "p5": p5}
 
 
 def main() -> None:
@@ -149,6 +195,8 @@ def main() -> None:
     parser.add_argument("--chunk-target-s", type=float, default=None, help="P5: ChunkPolicy.target_s of the prompt")
     parser.add_argument("--no-pipelining", action="store_true", help="P5: chunks of the prompt go one at a time")
     parser.add_argument("--gate-slack-s", type=float, default=None, help="P5: the client's LinkGate.slack_s")
+    parser.add_argument("--p3-sessions", type=int, nargs="+", default=[1, 4, 16], help="P3: generations at once")
+    parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
     args = parser.parse_args()
     for name in args.only or sorted(MEASUREMENTS):
