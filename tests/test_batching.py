@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from molink_swarm.client.batched import GroupCount
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
-from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority, select_batch
+from molink_swarm.server.scheduler import BatchWork, ComputeQueue, PassTimes, Priority, select_batch
 from tests.conftest import make_tiny_llama
 
 HIDDEN = 64
@@ -240,3 +240,18 @@ def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():
     for _ in range(30):
         count.record(trip_s=5.0, stage_s=0.01)
     assert count.target() == 8
+
+
+def test_prompt_chunks_shrink_while_sessions_decode():
+    def work(tokens):
+        return BatchWork("span", tokens, None, run=None)
+
+    times = PassTimes(prompt_token_s=0.001, share=0.25, min_tokens=16, idle_s=1.0)
+    assert times.prompt_chunk(256) == 256  # nobody decodes: full chunks
+    for _ in range(20):
+        times.record([work(1), work(1)], 0.2)  # decode passes of 0.2 s
+    assert times.prompt_chunk(256) == 50  # a quarter of a decode pass: 0.05 s of prompt tokens at 1 ms each
+    times.record([work(1), work(100)], 0.2 + 100 * 0.004)  # prompt tokens turn out to cost 4 ms each
+    assert 16 <= times.prompt_chunk(256) < 50
+    times.last_decode_at -= 2.0  # decoding stopped a while ago
+    assert times.prompt_chunk(256) == 256

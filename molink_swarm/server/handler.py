@@ -226,16 +226,17 @@ class BlockServicer(BlockRPC):
         self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor, priority: Priority
     ) -> torch.Tensor:
         """Run blocks ``span`` on ``hidden`` from ``position`` on, in passes batched with other sessions' work
-        (see scheduler.py). A long input goes in chunks of at most ``chunk_tokens`` tokens, each its own task:
-        between two chunks, other sessions' decode steps get their turn."""
+        (see scheduler.py). A long input goes in chunks, each its own task: between two chunks, other sessions'
+        decode steps get their turn, and while they decode, chunks are small (``PassTimes.prompt_chunk``)."""
         tokens = hidden.shape[1]
         if is_decode(tokens):
             return await self.compute.run_batched(self._work(span, cache, position, hidden), Priority.DECODE)
-        size = max(1, self.chunk_tokens // hidden.shape[0])
-        outputs = []
-        for offset in range(0, tokens, size):
+        outputs, offset = [], 0
+        while offset < tokens:
+            size = max(1, self.compute.pass_times.prompt_chunk(self.chunk_tokens) // hidden.shape[0])
             work = self._work(span, cache, position + offset, hidden[:, offset : offset + size])
             outputs.append(await self.compute.run_batched(work, priority))
+            offset += size
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _work(self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor) -> BatchWork:

@@ -81,6 +81,45 @@ def select_batch(head: BatchWork, queued: Sequence[BatchWork], *, max_items: int
     return batch
 
 
+class PassTimes:
+    """What the compute thread measures of its passes, to size prompt chunks while sessions decode.
+
+    A prompt chunk that runs in the same pass as decode steps (or just before them) delays them by its compute
+    time. While decode steps are running, a chunk is therefore kept to ``share`` of a decode pass's time, so their
+    steps slow by at most about that share (SPEC P5); with no decode step lately, a prompt goes in full-size
+    chunks. The prompt then takes longer to go through, but only while others are decoding (MoLink's decode
+    priority, here in compute as the client's link gate does on the wire).
+    """
+
+    def __init__(self, prompt_token_s: float, *, share: float = 0.25, min_tokens: int = 16, idle_s: float = 1.0):
+        self.prompt_token_s = prompt_token_s  # seconds of compute per prompt token (measured at start, then here)
+        self.decode_pass_s: Optional[float] = None
+        self.share, self.min_tokens, self.idle_s = share, min_tokens, idle_s
+        self.last_decode_at = -float("inf")
+
+    def record(self, works: Sequence[BatchWork], seconds: float) -> None:
+        decoding = any(is_decode(work.tokens) for work in works)
+        prompt_tokens = sum(work.tokens for work in works if not is_decode(work.tokens))
+        if decoding:
+            self.last_decode_at = time.monotonic()
+        if not prompt_tokens:
+            self.decode_pass_s = _smoothed(self.decode_pass_s, seconds)
+        elif not decoding or self.decode_pass_s is not None:
+            prompt_s = seconds - (self.decode_pass_s if decoding else 0.0)
+            if prompt_s > 0:
+                self.prompt_token_s = _smoothed(self.prompt_token_s, prompt_s / prompt_tokens)
+
+    def prompt_chunk(self, max_tokens: int) -> int:
+        """How many tokens the next chunk of a prompt may have."""
+        if self.decode_pass_s is None or time.monotonic() - self.last_decode_at > self.idle_s:
+            return max_tokens
+        return max(1, min(max_tokens, max(self.min_tokens, int(self.share * self.decode_pass_s / self.prompt_token_s))))
+
+
+def _smoothed(old: Optional[float], new: float, weight: float = 0.2) -> float:
+    return new if old is None else old + weight * (new - old)
+
+
 class ComputeQueue:
     def __init__(self, name: str = "compute", max_queued: int = 1024, max_batch: int = 32, max_batch_tokens: int = 256):
         self.max_queued = max_queued
@@ -93,6 +132,7 @@ class ComputeQueue:
         self._thread.start()
         self.busy_s = 0.0
         self.on_batch: Optional[Callable[[int, int], None]] = None  # (items, tokens) of each batched pass
+        self.pass_times = PassTimes(prompt_token_s=0.25 / max_batch_tokens)  # chunks are sized for ~0.25 s
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -137,6 +177,7 @@ class ComputeQueue:
             started = time.perf_counter()
             if batch[0].work is not None:
                 self._run_batch(batch)
+                self.pass_times.record([task.work for task in batch], time.perf_counter() - started)
             else:
                 self._settle(batch[0], *_call(batch[0].fn))
             self.busy_s += time.perf_counter() - started
