@@ -227,6 +227,10 @@ def test_prompt_chunks_join_within_the_token_budget_and_decode_steps_always():
     chosen = select_batch(head, [work(1), work(100), work(50), work(1), work(6)], max_items=32, max_tokens=256)
     assert [w.payload for w in chosen] == [200, 1, 50, 1]
     assert len(select_batch(work(1), [work(1)] * 40, max_items=32, max_tokens=256)) == 32
+    # Chunks of one prompt run one per pass, in order: never two in the same pass.
+    first, second = (BatchWork("span", 32, n, run=None, owner="prompt") for n in (1, 2))
+    decode = work(1)
+    assert select_batch(first, [second, decode], max_items=32, max_tokens=256) == [first, decode]
 
 
 def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():

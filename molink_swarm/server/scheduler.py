@@ -44,12 +44,14 @@ SLACK_S = {Priority.DECODE: 0.0, Priority.PREFILL: 0.5, Priority.FORWARD: 1.0}
 @dataclasses.dataclass(eq=False)
 class BatchWork:
     """Work that may run in one pass with other work of the same ``key``: ``run`` gets the whole batch and returns
-    one result per item, in order."""
+    one result per item, in order. Works of one ``owner`` (the chunks of one prompt) never share a pass: they run
+    one after the other, in the order they were queued."""
 
     key: Hashable
     tokens: int
     payload: Any
     run: Callable[[list["BatchWork"]], list[Any]]
+    owner: Hashable = None
 
 
 @dataclasses.dataclass(order=True)
@@ -69,15 +71,16 @@ def select_batch(head: BatchWork, queued: Sequence[BatchWork], *, max_items: int
     weight once more. Prompt chunks join while the pass stays within ``max_tokens`` tokens, so that a pass, and so
     the wait of the next decode steps, stays about as short as one chunk.
     """
-    batch, tokens = [head], head.tokens
+    batch, tokens, owners = [head], head.tokens, {head.owner}
     for work in queued:
         if len(batch) >= max_items:
             break
-        if work.key != head.key:
+        if work.key != head.key or (work.owner is not None and work.owner in owners):
             continue
         if is_decode(work.tokens) or tokens + work.tokens <= max_tokens:
             batch.append(work)
             tokens += work.tokens
+            owners.add(work.owner)
     return batch
 
 
@@ -91,7 +94,7 @@ class PassTimes:
     priority, here in compute as the client's link gate does on the wire).
     """
 
-    def __init__(self, prompt_token_s: float, *, share: float = 0.25, min_tokens: int = 16, idle_s: float = 1.0):
+    def __init__(self, prompt_token_s: float, *, share: float = 0.25, min_tokens: int = 32, idle_s: float = 1.0):
         self.prompt_token_s = prompt_token_s  # seconds of compute per prompt token (measured at start, then here)
         self.decode_pass_s: Optional[float] = None
         self.share, self.min_tokens, self.idle_s = share, min_tokens, idle_s
