@@ -49,7 +49,7 @@ def test_bfloat16_activations_round_trip_exactly():
 def test_float16_compression_sends_half_precision_and_restores_the_dtype():
     tensor = torch.randn(4, 8)
 
-    message = serialize_tensor(tensor, compression="float16")
+    message = serialize_tensor(tensor, "float16")
     received = deserialize_tensor(message)
 
     assert len(message.buffer) == 2 * tensor.numel()
