@@ -57,6 +57,140 @@ def test_float16_compression_sends_half_precision_and_restores_the_dtype():
     assert torch.equal(received, tensor.half().float())
 
 
+# Wire dtypes (--wire-dtype): (wire dtype, bytes of a [2, 3, 64] float32 tensor on the wire)
+WIRE_SIZES = {"float32": 4 * 384, "float16": 2 * 384, "bfloat16": 2 * 384, "int8": 384 + 2 * 6}
+
+
+def hidden_states(seed: int = 0) -> torch.Tensor:
+    """Like a residual stream: mostly unit-sized values, a few outliers, rows of very different scales."""
+    gen = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(2, 3, 64, generator=gen) * torch.logspace(-3, 3, 6).reshape(2, 3, 1)
+    tensor[0, 0, 5] = 40.0
+    return tensor
+
+
+@pytest.mark.parametrize("wire", sorted(WIRE_SIZES))
+def test_each_wire_dtype_has_its_exact_size(wire):
+    message = serialize_tensor(hidden_states(), wire)
+
+    assert len(message.buffer) == WIRE_SIZES[wire]
+    assert deserialize_tensor(message).shape == (2, 3, 64)
+
+
+def test_float32_and_auto_round_trip_a_float32_tensor_exactly():
+    tensor = hidden_states()
+
+    for wire in ("float32", "auto"):
+        assert torch.equal(deserialize_tensor(serialize_tensor(tensor, wire)), tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_auto_sends_the_compute_dtype_as_is(dtype):
+    tensor = torch.randn(2, 3, 8).to(dtype)
+
+    message = serialize_tensor(tensor, "auto")
+
+    assert len(message.buffer) == tensor.numel() * tensor.element_size()  # bfloat16 too: 2 bytes, not hivemind's 4
+    assert torch.equal(deserialize_tensor(message, dtype=dtype), tensor)
+
+
+@pytest.mark.parametrize("wire,dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_16_bit_wire_dtypes_round_like_a_cast(wire, dtype):
+    tensor = hidden_states()
+
+    received = deserialize_tensor(serialize_tensor(tensor, wire), dtype=torch.float32)
+
+    assert torch.equal(received, tensor.to(dtype).float())  # error: half a unit in the last place, 2^-11 or 2^-8
+
+
+def test_float16_wire_clamps_an_overflow_instead_of_sending_inf():
+    received = deserialize_tensor(serialize_tensor(torch.tensor([[1e6, -1e6, 1.0]]), "float16"))
+
+    assert received.tolist() == [[65504.0, -65504.0, 1.0]]
+
+
+def test_int8_error_is_within_half_a_step_of_each_rows_absmax():
+    tensor = hidden_states()
+
+    received = deserialize_tensor(serialize_tensor(tensor, "int8"))
+
+    absmax = tensor.abs().amax(dim=-1, keepdim=True)
+    # A step is absmax / 127, with a bfloat16 scale rounded to the nearest (relative error <= 2^-8).
+    assert ((received - tensor).abs() <= absmax / 254 * (1 + 2**-8)).all()
+    assert (received - tensor).abs().max() > 0  # it is lossy: the bound is what is tested
+
+
+def test_int8_re_encodes_a_decoded_tensor_to_the_same_bytes():
+    """What makes a replay (or a copy the client passes on) carry what the first hop carried."""
+    message = serialize_tensor(hidden_states(), "int8")
+
+    again = serialize_tensor(deserialize_tensor(message), "int8")
+
+    assert again.buffer == message.buffer
+
+
+def test_int8_keeps_zero_rows_zero_and_non_finite_rows_non_finite():
+    tensor = torch.randn(3, 8)
+    tensor[1] = 0.0
+    tensor[2, 3] = float("inf")
+
+    received = deserialize_tensor(serialize_tensor(tensor, "int8"))
+
+    assert torch.equal(received[1], torch.zeros(8))
+    assert received[2].isnan().all()  # the receiving server refuses it, as it would refuse the inf in float32
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("receiver", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_receiver_gets_its_own_compute_dtype(wire, receiver):
+    tensor = hidden_states()
+
+    received = deserialize_tensor(serialize_tensor(tensor, wire), dtype=receiver)
+
+    assert received.dtype == receiver
+    assert ((received.float() - tensor).abs() <= tensor.abs().amax(dim=-1, keepdim=True) / 100).all()
+
+
+def test_an_unknown_wire_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="int4"):
+        serialize_tensor(torch.zeros(2, 2), "int4")
+
+
+@pytest.mark.parametrize("wire", sorted(WIRE_SIZES))
+@pytest.mark.parametrize("change", [-2, -1, 1, 2])
+def test_a_buffer_a_few_bytes_off_is_refused_for_every_wire_dtype(wire, change):
+    message = serialize_tensor(hidden_states(), wire)
+    message.buffer = message.buffer[:change] if change < 0 else message.buffer + b"\0" * change
+
+    with pytest.raises(ProtocolError, match="buffer holds"):
+        deserialize_tensor(message)
+
+
+@pytest.mark.parametrize(
+    "case,buffer_bytes",
+    [
+        ("int8 without its scales", 384),
+        ("int8 with float32 scales", 384 + 4 * 6),
+        ("int8 with one scale per tensor", 384 + 2),
+        ("bfloat16 as hivemind's legacy float32", 4 * 384),
+        ("float16 as float32", 4 * 384),
+    ],
+)
+def test_a_buffer_laid_out_for_another_codec_is_refused(case, buffer_bytes):
+    dtype = case.split()[0]
+
+    with pytest.raises(ProtocolError, match="buffer holds"):
+        deserialize_tensor(proto([2, 3, 64], dtype=dtype, buffer=b"\0" * buffer_bytes))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16", "bfloat16"])
+def test_16_bit_compression_of_anything_but_float32_is_refused(dtype):
+    message = proto([2, 8], dtype=dtype, buffer=b"\0" * 32, compression=runtime_pb2.CompressionType.FLOAT16)
+
+    with pytest.raises(ProtocolError, match="16-bit compression applies to float32"):
+        deserialize_tensor(message)
+
+
 @pytest.mark.parametrize("dtype", ["int64", "object", "float64", ""])
 def test_an_unsupported_dtype_is_refused(dtype):
     with pytest.raises(ProtocolError, match="dtype"):
