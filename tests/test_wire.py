@@ -57,8 +57,9 @@ def test_float16_compression_sends_half_precision_and_restores_the_dtype():
     assert torch.equal(received, tensor.half().float())
 
 
-# Wire dtypes (--wire-dtype): (wire dtype, bytes of a [2, 3, 64] float32 tensor on the wire)
-WIRE_SIZES = {"float32": 4 * 384, "float16": 2 * 384, "bfloat16": 2 * 384, "int8": 384 + 2 * 6}
+# Wire dtypes (--wire-dtype): bytes of a [2, 3, 64] float32 tensor on the wire. int8: per row of 64, a bfloat16
+# scale and 4 outliers (uint16 index, float32 value).
+WIRE_SIZES = {"float32": 4 * 384, "float16": 2 * 384, "bfloat16": 2 * 384, "int8": 384 + 6 * (2 + 4 * 6)}
 
 
 def hidden_states(seed: int = 0) -> torch.Tensor:
@@ -109,15 +110,34 @@ def test_float16_wire_clamps_an_overflow_instead_of_sending_inf():
     assert received.tolist() == [[65504.0, -65504.0, 1.0]]
 
 
-def test_int8_error_is_within_half_a_step_of_each_rows_absmax():
+def test_int8_sends_each_rows_4_largest_values_exactly_and_the_rest_within_half_a_step():
     tensor = hidden_states()
 
     received = deserialize_tensor(serialize_tensor(tensor, "int8"))
 
-    absmax = tensor.abs().amax(dim=-1, keepdim=True)
-    # A step is absmax / 127, with a bfloat16 scale rounded to the nearest (relative error <= 2^-8).
-    assert ((received - tensor).abs() <= absmax / 254 * (1 + 2**-8)).all()
+    largest = tensor.abs().topk(5, dim=-1)
+    outliers = largest.indices[..., :4]
+    assert torch.equal(received.gather(-1, outliers), tensor.gather(-1, outliers))
+    # A step is absmax(rest) / 127 (the rest: all but the 4 largest), with a bfloat16 scale rounded to the nearest
+    # (relative error <= 2^-8).
+    rest_absmax = largest.values[..., 4:]
+    assert ((received - tensor).abs() <= rest_absmax / 254 * (1 + 2**-8)).all()
     assert (received - tensor).abs().max() > 0  # it is lossy: the bound is what is tested
+
+
+def test_int8_rows_narrower_than_4_values_travel_exactly():
+    tensor = torch.randn(3, 2)
+
+    assert torch.equal(deserialize_tensor(serialize_tensor(tensor, "int8")), tensor)
+
+
+def test_an_int8_outlier_index_beyond_the_row_is_refused():
+    message = serialize_tensor(hidden_states(), "int8")
+    indices_at = 384 + 2 * 6  # after the int8 values and the scales
+    message.buffer = message.buffer[:indices_at] + (64).to_bytes(2, "little") + message.buffer[indices_at + 2 :]
+
+    with pytest.raises(ProtocolError, match="outlier"):
+        deserialize_tensor(message)
 
 
 def test_int8_re_encodes_a_decoded_tensor_to_the_same_bytes():
@@ -133,11 +153,13 @@ def test_int8_keeps_zero_rows_zero_and_non_finite_rows_non_finite():
     tensor = torch.randn(3, 8)
     tensor[1] = 0.0
     tensor[2, 3] = float("inf")
+    tensor[0, :5] = float("nan")  # more than the 4 outliers
 
     received = deserialize_tensor(serialize_tensor(tensor, "int8"))
 
     assert torch.equal(received[1], torch.zeros(8))
-    assert received[2].isnan().all()  # the receiving server refuses it, as it would refuse the inf in float32
+    # The receiving server refuses these, as it would refuse them in float32.
+    assert received[0].isnan().all() and received[2, 3] == float("inf")
 
 
 @pytest.mark.parametrize("wire", ["float16", "bfloat16", "int8"])
@@ -169,9 +191,10 @@ def test_a_buffer_a_few_bytes_off_is_refused_for_every_wire_dtype(wire, change):
 @pytest.mark.parametrize(
     "case,buffer_bytes",
     [
-        ("int8 without its scales", 384),
-        ("int8 with float32 scales", 384 + 4 * 6),
-        ("int8 with one scale per tensor", 384 + 2),
+        ("int8 without scales or outliers", 384),
+        ("int8 without outliers", 384 + 2 * 6),
+        ("int8 with float32 scales", 384 + 6 * (4 + 4 * 6)),
+        ("int8 with one scale per tensor", 384 + 2 + 6 * 4 * 6),
         ("bfloat16 as hivemind's legacy float32", 4 * 384),
         ("float16 as float32", 4 * 384),
     ],
@@ -181,6 +204,11 @@ def test_a_buffer_laid_out_for_another_codec_is_refused(case, buffer_bytes):
 
     with pytest.raises(ProtocolError, match="buffer holds"):
         deserialize_tensor(proto([2, 3, 64], dtype=dtype, buffer=b"\0" * buffer_bytes))
+
+
+def test_int8_rows_wider_than_a_uint16_index_are_refused():
+    with pytest.raises(ProtocolError, match="at most 65536"):
+        deserialize_tensor(proto([1, 2**16 + 1], dtype="int8", buffer=b"\0" * (2**16 + 1 + 2 + 24)))
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16", "bfloat16"])

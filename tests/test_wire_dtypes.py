@@ -25,14 +25,15 @@ from molink_swarm.lab import LocalSwarm
 
 PROMPT_TOKENS, NEW_TOKENS = 12, 64
 HIDDEN = 64  # the tiny Llama's hidden size
-# What one token's hidden state costs on the wire, per wire dtype (int8: a bfloat16 scale per row).
-BYTES_PER_TOKEN = {"float32": 4 * HIDDEN, "float16": 2 * HIDDEN, "bfloat16": 2 * HIDDEN, "int8": HIDDEN + 2}
+# What one token's hidden state costs on the wire, per wire dtype (int8: a scale and 4 outliers per row).
+BYTES_PER_TOKEN = {"float32": 4 * HIDDEN, "float16": 2 * HIDDEN, "bfloat16": 2 * HIDDEN, "int8": HIDDEN + 2 + 4 * 6}
 
 # servers' --wire-dtype -> {client's wire_dtype: (max |logit diff|, least teacher-forced greedy agreement)} over 64
 # decode steps. The logits' std is 0.157 here. Measured (max diff, agreement): float16 2.2e-4, 1.0; float16
-# servers + bfloat16 client 6.7e-4, 1.0; bfloat16 1.5e-3, 1.0; int8 servers + float32 client 4.7e-3, 1.0; int8
-# 6.3e-3, 0.984 (one near tie flipped; the free run stayed identical for 61 of 64 tokens). The bounds leave a 3-4x
-# margin, in line with each codec's relative step: float16 2^-11, bfloat16 2^-8, int8 1/254 of a row's absmax.
+# servers + bfloat16 client 6.7e-4, 1.0; bfloat16 1.5e-3, 1.0; int8 3.6e-3, 1.0; int8 servers + float32 client
+# 3.3e-3, 0.984 (one near tie flipped; the free run stayed identical for 61 of 64 tokens). The bounds leave a 3-6x
+# margin, in line with each codec's relative step: float16 2^-11, bfloat16 2^-8, int8 1/254 of a row's absmax
+# (its 4 largest values aside); agreement may lose a few near ties of this random model's flat logits.
 CASES = {
     "float16": {"float16": (1e-3, 0.95), "bfloat16": (5e-3, 0.95)},  # mixed settings: each decodes what arrives
     "bfloat16": {"bfloat16": (5e-3, 0.95)},
