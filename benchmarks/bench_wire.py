@@ -3,7 +3,8 @@ in accuracy against float32, over a 2-server chain (servers and client set to th
 
 For each wire dtype a fresh swarm runs the local model's 64 greedy tokens teacher-forced (the prompt in one step,
 then one decode step per token) and compares the logits with local transformers in float32: the largest absolute
-difference, and the share of steps whose greedy token is the same. Bytes per token are read from the servers'
+difference, and the share of steps whose greedy token is the same; then generates freely and counts the tokens
+identical to local greedy before the first difference. Bytes per token are read from the servers'
 /metrics (molink_server_activation_bytes_total / _tokens_total, direction="out") over the decode steps only.
 
 Usage: python benchmarks/bench_wire.py [--model smollm2-135m-instruct] [--new-tokens 64]
@@ -43,7 +44,8 @@ def sent(servers) -> tuple[float, float]:
     return totals["bytes"], totals["tokens"]
 
 
-def measure(model_name: str, wire: str, sequence: torch.Tensor, prompt_tokens: int, local_logits: torch.Tensor, logs: Path):
+def measure(model_name: str, wire: str, greedy: torch.Tensor, prompt_tokens: int, local_logits: torch.Tensor, logs: Path):
+    sequence, new_tokens = greedy[:, :-1], greedy.shape[1] - prompt_tokens
     num_blocks = load_config(resolve_model(model_name)).num_hidden_layers
     half = num_blocks // 2
     (logs / wire).mkdir()
@@ -56,6 +58,8 @@ def measure(model_name: str, wire: str, sequence: torch.Tensor, prompt_tokens: i
                 before = sent(swarm.servers)
                 steps += [model(sequence[:, i : i + 1]).logits for i in range(prompt_tokens, sequence.shape[1])]
                 after = sent(swarm.servers)
+            free_run = model.generate(sequence[:, :prompt_tokens], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, pad_token_id=0)
         finally:
             model.shutdown()
     logits = torch.cat(steps, dim=1)
@@ -67,6 +71,7 @@ def measure(model_name: str, wire: str, sequence: torch.Tensor, prompt_tokens: i
         "bytes_per_token": (after[0] - before[0]) / (after[1] - before[1]),
         "max_logit_diff": (logits - local_logits).abs().max().item(),
         "greedy_agree": agreement,
+        "same_prefix": int((free_run[0] == greedy[0]).int().cumprod(0).sum()) - prompt_tokens,
     }
 
 
@@ -92,7 +97,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as logs:
         for wire in WIRES:
-            results[wire] = measure(args.model, wire, sequence, ids.shape[1], local_logits, Path(logs))
+            results[wire] = measure(args.model, wire, greedy, ids.shape[1], local_logits, Path(logs))
     base = results["float32"]["bytes_per_token"]
     fields = [f"float32_bytes_per_token={base:.0f}"]
     for wire in WIRES[1:]:
@@ -100,11 +105,12 @@ def main() -> None:
     for wire in WIRES:
         fields.append(f"{wire}_max_logit_diff={results[wire]['max_logit_diff']:.3g}")
         fields.append(f"{wire}_greedy_agree={results[wire]['greedy_agree']:.3f}")
+        fields.append(f"{wire}_same_prefix={results[wire]['same_prefix']}")
     print(
         "WIRE " + " ".join(fields) + f" logit_std={local_logits.std():.2f} model={source.name} "
         f"hidden={load_config(source).hidden_size} servers=2 "
-        f"new_tokens={args.new_tokens} (bytes per decode token per hop, sent by servers; logits teacher-forced vs "
-        "local float32)"
+        f"new_tokens={args.new_tokens} (bytes per decode token per hop, sent by servers; logits and greedy agreement "
+        "teacher-forced vs local float32; same_prefix: tokens of a free greedy run identical to local)"
     )
 
 

@@ -51,7 +51,7 @@ from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
 
 logger = logging.getLogger(__name__)
 
-# Inputs larger than this are decoded and checked on a worker thread, not on the event loop.
+# Inputs (outputs) larger than this are decoded and checked (encoded) on a worker thread, not on the event loop.
 _OFF_LOOP_BYTES = 1 << 20
 
 
@@ -121,7 +121,7 @@ class BlockServicer(BlockRPC):
                 elif step.open is not None:
                     raise ProtocolError("A stream carries one session; open a new stream for another")
                 output, result = await self._inference_step(session, step, request)
-                wire = self._serialize(output)  # once: the next server and the client get the same bytes
+                wire = await self._serialize(output)  # once: the next server and the client get the same bytes
                 if step.push_to is not None:
                     # Next server first: it is on the critical path; the client's copy is for its records.
                     channel = self._push_channel(channel, session, step.push_to)
@@ -284,7 +284,7 @@ class BlockServicer(BlockRPC):
                 started = time.perf_counter()
                 output = await self._compute(run_chunk, hidden)
                 self._count(hidden, time.perf_counter() - started, kind="forward")
-            yield response(None, self._serialize(output))
+            yield response(None, await self._serialize(output))
             # Let the client end the stream: closing it from here first can break the client's pending write.
             with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration, ProtocolError):
                 await asyncio.wait_for(anext(requests), 5.0)
@@ -312,8 +312,12 @@ class BlockServicer(BlockRPC):
         self.metrics.tokens.labels(kind).inc(tokens)
         self.metrics.step_seconds.labels(kind).observe(seconds)
 
-    def _serialize(self, output: torch.Tensor) -> runtime_pb2.Tensor:
-        wire = serialize_tensor(output, self.wire_dtype)
+    async def _serialize(self, output: torch.Tensor) -> runtime_pb2.Tensor:
+        """``output`` as this server sends it (--wire-dtype); a large one is encoded off the event loop."""
+        if output.numel() * output.element_size() > _OFF_LOOP_BYTES:
+            wire = await asyncio.to_thread(serialize_tensor, output, self.wire_dtype)
+        else:
+            wire = serialize_tensor(output, self.wire_dtype)
         self.metrics.count_activations("out", *wire_bytes(wire))
         return wire
 
