@@ -355,6 +355,18 @@ class AttackGenerator:
                                            runtime_pb2.BLOCKWISE_8BIT])
             return kind, runtime_pb2.Tensor(buffer=b"\x01" * 7, size=[batch, n, h], dtype="float32",
                                             compression=compression)
+        if kind.startswith("int8 "):
+            t = serialize_tensor(torch.randn(batch, n, h, generator=self.gen), "int8")
+            rows, values = batch * n, batch * n * h
+            if kind == "int8 without its outliers":
+                t.buffer = t.buffer[: values + 2 * rows]
+            elif kind == "int8 outlier index past the row":
+                at = values + 2 * rows + 2 * self.rng.randrange(4 * rows)
+                t.buffer = t.buffer[:at] + self.rng.randrange(h, 2**16).to_bytes(2, "little") + t.buffer[at + 2 :]
+            else:  # "int8 NaN scale": the row decodes to NaN
+                at = values + 2 * self.rng.randrange(rows)
+                t.buffer = t.buffer[:at] + torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes() + t.buffer[at + 2 :]
+            return kind, t
         if kind == "requires_grad":
             t = self.proto(torch.randn(batch, n, h))
             t.requires_grad = True
@@ -791,6 +803,9 @@ _BAD_TENSOR_KINDS = (
     'dtype ""',
     "bfloat16 with FLOAT16 compression",
     "8-bit compression, buffer that fits no codec",
+    "int8 without its outliers",
+    "int8 outlier index past the row",
+    "int8 NaN scale",
     "requires_grad",
 )
 _BAD_METADATA_KINDS = (

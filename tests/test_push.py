@@ -9,6 +9,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from molink_swarm.net.push import MAX_QUEUED, PushChannel
+from molink_swarm.protocol.tensors import serialize_tensor
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ async def p2p():
 async def test_a_channel_to_a_dead_peer_holds_little_and_retries_later(p2p):
     nobody = PeerID.from_base58("QmQGqBmKTewr82mRxoiWoKQUXSnBLdeK543cMGnzE3L4zz")  # no such peer is reachable
     channel = PushChannel(p2p, nobody, "session-0001")
-    hidden = torch.zeros(1, 1, 8)
+    hidden = serialize_tensor(torch.zeros(1, 1, 8))
     for position in range(3 * MAX_QUEUED):
         channel.push(position, hidden)  # never blocks, never raises
         assert channel._queue.qsize() <= MAX_QUEUED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import itertools
 import logging
@@ -155,11 +156,26 @@ def test_an_invalid_server_record_is_dropped(overrides):
         {"active_sessions": -1},
         {"end": 10**9},
         {"torch_dtype": "float16; drop table"},
+        {"wire_dtype": "int8; drop table"},
+        {"wire_bytes_per_token": -1.0},
+        {"wire_bytes_per_token": float("nan")},
+        {"wire_bytes_per_token": float("inf")},
+        {"wire_bytes_per_token": 1e30},
     ],
     ids=lambda overrides: f"{next(iter(overrides))}={str(next(iter(overrides.values())))[:40]}",
 )
 def test_a_server_record_with_a_bad_field_is_dropped(overrides):
     assert parse_record({**server_record().to_wire(), **overrides}) is None
+
+
+def test_a_record_from_before_wire_dtypes_still_decodes():
+    wire = server_record(wire_dtype="int8", wire_bytes_per_token=578.0).to_wire()
+    assert parse_record(wire).wire_dtype == "int8" and parse_record(wire).wire_bytes_per_token == 578.0
+    del wire["wire_dtype"], wire["wire_bytes_per_token"]
+
+    record = parse_record(wire)
+
+    assert record is not None and record.wire_dtype is None and record.wire_bytes_per_token is None
 
 
 def test_the_reason_a_record_is_invalid_is_one_short_line():
@@ -233,12 +249,20 @@ class ReadOnlyDHT:
     def __init__(self, entries: dict[str, dict]):
         self.entries = entries
 
-    def run_coroutine(self, _coroutine):
+    def run_coroutine(self, _coroutine, return_future: bool = False):
         expiration = get_dht_time() + 60
-        return {
+        found = {
             key: ValueWithExpiration({sub: ValueWithExpiration(v, expiration) for sub, v in values.items()}, expiration)
             for key, values in self.entries.items()
         }
+        if not return_future:
+            return found
+        future = concurrent.futures.Future()
+        future.set_result(found)
+        return future
+
+    def is_alive(self) -> bool:
+        return True
 
 
 @pytest.fixture

@@ -177,6 +177,7 @@ def test_swarm_json_shows_full_coverage(web_url, model_name):
     spans = sorted((s["start"], s["end"]) for s in model["servers"])
     assert spans == [(0, 15), (15, 30)]
     assert all(s["state"] == "online" and s["rtt_ms"] is not None for s in model["servers"])
+    assert all(s["wire_dtype"] == "float32" for s in model["servers"])  # join's default --wire-dtype auto
     assert swarm["initial_peers"][0].startswith("/ip4/127.0.0.1/tcp/")
 
 

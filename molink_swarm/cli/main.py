@@ -109,6 +109,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         initial_peers=tuple(args.initial_peers),
         device=args.device,
         dtype=args.dtype,
+        wire_dtype=args.wire_dtype,
         host=args.host,
         port=args.port,
         public_ip=args.public_ip,
@@ -158,7 +159,10 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from molink_swarm.cli.chat import run_terminal_chat
 
-    run_terminal_chat(args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    run_terminal_chat(
+        args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        wire_dtype=args.wire_dtype,
+    )
 
 
 # ---- web
@@ -176,7 +180,8 @@ def _web_limits(args: argparse.Namespace):
 
 
 def _serve_web(
-    models: Sequence[str], initial_peers: Sequence[str], host: str, port: int, limits, max_concurrent: int, wait_for_blocks_s: float = 10.0
+    models: Sequence[str], initial_peers: Sequence[str], host: str, port: int, limits, max_concurrent: int, wait_for_blocks_s: float = 10.0,
+    wire_dtype: str = "auto",
 ) -> None:
     from molink_swarm.web import run_web
 
@@ -186,7 +191,7 @@ def _serve_web(
     async def run() -> None:
         await run_web(
             models, initial_peers, host=host, port=port, limits=limits, max_concurrent=max_concurrent,
-            wait_for_blocks_s=wait_for_blocks_s, stop=_stop_event_on_signals(), on_ready=ready,
+            wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, stop=_stop_event_on_signals(), on_ready=ready,
         )
 
     asyncio.run(run())
@@ -194,7 +199,8 @@ def _serve_web(
 
 def cmd_web(args: argparse.Namespace) -> None:
     _serve_web(
-        args.model, args.initial_peers, args.host, args.port, _web_limits(args), args.max_concurrent, args.wait_for_blocks
+        args.model, args.initial_peers, args.host, args.port, _web_limits(args), args.max_concurrent, args.wait_for_blocks,
+        wire_dtype=args.wire_dtype,
     )
 
 
@@ -247,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--initial-peers", nargs="+", required=required, default=[], metavar="MADDR",
                        help="multiaddrs of swarm peers, as printed by `molink-swarm dht`")
 
+    def wire_dtype(p: argparse.ArgumentParser, what: str) -> None:
+        # protocol.tensors.WIRE_DTYPES, written out: importing it loads torch, which --help should not wait for.
+        p.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
+                       help=f"{what}: auto = as computed (exact), float16/bfloat16 = half the bytes of float32, "
+                       "int8 = a quarter (per-row absmax); peers decode whatever arrives (default: auto)")
+
     p = sub.add_parser("dht", help="run a bootstrap peer (prints the multiaddrs to give others)")
     p.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/31337"], metavar="MADDR",
                    help="where to listen (default: /ip4/0.0.0.0/tcp/31337)")
@@ -263,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    wire_dtype(p, "how this server sends hidden states (replies, pushes to the next server)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
     p.add_argument("--public-ip", default=None, help="public IP of a port-forwarded host (needs --port)")
@@ -293,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    wire_dtype(p, "how this client sends hidden states to the servers")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("web", help="serve the chat web demo, the OpenAI-compatible API and the status page")
@@ -307,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generations at once over all clients, batched together (others queue; a server admits 24 sessions of one peer by default)")
     p.add_argument("--wait-for-blocks", type=float, default=10.0, metavar="S",
                    help="how long a request waits for missing blocks to appear before failing")
+    wire_dtype(p, "how this client sends hidden states to the servers")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("demo", help="start a local swarm of the embedded model and its web demo")

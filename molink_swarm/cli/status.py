@@ -31,7 +31,7 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
     for m in view.models:
         # Names come from peers' records: shown as plain text, never parsed as rich markup ("[/x]" would raise).
         table = Table(title=Text(f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})"))
-        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "path", "RTT"):
+        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "wire", "path", "RTT"):
             table.add_column(column)
         for s in m.servers:
             state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
@@ -43,6 +43,7 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
                 f"{s.throughput:.0f}",
                 f"{s.active_sessions}/{s.max_sessions}",
                 str(s.free_cache_tokens),
+                Text(describe_wire(s)),
                 Text(describe_path(s)),
                 f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
             )
@@ -51,6 +52,15 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
             console.print(Text(f"Missing blocks: {m.missing}", style="bold red"))
         else:
             console.print(Text(f"All {m.num_blocks} blocks are served.", style="green"))
+
+
+def describe_wire(server: ServerView) -> str:
+    """How the server sends hidden states, and what that measured per token: "int8, 578 B/token"."""
+    if server.wire_dtype is None:
+        return "?"
+    if server.wire_bytes_per_token is None:
+        return server.wire_dtype
+    return f"{server.wire_dtype}, {server.wire_bytes_per_token:.0f} B/token"
 
 
 def describe_path(server: ServerView) -> str:

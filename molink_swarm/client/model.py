@@ -25,6 +25,7 @@ from molink_swarm.client.session import InferenceSession, SwarmError, forward_th
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.models import ModelSource, load_config, resolve_model
 from molink_swarm.models.family import UnsupportedModelError, adapter_for
+from molink_swarm.protocol.tensors import WIRE_DTYPES, WireDtype
 
 logger = logging.getLogger(__name__)
 
@@ -183,13 +184,19 @@ class AutoDistributedModelForCausalLM:
         torch_dtype: Optional[torch.dtype | str] = None,
         wait_for_blocks_s: float = 30.0,
         hole_punching: bool = True,
+        wire_dtype: WireDtype = "auto",
         **kwargs,
     ):
         """``dtype`` (default float32; ``torch_dtype`` is its old name) is the precision of this client's layers,
         and only servers announcing the same one are chained, so the output equals a local run in that dtype.
-        ``hole_punching=False`` keeps servers behind NATs on their relays (no direct connection attempts)."""
+        ``hole_punching=False`` keeps servers behind NATs on their relays (no direct connection attempts).
+        ``wire_dtype`` is how this client sends hidden states to servers: ``auto`` (its dtype, exact), ``float16``,
+        ``bfloat16`` or ``int8`` (per-row absmax, about a quarter of float32's bytes); servers choose theirs with
+        ``join --wire-dtype``, and every peer decodes whatever arrives."""
         if not initial_peers:
             raise SwarmError("Pass initial_peers=[...]: the multiaddrs printed by `molink-swarm dht`")
+        if wire_dtype not in WIRE_DTYPES:
+            raise SwarmError(f"wire_dtype={wire_dtype!r} is not supported; pass one of {', '.join(WIRE_DTYPES)}")
         dtype = _client_dtype(dtype if dtype is not None else torch_dtype)
         source = resolve_model(model)
         config = load_config(source)
@@ -216,6 +223,7 @@ class AutoDistributedModelForCausalLM:
             source.fingerprint,
             adapter.num_blocks,
             torch_dtype=_DTYPE_NAMES[dtype],
+            wire_dtype=wire_dtype,
             hole_punching=hole_punching,
         )
         client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)

@@ -105,6 +105,7 @@ class _HopStream:
         self._held = 0  # positions in _inputs
         self.created_at = time.monotonic()
         self.last_result: Optional[messages.StepResult] = None
+        self.last_output: Optional[runtime_pb2.Tensor] = None  # the last reply's tensor, as it came off the wire
         self._pending: Optional[tuple[int, torch.Size, float]] = None
         self.push_channel: Optional[PushChannel] = None  # the client's fallback copies of pushed inputs
         self.fallback_push: Optional[asyncio.TimerHandle] = None  # a copy due unless this hop answers first
@@ -158,7 +159,7 @@ class _HopStream:
         )
         self._opened = True
         self._step_id += 1
-        self._requests.put_nowait(messages.request(message, *([] if hidden is None else [hidden])))
+        self._requests.put_nowait(messages.request(message, *([] if hidden is None else [hidden]), wire_dtype=self._swarm.wire_dtype))
 
     def cancel_pending(self) -> None:
         """Forget a step whose sending failed, so that it is sent again (or the server replaced)."""
@@ -185,9 +186,10 @@ class _HopStream:
         result = messages.decode_metadata(reply.metadata, messages.StepResult)
         if len(reply.tensors) != 1 or result.position != position + tokens:
             raise messages.ProtocolError(f"Server {self.peer_id} sent an inconsistent step result")
-        output = deserialize_tensor(reply.tensors[0])
+        output = deserialize_tensor(reply.tensors[0], dtype=self._swarm.dtype)
         if output.shape != shape:
             raise messages.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
+        self.last_output = reply.tensors[0]
         if extra_timeout == 0.0:
             self.timer.record(tokens, time.perf_counter() - started)
         elif upstream_done is not None:
@@ -342,7 +344,7 @@ class InferenceSession:
             if index < len(self._hops) and self._hops[index].pending:
                 # Also deliver the input ourselves: it keeps the chain going when the previous server could not
                 # push (or was replaced); the server uses whichever copy arrives first.
-                self._push(self._hops[index], hidden)
+                self._push(self._hops[index], hop.last_output)
         return hidden
 
     async def _prefill(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -456,13 +458,14 @@ class InferenceSession:
                 hop.cancel_pending()
                 return
 
-    def _push(self, hop: _HopStream, hidden: torch.Tensor) -> None:
-        """Our copy of ``hop``'s input. In the healthy path the previous server's push got there first and the hop
-        answers within about its usual step time; only if it does not is the copy sent (each copy costs a message
-        and a serialization per hop and token, which adds up over many sessions)."""
+    def _push(self, hop: _HopStream, hidden: runtime_pb2.Tensor) -> None:
+        """Our copy of ``hop``'s input: the previous server's output as it came, not re-encoded (the bytes that server
+        pushed itself, so the next server computes the same thing whichever copy arrives first). In the healthy path
+        the server's push got there first and the hop answers within about its usual step time; only if it does
+        not is the copy sent (each copy costs a message per hop and token, which adds up over many sessions)."""
         if hop.push_channel is None:
             hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.links.relay_for(hop.peer_id))
-        expected = hop.timer.expected(hidden.shape[1])
+        expected = hop.timer.expected(hidden.size[1])
         grace = 0.0 if expected is None else 2.0 * expected + 0.01
         hop.fallback_push = asyncio.get_running_loop().call_later(grace, hop.push_channel.push, self.position, hidden)
 
@@ -597,12 +600,12 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
     while position < end:
         remaining = max(0.0, deadline - time.monotonic())
         hop = (await plan_with_wait(swarm, remaining, model_name, start=position, mode="throughput"))[0]
-        request = messages.request(messages.ForwardRequest(start=hop.start, end=hop.end), hidden)
+        request = messages.request(messages.ForwardRequest(start=hop.start, end=hop.end), hidden, wire_dtype=swarm.wire_dtype)
         try:
             reply = await asyncio.wait_for(call_forward(swarm, hop.peer_id, request), 600)
             if len(reply.tensors) != 1:
                 raise messages.ProtocolError(f"Server {hop.peer_id} sent {len(reply.tensors)} tensors")
-            output = deserialize_tensor(reply.tensors[0])
+            output = deserialize_tensor(reply.tensors[0], dtype=swarm.dtype)
             if output.shape != hidden.shape:
                 raise messages.ProtocolError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
         except SERVER_FAILURES as e:

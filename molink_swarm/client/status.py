@@ -32,6 +32,8 @@ class ServerView(BaseModel):
     version: str
     dtype: str
     rtt_ms: Optional[float] = None
+    wire_dtype: Optional[str] = None  # how it sends hidden states (None: a server from before --wire-dtype)
+    wire_bytes_per_token: Optional[float] = None  # measured average (None: it has sent nothing yet)
 
 
 class ModelView(BaseModel):
@@ -87,6 +89,8 @@ async def swarm_snapshot(dht, p2p: P2P, model: Optional[str] = None) -> SwarmVie
                 version=s.record.software_version,
                 dtype=s.record.torch_dtype,
                 rtt_ms=links.rtts[s.peer_id] * 1000 if s.peer_id in links.rtts else None,
+                wire_dtype=s.record.wire_dtype,
+                wire_bytes_per_token=s.record.wire_bytes_per_token,
             )
             for s in sorted(servers, key=lambda s: (s.record.start, s.record.end, str(s.peer_id)))
         ]

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Optional, Sequence
 
+import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
@@ -18,6 +19,7 @@ from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
 from molink_swarm.net.links import PeerLinks
 from molink_swarm.protocol.messages import ServerStatus, decode_metadata
+from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, format_blocks
 
 logger = logging.getLogger(__name__)
@@ -41,11 +43,14 @@ class SwarmClient:
         num_blocks: int,
         *,
         torch_dtype: str = "float32",
+        wire_dtype: WireDtype = "auto",
         refresh_period: float = 5.0,
         hole_punching: bool = True,
     ):
         self.model_id, self.fingerprint, self.num_blocks = model_id, fingerprint, num_blocks
         self.torch_dtype = torch_dtype
+        self.dtype: torch.dtype = getattr(torch, torch_dtype)  # what replies are decoded to
+        self.wire_dtype = resolve_wire_dtype(wire_dtype, self.dtype)  # how this client sends hidden states
         self.refresh_period = refresh_period
         # Listening on every interface makes outgoing connections leave from that port, so a NAT maps them all
         # to one public address that peers can observe: hole punching needs it.

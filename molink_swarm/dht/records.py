@@ -24,6 +24,7 @@ MODEL_RECORD_KIND = "molink.model"
 MAX_BLOCKS = 4096  # more than any model has; bounds what a reader fetches for one announced model
 MAX_THROUGHPUT = 1e7  # tokens/s/block: servers measure at most 1e6 (see Server._measure_throughput)
 MAX_RTT_S = 3600.0
+MAX_BYTES_PER_TOKEN = 2**24  # a float32 hidden state of 4M dimensions
 MAX_COUNT = 2**40  # cache tokens, sessions: far above any real server, far below what breaks arithmetic
 
 
@@ -137,6 +138,11 @@ class ServerRecord(_Record):
     torch_dtype: str = Field(default="float32", pattern=r"^[a-z0-9_]{1,16}$")
     next_rtts: dict[PeerIdText, Seconds] = Field(
         default_factory=dict, max_length=64, description="peer id -> measured RTT in seconds"
+    )
+    # Optional, so that records of servers from before --wire-dtype still decode.
+    wire_dtype: Optional[str] = Field(default=None, pattern=r"^[a-z0-9_]{1,16}$", description="how it sends activations")
+    wire_bytes_per_token: Optional[Annotated[float, Field(ge=0, le=MAX_BYTES_PER_TOKEN), AfterValidator(_finite)]] = Field(
+        default=None, description="average bytes of hidden states it sent per token (None: nothing sent yet)"
     )
 
     @property

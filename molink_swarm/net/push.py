@@ -18,14 +18,12 @@ import logging
 import time
 from typing import Optional
 
-import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.net.paths import directly_connected, server_stub
 from molink_swarm.protocol import messages
 from molink_swarm.protocol.streams import queued
-from molink_swarm.protocol.tensors import serialize_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +40,9 @@ class PushChannel:
         self.dropped = 0
         self._closed = False
 
-    def push(self, position: int, hidden: torch.Tensor) -> None:
-        """Queue the input of step ``position``; never blocks, never raises (a lost push only costs latency)."""
+    def push(self, position: int, hidden: runtime_pb2.Tensor) -> None:
+        """Queue the input of step ``position``, already serialized (the sender chose its wire dtype, and the same
+        bytes may also go elsewhere); never blocks, never raises (a lost push only costs latency)."""
         if self._closed:
             return
         if self._task is None or self._task.done():
@@ -58,7 +57,7 @@ class PushChannel:
         self._queue.put_nowait(
             runtime_pb2.ExpertRequest(
                 metadata=messages.encode_metadata(messages.PushStep(session_id=self.session_id, position=position)),
-                tensors=[serialize_tensor(hidden)],
+                tensors=[hidden],
             )
         )
 

@@ -16,7 +16,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from molink_swarm.protocol.errors import ProtocolError
-from molink_swarm.protocol.tensors import serialize_tensor
+from molink_swarm.protocol.tensors import WireDtype, serialize_tensor
 
 PROTOCOL_VERSION = 1
 _PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]+$"  # base58
@@ -174,14 +174,19 @@ def decode_metadata(data: bytes, schema: type[M]) -> M:
         raise ProtocolError(f"Invalid {schema.__name__}: {where}: {first.get('msg')}") from None
 
 
-def request(message: _Message, *tensors: torch.Tensor, compression: str = "none") -> runtime_pb2.ExpertRequest:
-    return runtime_pb2.ExpertRequest(
-        metadata=encode_metadata(message), tensors=[serialize_tensor(t, compression) for t in tensors]
-    )
+def request(message: _Message, *tensors: torch.Tensor | runtime_pb2.Tensor, wire_dtype: WireDtype = "auto") -> runtime_pb2.ExpertRequest:
+    """A request carrying ``tensors``: torch tensors are serialized as ``wire_dtype``, serialized ones go as they are."""
+    return runtime_pb2.ExpertRequest(metadata=encode_metadata(message), tensors=[_wire(t, wire_dtype) for t in tensors])
 
 
-def response(message: Optional[_Message], *tensors: torch.Tensor, compression: str = "none") -> runtime_pb2.ExpertResponse:
+def response(
+    message: Optional[_Message], *tensors: torch.Tensor | runtime_pb2.Tensor, wire_dtype: WireDtype = "auto"
+) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(
         metadata=encode_metadata(message) if message is not None else b"",
-        tensors=[serialize_tensor(t, compression) for t in tensors],
+        tensors=[_wire(t, wire_dtype) for t in tensors],
     )
+
+
+def _wire(tensor: torch.Tensor | runtime_pb2.Tensor, wire_dtype: WireDtype) -> runtime_pb2.Tensor:
+    return tensor if isinstance(tensor, runtime_pb2.Tensor) else serialize_tensor(tensor, wire_dtype)

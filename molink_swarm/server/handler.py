@@ -39,14 +39,21 @@ from molink_swarm.protocol.messages import (
 )
 from molink_swarm.protocol.rpc import BlockRPC
 from molink_swarm.protocol.streams import StreamLimits
-from molink_swarm.protocol.tensors import check_tensor, deserialize_tensor
+from molink_swarm.protocol.tensors import (
+    WireDtype,
+    check_tensor,
+    deserialize_tensor,
+    resolve_wire_dtype,
+    serialize_tensor,
+    wire_bytes,
+)
 from molink_swarm.server.metrics import ServerMetrics
 from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority
 from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
 
 logger = logging.getLogger(__name__)
 
-# Inputs larger than this are decoded and checked on a worker thread, not on the event loop.
+# Inputs (outputs) larger than this are decoded and checked (encoded) on a worker thread, not on the event loop.
 _OFF_LOOP_BYTES = 1 << 20
 
 
@@ -67,6 +74,7 @@ class BlockServicer(BlockRPC):
         max_forwards_per_peer: int = 2,
         max_forwards: int = 8,
         metrics: ServerMetrics | None = None,
+        wire_dtype: WireDtype = "auto",
     ):
         self.blocks = blocks
         self.compute = compute
@@ -75,6 +83,7 @@ class BlockServicer(BlockRPC):
         self.dtype = dtype
         self.device = device
         self.metrics = metrics or ServerMetrics()
+        self.wire_dtype = resolve_wire_dtype(wire_dtype, dtype)  # how outputs travel (replies and pushes)
         self.hidden_size = blocks.config.hidden_size
         self.chunk_tokens = chunk_tokens
         # A forward pass is at most one session's worth of tokens; a few at once per peer, a few more in all.
@@ -114,11 +123,13 @@ class BlockServicer(BlockRPC):
                 elif step.open is not None:
                     raise ProtocolError("A stream carries one session; open a new stream for another")
                 output, result = await self._inference_step(session, step, request)
+                wire = await self._serialize(output)  # once: the next server and the client get the same bytes
                 if step.push_to is not None:
                     # Next server first: it is on the critical path; the client's copy is for its records.
                     channel = self._push_channel(channel, session, step.push_to)
-                    channel.push(step.position, output)
-                yield response(result, output)
+                    channel.push(step.position, wire)
+                    self.metrics.count_activations("out", *wire_bytes(wire))
+                yield response(result, wire)
         except Exception:
             self.metrics.errors.labels("inference").inc()
             raise
@@ -286,7 +297,7 @@ class BlockServicer(BlockRPC):
                 started = time.perf_counter()
                 output = await self._compute((spec.start, spec.end), cache, 0, hidden, Priority.FORWARD)
                 self._count(hidden, time.perf_counter() - started, kind="forward")
-            yield response(None, output)
+            yield response(None, await self._serialize(output))
             # Let the client end the stream: closing it from here first can break the client's pending write.
             with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration, ProtocolError):
                 await asyncio.wait_for(anext(requests), 5.0)
@@ -313,6 +324,15 @@ class BlockServicer(BlockRPC):
         self.tokens_served += tokens
         self.metrics.tokens.labels(kind).inc(tokens)
         self.metrics.step_seconds.labels(kind).observe(seconds)
+
+    async def _serialize(self, output: torch.Tensor) -> runtime_pb2.Tensor:
+        """``output`` as this server sends it (--wire-dtype); a large one is encoded off the event loop."""
+        if output.numel() * output.element_size() > _OFF_LOOP_BYTES:
+            wire = await asyncio.to_thread(serialize_tensor, output, self.wire_dtype)
+        else:
+            wire = serialize_tensor(output, self.wire_dtype)
+        self.metrics.count_activations("out", *wire_bytes(wire))
+        return wire
 
     # ---- info and ping
 
@@ -350,13 +370,16 @@ class BlockServicer(BlockRPC):
             raise ProtocolError(f"Hidden states must be [batch, tokens, {self.hidden_size}], got {list(proto.size)}")
         if batch_size is not None and proto.size[0] != batch_size:
             raise ProtocolError(f"Batch size {proto.size[0]} differs from the session's {batch_size}")
+        self.metrics.count_activations("in", *wire_bytes(proto))
         if len(proto.buffer) > _OFF_LOOP_BYTES:
-            return await asyncio.to_thread(_decode_finite, proto)
-        return _decode_finite(proto)
+            return await asyncio.to_thread(_decode_finite, proto, self.dtype)
+        return _decode_finite(proto, self.dtype)
 
 
-def _decode_finite(proto: runtime_pb2.Tensor) -> torch.Tensor:
-    hidden = deserialize_tensor(proto)
+def _decode_finite(proto: runtime_pb2.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decodes whatever codec the sender chose, in our compute dtype (checked there: a value that overflows it
+    would poison the cache as surely as a NaN sent on purpose)."""
+    hidden = deserialize_tensor(proto, dtype=dtype)
     if not torch.isfinite(hidden).all():
         raise ProtocolError("Hidden states contain NaN or infinite values")
     return hidden

@@ -5,7 +5,7 @@ Each server keeps its own registry (not prometheus_client's global one), so test
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -46,9 +46,30 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        # Hidden states on the wire (payload bytes, not framing): in = inputs received (steps, pushes, forward
+        # passes), out = outputs sent (replies, pushes). Bytes / tokens is what --wire-dtype buys.
+        self.activation_bytes = Counter(
+            "molink_server_activation_bytes", "Bytes of hidden states received (in) and sent (out)", ["direction"],
+            registry=self.registry,
+        )
+        self.activation_tokens = Counter(
+            "molink_server_activation_tokens", "Tokens of hidden states received (in) and sent (out)", ["direction"],
+            registry=self.registry,
+        )
 
     def observe_batch(self, steps: int, tokens: int) -> None:
         self.batch_steps.observe(steps)
+
+    def count_activations(self, direction: str, nbytes: int, tokens: int) -> None:
+        self.activation_bytes.labels(direction).inc(nbytes)
+        self.activation_tokens.labels(direction).inc(tokens)
+
+    def bytes_per_token(self, direction: str = "out") -> Optional[float]:
+        """Average bytes per token of hidden states sent (out) or received (in); None before any."""
+        tokens = self.registry.get_sample_value("molink_server_activation_tokens_total", {"direction": direction})
+        if not tokens:
+            return None
+        return self.registry.get_sample_value("molink_server_activation_bytes_total", {"direction": direction}) / tokens
 
     def track_sessions(self, count: Callable[[], int], reserved: Callable[[], int], total: int) -> None:
         self.active_sessions.set_function(count)

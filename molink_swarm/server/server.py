@@ -28,6 +28,7 @@ from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
 from molink_swarm.protocol.messages import relay_peer_id
+from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
 from molink_swarm.routing.placement import choose_blocks
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.metrics import ServerMetrics, start_metrics_server
@@ -55,6 +56,7 @@ class ServerConfig(BaseModel):
     initial_peers: tuple[str, ...] = ()
     device: str = "cpu"
     dtype: str = "float32"
+    wire_dtype: WireDtype = "auto"  # how this server sends hidden states (replies and pushes); auto: as computed
     host: str = "0.0.0.0"
     port: int = 0
     public_ip: Optional[str] = None
@@ -117,6 +119,8 @@ class Server:
         self.metrics_url: Optional[str] = None
         self.reachability = Reachability.DIRECT
         self.relays: Optional[RelayRegistration] = None
+        self.wire_dtype = resolve_wire_dtype(config.wire_dtype, self.dtype)
+        self.metrics: Optional[ServerMetrics] = None
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         """The server's life: check reachability, join the DHT, load the blocks, announce them, serve them with a
@@ -207,7 +211,7 @@ class Server:
             cache_tokens=cfg.cache_tokens,
             max_length=min(cfg.max_length, getattr(self.model_config, "max_position_embeddings", cfg.max_length)),
         )
-        metrics = ServerMetrics()
+        metrics = self.metrics = ServerMetrics()
         metrics.blocks.set(self.end - self.start)
         compute.on_batch = metrics.observe_batch
         metrics.track_sessions(
@@ -225,6 +229,7 @@ class Server:
             session_idle_timeout=cfg.session_idle_timeout,
             chunk_tokens=chunk_tokens,
             metrics=metrics,
+            wire_dtype=self.wire_dtype,
         )
         servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
         await servicer.add_p2p_handlers(p2p)
@@ -330,6 +335,8 @@ class Server:
             public_name=self.config.public_name,
             torch_dtype=self.config.dtype,
             next_rtts=self.next_rtts,
+            wire_dtype=self.wire_dtype,
+            wire_bytes_per_token=self.metrics.bytes_per_token("out") if self.metrics is not None else None,
         )
         ttl = self.config.update_period * 2.5 if state != ServerState.OFFLINE else self.config.update_period
         if declare_server(dht, validator, self.model_record, record, ttl=ttl):

@@ -169,13 +169,18 @@ def _check_port(host: str, port: int) -> None:
             raise UserError(f"Cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
 
 
-def load_engine(model: str, initial_peers: Sequence[str], *, metrics: WebMetrics, max_concurrent: int, wait_for_blocks_s: float) -> ChatEngine:
+def load_engine(
+    model: str, initial_peers: Sequence[str], *, metrics: WebMetrics, max_concurrent: int, wait_for_blocks_s: float,
+    wire_dtype: str = "auto",
+) -> ChatEngine:
     """Connect to the swarm for ``model`` (loading only its embeddings and head) and wrap it for the web."""
     from transformers import AutoTokenizer
 
     from molink_swarm.client.model import AutoDistributedModelForCausalLM
 
-    distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers, wait_for_blocks_s=wait_for_blocks_s)
+    distributed = AutoDistributedModelForCausalLM.from_pretrained(
+        model, initial_peers=initial_peers, wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype
+    )
     tokenizer = AutoTokenizer.from_pretrained(distributed.source.path)
     if tokenizer.chat_template is None:
         logger.warning("%s has no chat template: /v1/chat/completions will use a plain one", distributed.source.name)
@@ -206,6 +211,7 @@ async def run_web(
     limits: Limits = Limits(),
     max_concurrent: int = 24,
     wait_for_blocks_s: float = 10.0,
+    wire_dtype: str = "auto",
     stop: Optional[asyncio.Event] = None,
     on_ready=None,
 ) -> None:
@@ -214,7 +220,8 @@ async def run_web(
     metrics = WebMetrics()
     engines = [
         await asyncio.to_thread(
-            load_engine, m, initial_peers, metrics=metrics, max_concurrent=max_concurrent, wait_for_blocks_s=wait_for_blocks_s
+            load_engine, m, initial_peers, metrics=metrics, max_concurrent=max_concurrent, wait_for_blocks_s=wait_for_blocks_s,
+            wire_dtype=wire_dtype,
         )
         for m in models
     ]

@@ -24,6 +24,13 @@ function describePath(server) {
   return path === "relayed" && server.relay ? `relayed via …${server.relay.slice(-8)}` : path;
 }
 
+function describeWire(server) {
+  // How the server sends hidden states, and what that measured per token (cli/status.py describe_wire).
+  if (server.wire_dtype == null) return "?";
+  if (server.wire_bytes_per_token == null) return server.wire_dtype;
+  return `${server.wire_dtype}, ${server.wire_bytes_per_token.toFixed(0)} B/token`;
+}
+
 function modelSection(model, peers) {
   const section = el("section", { class: "model", "data-model": model.model_id });
   section.append(el("h2", {}, `${model.name} `, el("small", {}, `${model.model_type}, ${model.num_blocks} blocks`)));
@@ -36,7 +43,7 @@ function modelSection(model, peers) {
     : el("p", { class: "all-covered" }, `All ${model.num_blocks} blocks are served.`);
   section.append(summary);
   const table = el("table", {},
-    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Sessions", "Free cache", "Path", "RTT"]
+    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Sessions", "Free cache", "Wire", "Path", "RTT"]
       .map((h) => el("th", {}, h)))));
   const body = el("tbody");
   for (const s of model.servers) {
@@ -48,6 +55,7 @@ function modelSection(model, peers) {
       el("td", {}, s.throughput.toFixed(0)),
       el("td", {}, `${s.active_sessions}/${s.max_sessions}`),
       el("td", {}, s.free_cache_tokens),
+      el("td", { class: "wire" }, describeWire(s)),
       el("td", {}, describePath(s)),
       el("td", {}, s.rtt_ms == null ? "unreachable" : `${s.rtt_ms.toFixed(1)} ms`)));
   }
