@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from molink_swarm.client.batched import GroupCount
+from molink_swarm.client.batched import GroupCount, Sampling
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.server.scheduler import BatchWork, ComputeQueue, PassTimes, Priority, select_batch
@@ -179,10 +179,10 @@ def queue_recorder(queue_kwargs=None):
 async def test_steps_arriving_during_a_pass_join_the_next_one():
     queue, passes, run = queue_recorder()
     try:
-        first = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run), Priority.DECODE))
+        first = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run, decode=True), Priority.DECODE))
         await asyncio.sleep(0.005)  # "a" computes alone: nothing waits for a batch to fill
         others = [
-            asyncio.ensure_future(queue.run_batched(BatchWork(key, 1, name, run), Priority.DECODE))
+            asyncio.ensure_future(queue.run_batched(BatchWork(key, 1, name, run, decode=True), Priority.DECODE))
             for key, name in [("span", "b"), ("span", "c"), ("other-span", "d"), ("span", "e")]
         ]
         results = await asyncio.wait_for(asyncio.gather(first, *others), 5)
@@ -196,10 +196,10 @@ async def test_steps_arriving_during_a_pass_join_the_next_one():
 async def test_a_faulty_member_fails_alone():
     queue, passes, run = queue_recorder()
     try:
-        blocker = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run), Priority.DECODE))
+        blocker = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run, decode=True), Priority.DECODE))
         await asyncio.sleep(0.005)
-        good = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "b", run), Priority.DECODE))
-        bad = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "faulty", run), Priority.DECODE))
+        good = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "b", run, decode=True), Priority.DECODE))
+        bad = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "faulty", run, decode=True), Priority.DECODE))
         assert await asyncio.wait_for(good, 5) == "out-b"
         with pytest.raises(ValueError):
             await asyncio.wait_for(bad, 5)
@@ -212,7 +212,7 @@ async def test_a_faulty_member_fails_alone():
 async def test_batching_off_runs_one_step_per_pass():
     queue, passes, run = queue_recorder({"max_batch": 1})
     try:
-        tasks = [asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, str(i), run), Priority.DECODE)) for i in range(4)]
+        tasks = [asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, str(i), run, decode=True), Priority.DECODE)) for i in range(4)]
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
     finally:
         queue.shutdown()
@@ -221,16 +221,32 @@ async def test_batching_off_runs_one_step_per_pass():
 
 def test_prompt_chunks_join_within_the_token_budget_and_decode_steps_always():
     def work(tokens):
-        return BatchWork("span", tokens, tokens, run=None)
+        return BatchWork("span", tokens, tokens, run=None, decode=tokens <= 4)
 
     head = work(200)
     chosen = select_batch(head, [work(1), work(100), work(50), work(1), work(6)], max_items=32, max_tokens=256)
     assert [w.payload for w in chosen] == [200, 1, 50, 1]
     assert len(select_batch(work(1), [work(1)] * 40, max_items=32, max_tokens=256)) == 32
-    # Chunks of one prompt run one per pass, in order: never two in the same pass.
-    first, second = (BatchWork("span", 32, n, run=None, owner="prompt") for n in (1, 2))
-    decode = work(1)
-    assert select_batch(first, [second, decode], max_items=32, max_tokens=256) == [first, decode]
+
+
+async def test_a_prompts_chunks_run_in_order_one_per_pass():
+    """Even when its last chunk would fit a pass its earlier ones do not, and decode steps come between."""
+    queue, passes, run = queue_recorder({"max_batch_tokens": 256})
+    try:
+        blocker = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "a", run, decode=True), Priority.DECODE))
+        await asyncio.sleep(0.005)
+        chunks = [BatchWork("span", tokens, name, run) for tokens, name in ((256, "x0"), (256, "x1"), (44, "x2"))]
+        prompt = asyncio.ensure_future(queue.run_sequence(chunks, Priority.PREFILL))
+        await asyncio.sleep(0)
+        decode = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "y", run, decode=True), Priority.DECODE))
+        assert await asyncio.wait_for(prompt, 5) == ["out-x0", "out-x1", "out-x2"]
+        await asyncio.gather(blocker, decode)
+    finally:
+        queue.shutdown()
+    order = [name for members in passes for name in members if name.startswith("x")]
+    assert order == ["x0", "x1", "x2"]
+    assert all(sum(name.startswith("x") for name in members) <= 1 for members in passes)
+    assert passes.index(next(p for p in passes if "y" in p)) < passes.index(next(p for p in passes if "x1" in p))
 
 
 def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():
@@ -248,7 +264,7 @@ def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():
 
 def test_prompt_chunks_shrink_while_sessions_decode():
     def work(tokens):
-        return BatchWork("span", tokens, None, run=None)
+        return BatchWork("span", tokens, None, run=None, decode=tokens <= 4)
 
     times = PassTimes(prompt_token_s=0.001, share=0.25, min_tokens=16, idle_s=1.0)
     assert times.prompt_chunk(256) == 256  # nobody decodes: full chunks
@@ -259,3 +275,11 @@ def test_prompt_chunks_shrink_while_sessions_decode():
     assert 16 <= times.prompt_chunk(256) < 50
     times.last_decode_at -= 2.0  # decoding stopped a while ago
     assert times.prompt_chunk(256) == 256
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy_not_an_error():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    assert Sampling(temperature=1e-40).choose(logits, None) == 1
+    assert Sampling(temperature=0.0).choose(logits, None) == 1
+    generator = torch.Generator().manual_seed(0)
+    assert Sampling(temperature=1.0, top_p=0.5).choose(logits, generator) == 1  # top_p keeps the single top token

@@ -9,8 +9,8 @@ head one at a time and batch poorly.
 Several groups are in flight at once, each on a different stage of the chain (MoLink's overlap of compute and
 transfer): while one group's steps compute on the second server, another's are on the first, a third's at the
 head. How many groups: as many as fit in one trip around the chain, measured as the trip time over the time of
-its slowest stage (:class:`GroupCount`). A new generation joins the smallest group at its next step; a lone
-generation is a group of one and pays nothing for any of this.
+its slowest stage (:class:`GroupCount`). A new generation computes its prompt on its own (a long one must not hold up
+a group), then joins the smallest group; a lone generation is a group of one and pays nothing for any of this.
 
 Everything here runs on the client's event loop (client/loop.py), where the sessions' P2P streams live.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from typing import AsyncIterator, Callable, Optional, Sequence
@@ -26,6 +27,8 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 import torch
 
 from molink_swarm.client.session import InferenceSession
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Sampling:
 
     def choose(self, logits: torch.Tensor, generator: Optional[torch.Generator]) -> int:
         """The next token from one row of logits."""
-        if self.temperature <= 0:
+        if self.temperature < 1e-5:  # below this, softmax of logits / temperature overflows: it is greedy anyway
             return int(logits.argmax())
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
@@ -98,6 +101,7 @@ class BatchedDecoder:
         self.active: set[InferenceSession] = set()  # one per running generation
         self.failovers = 0  # of the generations that have ended
         self.head_batches: list[int] = []  # rows of the last LM head runs (a window, for tests and metrics)
+        self._tasks: set[asyncio.Task] = set()
 
     async def generate(
         self,
@@ -124,7 +128,7 @@ class BatchedDecoder:
             tokens=asyncio.Queue(),
         )
         self.active.add(session)
-        self._join(generation)
+        self._start(generation)
         try:
             while True:
                 item = await generation.tokens.get()
@@ -136,17 +140,29 @@ class BatchedDecoder:
         finally:
             generation.done = True  # the consumer may stop early: its group drops it at the next step
 
+    def _start(self, generation: _Generation) -> None:
+        """A new generation's prompt goes on its own (a long one would hold up a whole group), then it joins one."""
+        self._spawn(self._run_group([generation], alone=True))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _join(self, generation: _Generation) -> None:
         target = self.group_count.target() if self.micro_batches else math.inf
         if len(self.groups) < target:
             group: list[_Generation] = []
             self.groups.append(group)
-            asyncio.create_task(self._run_group(group))
+            self._spawn(self._run_group(group))
         else:
             group = min(self.groups, key=len)
         group.append(generation)
 
-    async def _run_group(self, group: list[_Generation]) -> None:
+    async def _run_group(self, group: list[_Generation], alone: bool = False) -> None:
+        """Step ``group`` until its members are done; ``alone``: a new generation's prompt, after which it joins a
+        group of the engine."""
+        error: BaseException = RuntimeError("The generation engine stopped")
         try:
             while group:
                 members = list(group)
@@ -167,12 +183,26 @@ class BatchedDecoder:
                 logits = await asyncio.to_thread(self._logits, torch.stack([hidden[0, -1] for _, hidden in alive]))
                 head_s = time.perf_counter() - started
                 for (member, _), row in zip(alive, logits):
-                    self._advance(group, member, member.sampling.choose(row, member.generator))
+                    try:
+                        self._advance(group, member, member.sampling.choose(row, member.generator))
+                    except Exception as e:  # this generation's own sampling or stop check: the others go on
+                        self._finish(group, member, e)
+                if alone:
+                    for member in list(group):
+                        group.remove(member)
+                        self._join(member)
+                    return
                 slowest_hop = max(alive[0][0].session.hop_compute_s, default=0.0)
                 self.group_count.record(trip_s + head_s, max(head_s, slowest_hop))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            logger.exception("A group of generations failed")
+            error = e
+            raise
         finally:
             for member in list(group):
-                self._finish(group, member, RuntimeError("The generation engine stopped"))
+                self._finish(group, member, error)
             if group in self.groups:
                 self.groups.remove(group)
 
@@ -201,4 +231,4 @@ class BatchedDecoder:
         member.tokens.put_nowait(outcome)
         self.active.discard(member.session)
         self.failovers += member.session.failovers
-        asyncio.create_task(member.session.aclose())
+        self._spawn(member.session.aclose())

@@ -109,6 +109,7 @@ class _HopStream:
         self._pending: Optional[tuple[int, torch.Size, float]] = None
         self.push_channel: Optional[PushChannel] = None  # the client's fallback copies of pushed inputs
         self.fallback_push: Optional[asyncio.TimerHandle] = None  # a copy due unless this hop answers first
+        self.fallback_sent = False  # the copy went for the pending step: its time includes our wait
 
     @property
     def peer_id(self):
@@ -190,7 +191,10 @@ class _HopStream:
         if output.shape != shape:
             raise messages.ProtocolError(f"Server {self.peer_id} returned shape {list(output.shape)}")
         self.last_output = reply.tensors[0]
-        if extra_timeout == 0.0:
+        if self.fallback_sent:
+            # The step waited for our copy: timing it would add that wait to the next grace, again and again.
+            self.fallback_sent = False
+        elif extra_timeout == 0.0:
             self.timer.record(tokens, time.perf_counter() - started)
         elif upstream_done is not None:
             # Forwarded: its input left the previous server about when that one's output reached us. Without
@@ -467,7 +471,12 @@ class InferenceSession:
             hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.links.relay_for(hop.peer_id))
         expected = hop.timer.expected(hidden.size[1])
         grace = 0.0 if expected is None else 2.0 * expected + 0.01
-        hop.fallback_push = asyncio.get_running_loop().call_later(grace, hop.push_channel.push, self.position, hidden)
+        hop.fallback_push = asyncio.get_running_loop().call_later(grace, self._send_copy, hop, self.position, hidden)
+
+    @staticmethod
+    def _send_copy(hop: _HopStream, position: int, hidden: runtime_pb2.Tensor) -> None:
+        hop.fallback_sent = True
+        hop.push_channel.push(position, hidden)
 
     def _schedule_leave_check(self) -> None:
         """Refresh the server list in the background so that servers that announced leaving are moved off early."""

@@ -128,6 +128,8 @@ class PackedBatch:
 def packed_attention(base: str) -> str:
     """The name of an attention implementation that runs packed batches with ``base`` ("sdpa", "eager", ...) and
     behaves exactly as ``base`` otherwise. Set it as ``config._attn_implementation`` of the blocks a server runs."""
+    if base not in ("sdpa", "eager"):  # others (flash) take packed sequences their own way, not per step
+        raise ValueError(f"Attention implementation {base!r} cannot run packed batches; use sdpa or eager")
     name = f"molink_packed_{base}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, functools.partial(_packed_attention, base=base))

@@ -237,27 +237,19 @@ class BlockServicer(BlockRPC):
         self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor, priority: Priority
     ) -> torch.Tensor:
         """Run blocks ``span`` on ``hidden`` from ``position`` on, in passes batched with other sessions' work
-        (see scheduler.py). A long input goes in chunks, queued at once but run one per pass: between two chunks,
-        and with each, other sessions' decode steps get their turn, and while they decode, chunks are small
-        (``PassTimes.prompt_chunk``)."""
+        (see scheduler.py). A long input goes in chunks, run one per pass: between two chunks, and with each, other
+        sessions' decode steps get their turn, and while they decode, chunks are small (``PassTimes.prompt_chunk``)."""
         tokens = hidden.shape[1]
         if is_decode(tokens):
             return await self.compute.run_batched(self._work(span, cache, position, hidden), Priority.DECODE)
         size = max(1, self.compute.pass_times.prompt_chunk(self.chunk_tokens) // hidden.shape[0])
-        chunks = [
-            asyncio.ensure_future(self.compute.run_batched(self._work(span, cache, position + offset, hidden[:, offset : offset + size]), priority))
-            for offset in range(0, tokens, size)
-        ]
-        try:
-            outputs = await asyncio.gather(*chunks)
-        finally:
-            for chunk in chunks:
-                chunk.cancel()  # after a failed chunk, the rest must not run
+        works = [self._work(span, cache, position + offset, hidden[:, offset : offset + size]) for offset in range(0, tokens, size)]
+        outputs = await self.compute.run_sequence(works, priority)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _work(self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor) -> BatchWork:
         tokens = hidden.shape[0] * hidden.shape[1]
-        return BatchWork(key=span, tokens=tokens, payload=(cache, position, hidden), run=self._run_pass, owner=id(cache))
+        return BatchWork(span, tokens, (cache, position, hidden), run=self._run_pass, decode=is_decode(hidden.shape[1]))
 
     def _run_pass(self, works: list[BatchWork]) -> list[torch.Tensor]:
         """One pass of the blocks over the steps of several sessions (on the compute thread)."""

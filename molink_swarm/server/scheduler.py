@@ -16,6 +16,7 @@ as soon as the worker is free. Long work is handed in as chunks (see handler.py)
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import heapq
@@ -26,7 +27,6 @@ import time
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 from molink_swarm.protocol.errors import ProtocolError
-from molink_swarm.protocol.messages import is_decode
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,13 @@ SLACK_S = {Priority.DECODE: 0.0, Priority.PREFILL: 0.5, Priority.FORWARD: 1.0}
 @dataclasses.dataclass(eq=False)
 class BatchWork:
     """Work that may run in one pass with other work of the same ``key``: ``run`` gets the whole batch and returns
-    one result per item, in order. Works of one ``owner`` (the chunks of one prompt) never share a pass: they run
-    one after the other, in the order they were queued."""
+    one result per item, in order."""
 
     key: Hashable
     tokens: int
     payload: Any
     run: Callable[[list["BatchWork"]], list[Any]]
-    owner: Hashable = None
+    decode: bool = False  # a decode step (always joins a pass), else a chunk of a prompt or forward pass
 
 
 @dataclasses.dataclass(order=True)
@@ -62,6 +61,9 @@ class _Task:
     work: Optional[BatchWork] = dataclasses.field(compare=False, default=None)
     future: Optional[asyncio.Future] = dataclasses.field(compare=False, default=None)
     loop: Optional[asyncio.AbstractEventLoop] = dataclasses.field(compare=False, default=None)
+    # The chunks that follow this one (see ComputeQueue.run_sequence): queued once this one is taken.
+    then: Optional[collections.deque] = dataclasses.field(compare=False, default=None)
+    priority: Priority = dataclasses.field(compare=False, default=Priority.DECODE)
 
 
 def select_batch(head: BatchWork, queued: Sequence[BatchWork], *, max_items: int, max_tokens: int) -> list[BatchWork]:
@@ -71,16 +73,15 @@ def select_batch(head: BatchWork, queued: Sequence[BatchWork], *, max_items: int
     weight once more. Prompt chunks join while the pass stays within ``max_tokens`` tokens, so that a pass, and so
     the wait of the next decode steps, stays about as short as one chunk.
     """
-    batch, tokens, owners = [head], head.tokens, {head.owner}
+    batch, tokens = [head], head.tokens
     for work in queued:
         if len(batch) >= max_items:
             break
-        if work.key != head.key or (work.owner is not None and work.owner in owners):
+        if work.key != head.key:
             continue
-        if is_decode(work.tokens) or tokens + work.tokens <= max_tokens:
+        if work.decode or tokens + work.tokens <= max_tokens:
             batch.append(work)
             tokens += work.tokens
-            owners.add(work.owner)
     return batch
 
 
@@ -101,8 +102,8 @@ class PassTimes:
         self.last_decode_at = -float("inf")
 
     def record(self, works: Sequence[BatchWork], seconds: float) -> None:
-        decoding = any(is_decode(work.tokens) for work in works)
-        prompt_tokens = sum(work.tokens for work in works if not is_decode(work.tokens))
+        decoding = any(work.decode for work in works)
+        prompt_tokens = sum(work.tokens for work in works if not work.decode)
         if decoding:
             self.last_decode_at = time.monotonic()
         if not prompt_tokens:
@@ -148,16 +149,41 @@ class ComputeQueue:
         """Run ``work`` in a pass with other queued work of its key; returns its own result or raises."""
         return await self._submit(priority, work=work)
 
-    async def _submit(self, priority: Priority, **task: Any) -> Any:
+    async def run_sequence(self, works: Sequence[BatchWork], priority: Priority) -> list[Any]:
+        """Run ``works`` (the chunks of one prompt) one after the other, each in a pass with other queued work.
+
+        Only one of them is queued at a time: the next is queued, with a fresh deadline, as soon as the worker
+        takes the one before for a pass, so it can go in the very next pass. One prompt thus holds one place in
+        the queue however long it is, never lets its chunks overtake one another, and cannot crowd out decode
+        steps with a heap of overdue chunks."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        futures = [loop.create_future() for _ in works]
+        rest = collections.deque(
+            _Task(0.0, 0, work=work, future=future, loop=loop, priority=priority) for work, future in zip(works[1:], futures[1:])
+        )
+        self._enqueue(_Task(0.0, 0, work=works[0], future=futures[0], loop=loop, then=rest, priority=priority))
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for future in futures:
+                future.cancel()  # after a failed chunk, the rest must not run
+
+    async def _submit(self, priority: Priority, **task: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(_Task(0.0, 0, future=future, loop=asyncio.get_running_loop(), priority=priority, **task))
+        return await future
+
+    def _enqueue(self, task: _Task) -> None:
         with self._ready:
             if len(self._heap) >= self.max_queued:
                 raise ProtocolError("Server is overloaded; try another server")
-            deadline = time.monotonic() + SLACK_S[priority]
-            heapq.heappush(self._heap, _Task(deadline, next(self._counter), future=future, loop=loop, **task))
+            self._push(task)
             self._ready.notify()
-        return await future
+
+    def _push(self, task: _Task) -> None:
+        """Queue ``task`` with its deadline from now (called with the lock held)."""
+        task.deadline, task.order = time.monotonic() + SLACK_S[task.priority], next(self._counter)
+        heapq.heappush(self._heap, task)
 
     def shutdown(self) -> None:
         with self._ready:
@@ -174,6 +200,8 @@ class ComputeQueue:
                 if head.fn is None and head.work is None:
                     return
                 batch = self._take_batch(head) if head.work is not None else [head]
+                for task in batch:
+                    self._queue_next(task)
             batch = [task for task in batch if not task.future.cancelled()]
             if not batch:
                 continue
@@ -184,6 +212,16 @@ class ComputeQueue:
             else:
                 self._settle(batch[0], *_call(batch[0].fn))
             self.busy_s += time.perf_counter() - started
+
+    def _queue_next(self, task: _Task) -> None:
+        """The chunk after ``task`` in its sequence goes in the queue (called with the lock held)."""
+        while task.then:
+            following = task.then.popleft()
+            if following.future.cancelled():
+                continue
+            following.then = task.then
+            self._push(following)
+            return
 
     def _take_batch(self, head: _Task) -> list[_Task]:
         """Remove and return ``head`` and the queued tasks that join it (called with the lock held)."""
