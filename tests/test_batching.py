@@ -282,4 +282,4 @@ def test_sampling_at_a_tiny_temperature_is_greedy_not_an_error():
     assert Sampling(temperature=1e-40).choose(logits, None) == 1
     assert Sampling(temperature=0.0).choose(logits, None) == 1
     generator = torch.Generator().manual_seed(0)
-    assert Sampling(temperature=1.0, top_p=0.5).choose(logits, generator) == 1  # top_p keeps the single top token
+    assert Sampling(temperature=1.0, top_p=0.3).choose(logits, generator) == 1  # the top token alone reaches 0.3
