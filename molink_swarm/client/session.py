@@ -470,7 +470,10 @@ class InferenceSession:
         if hop.push_channel is None:
             hop.push_channel = PushChannel(self.swarm.p2p, hop.peer_id, hop.spec.session_id, self.swarm.links.relay_for(hop.peer_id))
         expected = hop.timer.expected(hidden.size[1])
-        grace = 0.0 if expected is None else 2.0 * expected + 0.01
+        if expected is None:  # nothing measured yet: no usual step time to wait for, and nothing to skew
+            hop.push_channel.push(self.position, hidden)
+            return
+        grace = 2.0 * expected + 0.01
         hop.fallback_push = asyncio.get_running_loop().call_later(grace, self._send_copy, hop, self.position, hidden)
 
     @staticmethod
