@@ -203,7 +203,7 @@ def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
     from molink_swarm.client.batched import BatchedDecoder
     from molink_swarm.client.loop import run_sync
 
-    decoder = BatchedDecoder(distributed)
+    decoder = BatchedDecoder(distributed, max_groups=1)  # one micro-batch: every generation's head runs together
     jobs = [(prompt(2 + 4 * i, seed=60 + i)[0].tolist(), 5 + 2 * i) for i in range(6)]
 
     async def generate(ids, new_tokens):
