@@ -1,8 +1,30 @@
-"""Which blocks a new server picks: `choose_blocks` fills holes first, then the weakest part of the model."""
+"""Which blocks a server picks (routing/placement.py): holes first, then the weakest part of the model; moves with
+hysteresis; how close placement gets to the best possible on simulated swarms."""
 
 from __future__ import annotations
 
-from molink_swarm.routing.placement import block_coverage, choose_blocks
+import random
+
+import numpy as np
+
+from molink_swarm.routing.placement import (
+    Peer,
+    best_exact,
+    best_span,
+    block_capacity,
+    block_coverage,
+    bottleneck,
+    plan,
+    should_move,
+    upper_bound,
+)
+
+
+def choose_blocks(num_blocks: int, count: int, spans: list[tuple[int, int]]) -> tuple[int, int]:
+    """A server of ``count`` blocks joining servers of equal speed that hold ``spans``."""
+    count = min(count, num_blocks)
+    placed = [(Peer(f"p{i}", compute=end - start, max_blocks=end - start), (start, end)) for i, (start, end) in enumerate(spans)]
+    return best_span(Peer("new", compute=count, max_blocks=count), block_capacity(num_blocks, placed), lengths=[count])
 
 
 def test_the_first_server_of_an_empty_swarm_takes_the_whole_model():
@@ -51,21 +73,6 @@ def test_block_coverage_ignores_parts_of_spans_outside_the_model():
 
 
 # ---- placement by capacity (tokens/s), rebalancing, and how close it gets to the best possible
-
-import random  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from molink_swarm.routing.placement import (  # noqa: E402
-    Peer,
-    best_exact,
-    best_span,
-    block_capacity,
-    bottleneck,
-    plan,
-    should_move,
-    upper_bound,
-)
 
 
 def random_peers(rng: random.Random, count: int, max_blocks: int) -> list[Peer]:

@@ -203,23 +203,3 @@ def best_exact(num_blocks: int, peers: Sequence[Peer]) -> tuple[float, dict[str,
         if value > best_value:
             best_value, best = value, {p.peer_id: s for p, s in zip(peers, spans)}
     return best_value, best
-
-
-# ---- the rule a joining server uses today with only a block count and the spans others announced
-
-
-def choose_blocks(num_blocks: int, count: int, spans: Iterable[Span], throughputs: Optional[Iterable[float]] = None) -> Span:
-    """The ``count``-block window that helps the swarm most, from the spans others hold (and, where known, their
-    throughput per block): the window of :func:`best_span` for a server of ``count`` blocks."""
-    count = max(1, min(count, num_blocks))
-    spans = list(spans)
-    rates = list(throughputs) if throughputs is not None else [1.0] * len(spans)
-    peers = [
-        Peer(f"p{i}", compute=max(rate, 1e-9) * (end - start), max_blocks=end - start)
-        for i, ((start, end), rate) in enumerate(zip(spans, rates))
-    ]
-    capacity = block_capacity(num_blocks, zip(peers, spans))
-    newcomer = Peer("self", compute=float(np.mean(rates)) * count if rates else float(count), max_blocks=count)
-    return best_span(newcomer, capacity, lengths=[count])
-
-
