@@ -1,4 +1,5 @@
-"""Servers measure and announce their RTT to the servers that can follow them in a chain."""
+"""Servers measure and announce their RTT to the servers that can follow them in a chain, what their link
+carries, and their compute throughput (lone, batched, prompt)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,20 @@ def test_servers_announce_rtts_to_their_possible_successors(swarm, tiny_llama_pa
         while True:
             records = {str(s.peer_id): s.record for s in fetch_servers(dht, model_id, 6)}
             announced = records.get(first.peer_id)
-            if announced is not None and set(announced.next_rtts) == {second.peer_id, overlapping.peer_id}:
+            if (
+                announced is not None
+                and set(announced.next_rtts) == {second.peer_id, overlapping.peer_id}
+                and announced.network_throughput is not None
+            ):
                 break
             assert time.monotonic() < deadline, f"next_rtts never filled in: {records}"
             time.sleep(0.5)
         assert all(0 < rtt < 5 for rtt in announced.next_rtts.values())
         assert records[second.peer_id].next_rtts == {}  # the last blocks have no successor
+        assert records[second.peer_id].network_throughput is None  # nobody to measure the link to
+        assert announced.network_throughput > 0
+        for record in records.values():
+            # Steps of many sessions in one pass go faster per step than one alone (batching), on any hardware.
+            assert record.batch_throughput > record.throughput > 0 and record.prefill_throughput > 0
     finally:
         dht.shutdown()

@@ -152,6 +152,9 @@ class ServerRecord(_Record):
     prefill_throughput: Optional[Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)]] = Field(
         default=None, description="prompt tokens/s through one of its blocks"
     )
+    network_throughput: Optional[Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)]] = Field(
+        default=None, description="tokens/s of hidden states its link carries to the next servers (None: not measured)"
+    )
 
     @property
     def relays(self) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ class PeerLinks:
         self.hole_punching, self.punch_attempts = hole_punching, punch_attempts
         self.salt = p2p.peer_id.to_base58()  # spreads callers over equally loaded relays
         self.rtts: dict[PeerID, float] = {}  # smoothed, in seconds
+        self.bandwidths: dict[PeerID, float] = {}  # bytes/s we could send to them, smoothed
         self.routes: dict[PeerID, str] = {}  # server behind a NAT -> the relay (multiaddr) chosen to reach it
         self.hole_punched: set[PeerID] = set()  # relayed servers we now hold a direct connection to
         self.relay_loads: dict[str, float] = {}  # relay multiaddr -> fraction of its capacity in use
@@ -103,6 +104,24 @@ class PeerLinks:
         previous = self.rtts.get(peer)
         self.rtts[peer] = rtt if previous is None else (1 - RTT_SMOOTHING) * previous + RTT_SMOOTHING * rtt
         return rtt
+
+    async def measure_bandwidth(self, peer: PeerID, payload_bytes: int = 256 << 10, timeout: float = 10.0) -> Optional[float]:
+        """Bytes/s to ``peer``: a ping carrying ``payload_bytes`` (the server echoes only a few of them) against a
+        plain one. None if either fails."""
+        try:
+            started = time.perf_counter()
+            await self.stub(peer).rpc_ping(runtime_pb2.ExpertRequest(), timeout=timeout)
+            empty_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await self.stub(peer).rpc_ping(runtime_pb2.ExpertRequest(metadata=bytes(payload_bytes)), timeout=timeout)
+            full_s = time.perf_counter() - started
+        except Exception as e:
+            logger.debug("Bandwidth probe to %s failed: %r", peer, e)
+            return None
+        rate = payload_bytes / max(full_s - empty_s, 1e-4)
+        previous = self.bandwidths.get(peer)
+        self.bandwidths[peer] = rate if previous is None else (1 - RTT_SMOOTHING) * previous + RTT_SMOOTHING * rate
+        return rate
 
     async def ping_all(self, peers: Sequence[PeerID], timeout: float = 5.0) -> None:
         """Ping every one of ``peers`` that is not known to be unreachable."""

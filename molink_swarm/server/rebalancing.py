@@ -3,6 +3,7 @@ blocks fit here. The decisions themselves are pure (routing/placement.py); this 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Optional
 
@@ -31,7 +32,8 @@ def placed_peers(servers: Iterable, exclude=None, default_throughput: float = 1.
             continue
         span = (record.start, record.end)
         compute = record_capacity(record) or default_throughput
-        placed.append((Peer(str(server.peer_id), compute, record.end - record.start), span))
+        network = record.network_throughput or math.inf
+        placed.append((Peer(str(server.peer_id), compute, record.end - record.start, network), span))
     return placed
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from typing import Callable, Optional
@@ -124,6 +125,7 @@ class Server:
         self.batch_throughput: Optional[float] = None  # decode steps of several sessions in one pass
         self.prefill_throughput: Optional[float] = None
         self.next_rtts: dict[str, float] = {}
+        self.network_throughput: Optional[float] = None  # tokens/s to the next servers, as measured
         self.metrics_url: Optional[str] = None
         self.reachability = Reachability.DIRECT
         self.relays: Optional[RelayRegistration] = None
@@ -204,7 +206,7 @@ class Server:
     def _as_peer(self, servers, blocks: int) -> Peer:
         """This server as placement sees it: measured once loaded, else like the others (or 1 if alone)."""
         compute = self.batch_throughput or self.throughput or typical_throughput(servers, exclude=self.peer_id) or 1.0
-        return Peer(str(self.peer_id), compute, blocks)
+        return Peer(str(self.peer_id), compute, blocks, self.network_throughput or math.inf)
 
     def _blocks_that_fit(self) -> int:
         """Without --num-blocks: as many blocks as half of the free memory holds (weights and their cache)."""
@@ -436,6 +438,10 @@ class Server:
         a server that stops announcing vanishes from the swarm when its record expires."""
         try:
             self.next_rtts = await pinger.refresh()
+            if pinger.bandwidth:
+                sent = self.metrics.bytes_per_token("out") if self.metrics is not None else None
+                per_token = sent or self.model_config.hidden_size * self.dtype.itemsize
+                self.network_throughput = min(1e6, pinger.bandwidth / per_token)
         except Exception as e:
             logger.warning("Could not measure the next servers (%r); announcing the last RTTs", e)
         try:
@@ -453,6 +459,7 @@ class Server:
             throughput=self.throughput,
             batch_throughput=self.batch_throughput,
             prefill_throughput=self.prefill_throughput,
+            network_throughput=self.network_throughput,
             free_cache_tokens=sessions.free_cache_tokens if sessions is not None else 0,
             max_sessions=self.config.max_sessions,
             active_sessions=len(sessions) if sessions is not None else 0,
