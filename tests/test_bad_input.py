@@ -94,7 +94,7 @@ BAD_STEPS = {
     "NaN values": ([step(0, torch.full((1, 2, HIDDEN), float("nan")), spec())], "NaN"),
     "blocks not held": ([step(0, torch.randn(1, 2, HIDDEN), spec(end=9))], "this server holds 0:6"),
     "max_length over the limit": ([step(0, torch.randn(1, 2, HIDDEN), spec(max_length=10**6))], "max_length"),
-    "cache budget exceeded": ([step(0, torch.randn(16, 2, HIDDEN), spec(batch_size=16, max_length=500))], "Not enough cache"),
+    "cache budget exceeded": ([step(0, torch.randn(16, 2, HIDDEN), spec(batch_size=16, max_length=500))], "not enough cache"),
     "no session opened": ([step(0, torch.randn(1, 2, HIDDEN))], "must open a session"),
     "step skips ahead": (
         [step(0, torch.randn(1, 2, HIDDEN), spec()), step(5, torch.randn(1, 1, HIDDEN))],

@@ -7,6 +7,7 @@ scripted, so each test says exactly what the swarm looked like.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Iterator, Optional
 
 import multihash
@@ -252,3 +253,36 @@ def test_missing_blocks_served_in_another_dtype_are_named_in_the_error(scripted)
     assert "No server in the swarm holds blocks 3:6 of Tiny" in message
     assert "servers of blocks 3:6 run float16; pass dtype=torch.float16" in message
     assert "\n" not in message
+
+
+# --- busy servers -------------------------------------------------------------------------------------------------
+
+
+def test_a_server_without_room_is_avoided_for_a_moment_not_banned(scripted):
+    """"No room now" (sessions, cache, one peer's share) is not a failure: the server is left alone briefly and its
+    failure count, which makes bans longer, does not grow."""
+    import uuid
+
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
+
+    from molink_swarm.protocol.errors import ServerBusy
+    from molink_swarm.protocol.messages import SessionSpec
+    from molink_swarm.server.sessions import SessionTable
+
+    def session_spec() -> SessionSpec:
+        return SessionSpec(session_id=uuid.uuid4().hex, start=0, end=6, max_length=10)
+
+    client, script = scripted
+    full = server("full")
+    script.reads = [[full]]
+    online(client)
+    table = SessionTable(max_sessions=1, cache_tokens=1000, max_length=100)
+    with pytest.raises(ServerBusy) as refused:  # what the server raises; the client gets only its text
+        table.open(session_spec(), None, owner="a")
+        table.open(session_spec(), None, owner="a")
+    run_sync(client.report_failure(full.peer_id, P2PHandlerError(str(refused.value))))
+    assert full.peer_id in client.banned()
+    assert client._bans[full.peer_id][0] == 0  # no failure counted
+    assert client._bans[full.peer_id][1] - time.monotonic() <= swarm_module.BUSY_AVOID_S
+    run_sync(client.report_failure(full.peer_id, P2PHandlerError("Hidden states contain NaN")))
+    assert client._bans[full.peer_id][0] == 1  # a real failure still bans

@@ -337,7 +337,7 @@ class InferenceSession:
                 else:
                     output = await hop.step(hidden, self.position)
             except SERVER_FAILURES as e:
-                await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}")
+                await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}", e)
                 continue
             answered(hop.peer_id)
             upstream_s += hop.timer.timeout(hidden.shape[1])
@@ -426,7 +426,7 @@ class InferenceSession:
                     output = await hop.step(hidden, position)
             except SERVER_FAILURES as e:
                 hops[index : index + 1] = await self._rebuild(
-                    hop, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}"
+                    hop, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}", e
                 )
                 continue
             self.swarm.link_throughput.record(
@@ -524,20 +524,20 @@ class InferenceSession:
                 return streams
             except SERVER_FAILURES as e:
                 logger.warning("Replay on %s failed (%r); trying another server", current.peer_id, e)
-                await self.swarm.report_failure(current.peer_id)
+                await self.swarm.report_failure(current.peer_id, e)
                 for stream in streams:
                     asyncio.create_task(stream.close())
                 refresh = True
                 if time.monotonic() >= deadline:
                     raise SwarmError(f"Could not rebuild the session on blocks {start}:{end}: {e}") from e
 
-    async def _replace(self, index: int, reason: str) -> None:
-        self._hops[index : index + 1] = await self._rebuild(self._hops[index], reason)
+    async def _replace(self, index: int, reason: str, error: Optional[BaseException] = None) -> None:
+        self._hops[index : index + 1] = await self._rebuild(self._hops[index], reason, error)
 
-    async def _rebuild(self, failed: _HopStream, reason: str) -> list[_HopStream]:
+    async def _rebuild(self, failed: _HopStream, reason: str, error: Optional[BaseException] = None) -> list[_HopStream]:
         """The hops that take over ``failed``'s blocks, their caches rebuilt from its inputs."""
         logger.warning("Session %s: %s; rebuilding blocks %d:%d", self.session_id[:8], reason, failed.hop.start, failed.hop.end)
-        await self.swarm.report_failure(failed.peer_id)
+        await self.swarm.report_failure(failed.peer_id, error)
         asyncio.create_task(failed.close())  # never wait on a dead or hung peer
         # The replacement starts with the failed hop's step times: a replica that hangs during the replay is
         # then detected as fast as the original would have been.
@@ -622,7 +622,7 @@ async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_
                 raise messages.ProtocolError(f"Server {hop.peer_id} returned shape {list(output.shape)}")
         except SERVER_FAILURES as e:
             logger.warning("Forward on %s failed (%r); re-planning blocks %d:%d", hop.peer_id, e, hop.start, hop.end)
-            await swarm.report_failure(hop.peer_id)
+            await swarm.report_failure(hop.peer_id, e)
             if time.monotonic() >= deadline:
                 raise SwarmError(f"Server {hop.peer_id} (blocks {hop.start}:{hop.end}) failed: {e}") from e
             continue

@@ -18,6 +18,7 @@ from molink_swarm.client.link_gate import LinkGate
 from molink_swarm.client.loop import run_sync
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
 from molink_swarm.net.links import PeerLinks
+from molink_swarm.protocol.errors import is_busy
 from molink_swarm.protocol.messages import ServerStatus, decode_metadata
 from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, format_blocks
@@ -25,6 +26,7 @@ from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, format_bl
 logger = logging.getLogger(__name__)
 
 
+BUSY_AVOID_S = 2.0  # a server that said it has no room now is left alone this long (not banned)
 MISSED_READS_TO_LEAVE = 2  # one DHT read can miss a healthy server; only a second miss in a row means it left
 
 
@@ -103,9 +105,16 @@ class SwarmClient:
             elif self._servers.pop(peer, None) is not None or info.record.state == ServerState.OFFLINE:
                 self.departed.add(peer)
 
-    async def report_failure(self, peer_id: PeerID) -> None:
-        """A call to ``peer_id`` failed: if it sits behind a relay and announced another, go through that one
-        next (the relay may be what failed); otherwise ban the server."""
+    async def report_failure(self, peer_id: PeerID, error: Optional[BaseException] = None) -> None:
+        """A call to ``peer_id`` failed: a server that said it is busy is avoided for a moment (not a failure);
+        one behind a relay that announced another is reached through that one next (the relay may be what failed);
+        otherwise the server is banned."""
+        if error is not None and is_busy(error):
+            self._bans.setdefault(peer_id, (0, 0.0))
+            count = self._bans[peer_id][0]  # its failure count stays as it was
+            self._bans[peer_id] = (count, max(self._bans[peer_id][1], time.monotonic() + BUSY_AVOID_S))
+            logger.info("%s is busy (%s); trying others for %.0f s", peer_id, error, BUSY_AVOID_S)
+            return
         relay = self.links.relay_for(peer_id)
         if relay is not None and await self.links.next_relay(peer_id, relay) is not None:
             return

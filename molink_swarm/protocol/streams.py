@@ -22,7 +22,7 @@ from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerI
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from molink_swarm.protocol.errors import ProtocolError
+from molink_swarm.protocol.errors import ProtocolError, ServerBusy
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ByteBudget:
                     self._freed.clear()
                     await self._freed.wait()
         except TimeoutError:
-            raise ProtocolError("Server is busy receiving other messages; try again later") from None
+            raise ServerBusy("receiving other messages; try again later") from None
         self.used += size
 
     def give(self, size: int) -> None:

@@ -24,6 +24,7 @@ from molink_swarm.models.family import BlockSpan
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.push import PushChannel
 from molink_swarm.protocol import messages
+from molink_swarm.protocol.errors import ServerBusy
 from molink_swarm.protocol.messages import (
     ForwardRequest,
     InferenceStep,
@@ -158,7 +159,7 @@ class BlockServicer(BlockRPC):
         if spec is None:
             raise ProtocolError("The first message of an inference stream must open a session")
         if self.closing:
-            raise ProtocolError("Server is shutting down; use another server")
+            raise ServerBusy("shutting down; use another server")
         self._check_span(spec.start, spec.end)
         session = self.sessions.open(spec, self.blocks.new_cache(spec.start, spec.end, spec.max_length), owner=owner)
         logger.debug("Opened session %s for blocks %d:%d", spec.session_id, spec.start, spec.end)
@@ -302,7 +303,7 @@ class BlockServicer(BlockRPC):
         if self._forwards[peer] >= self.max_forwards_per_peer:
             raise ProtocolError(f"Your peer already runs {self._forwards[peer]} forward passes here; wait for them")
         if sum(self._forwards.values()) >= self.max_forwards:
-            raise ProtocolError("Server is busy with other forward passes; try another server")
+            raise ServerBusy("running other forward passes; try another server")
         self._forwards[peer] += 1
         try:
             yield

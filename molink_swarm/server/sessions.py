@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from molink_swarm.models.cache import SpanCache
+from molink_swarm.protocol.errors import ServerBusy
 from molink_swarm.protocol.messages import ProtocolError, SessionSpec
 
 logger = logging.getLogger(__name__)
@@ -110,19 +111,19 @@ class SessionTable:
         if spec.max_length > self.max_length:
             raise ProtocolError(f"max_length {spec.max_length} exceeds this server's limit of {self.max_length}")
         if len(self._sessions) >= self.max_sessions:
-            raise ProtocolError(f"Server is full ({self.max_sessions} sessions); try another server")
+            raise ServerBusy(f"full ({self.max_sessions} sessions); try another server")
         needed = spec.max_length * spec.batch_size
         if needed > self.free_cache_tokens:
-            raise ProtocolError(
-                f"Not enough cache: session needs {needed} tokens, {self.free_cache_tokens} free; try another server"
+            raise ServerBusy(
+                f"not enough cache: session needs {needed} tokens, {self.free_cache_tokens} free; try another server"
             )
         own = [s for s in self._sessions.values() if s.owner == owner]
         if len(own) >= self.peer_sessions:
-            raise ProtocolError(f"Your peer holds {len(own)} sessions here, the most one peer may; close some first")
+            raise ServerBusy(f"your peer holds {len(own)} sessions here, the most one peer may; close some first")
         held = sum(s.reserved_tokens for s in own)
         if held + needed > self.peer_cache_tokens:
-            raise ProtocolError(
-                f"Your peer would hold {held + needed} cache tokens here, over the {self.peer_cache_tokens} one peer "
+            raise ServerBusy(
+                f"your peer would hold {held + needed} cache tokens here, over the {self.peer_cache_tokens} one peer "
                 "may; close sessions or ask for a smaller max_length"
             )
         session = Session(spec, cache, owner)
