@@ -31,7 +31,7 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
     for m in view.models:
         # Names come from peers' records: shown as plain text, never parsed as rich markup ("[/x]" would raise).
         table = Table(title=Text(f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})"))
-        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "sessions", "free cache", "wire", "path", "RTT"):
+        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "link tokens/s", "sessions", "free cache", "wire", "path", "RTT"):
             table.add_column(column)
         for s in m.servers:
             state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
@@ -40,7 +40,8 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
                 Text(s.name or ""),
                 f"{s.start}:{s.end}",
                 Text(s.state, style=state_style),
-                f"{s.throughput:.0f}",
+                describe_throughput(s),
+                f"{s.network_throughput:.0f}" if s.network_throughput is not None else "",
                 f"{s.active_sessions}/{s.max_sessions}",
                 str(s.free_cache_tokens),
                 Text(describe_wire(s)),
@@ -52,6 +53,13 @@ def print_status(initial_peers: Sequence[str], model: Optional[str] = None, cons
             console.print(Text(f"Missing blocks: {m.missing}", style="bold red"))
         else:
             console.print(Text(f"All {m.num_blocks} blocks are served.", style="green"))
+
+
+def describe_throughput(server: ServerView) -> str:
+    """Decode tokens/s through one block, alone and batched across sessions: "52 (610 batched)"."""
+    if server.batch_throughput is None:
+        return f"{server.throughput:.0f}"
+    return f"{server.throughput:.0f} ({server.batch_throughput:.0f} batched)"
 
 
 def describe_wire(server: ServerView) -> str:

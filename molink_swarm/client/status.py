@@ -22,7 +22,9 @@ class ServerView(BaseModel):
     start: int
     end: int
     state: str
-    throughput: float
+    throughput: float  # block-tokens/s of one session's decode steps
+    batch_throughput: Optional[float] = None  # of many sessions' steps batched (None: a server from before)
+    network_throughput: Optional[float] = None  # tokens/s its link carries to the next servers (None: unmeasured)
     active_sessions: int
     max_sessions: int
     free_cache_tokens: int
@@ -80,6 +82,8 @@ async def swarm_snapshot(dht, p2p: P2P, model: Optional[str] = None) -> SwarmVie
                 end=s.record.end,
                 state=s.record.state.value,
                 throughput=s.record.throughput,
+                batch_throughput=s.record.batch_throughput,
+                network_throughput=s.record.network_throughput,
                 active_sessions=s.record.active_sessions,
                 max_sessions=s.record.max_sessions,
                 free_cache_tokens=s.record.free_cache_tokens,

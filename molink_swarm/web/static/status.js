@@ -43,7 +43,7 @@ function modelSection(model, peers) {
     : el("p", { class: "all-covered" }, `All ${model.num_blocks} blocks are served.`);
   section.append(summary);
   const table = el("table", {},
-    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Sessions", "Free cache", "Wire", "Path", "RTT"]
+    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Link tokens/s", "Sessions", "Free cache", "Wire", "Path", "RTT"]
       .map((h) => el("th", {}, h)))));
   const body = el("tbody");
   for (const s of model.servers) {
@@ -52,7 +52,9 @@ function modelSection(model, peers) {
       el("td", {}, `${s.start}:${s.end}`),
       el("td", { class: "bar-cell" }, blockBar(model.num_blocks, (i) => (i >= s.start && i < s.end ? "held" : ""), `${s.start}:${s.end}`)),
       el("td", { class: `state ${s.state}` }, s.state),
-      el("td", {}, s.throughput.toFixed(0)),
+      el("td", { class: "throughput" }, s.batch_throughput == null ? s.throughput.toFixed(0)
+        : `${s.throughput.toFixed(0)} (${s.batch_throughput.toFixed(0)} batched)`),
+      el("td", { class: "link" }, s.network_throughput == null ? "" : s.network_throughput.toFixed(0)),
       el("td", {}, `${s.active_sessions}/${s.max_sessions}`),
       el("td", {}, s.free_cache_tokens),
       el("td", { class: "wire" }, describeWire(s)),
