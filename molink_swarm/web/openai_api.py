@@ -166,11 +166,11 @@ class OpenAIApi:
             )
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = engine.encode_chat(messages)
+            prompt = Prompt(engine.encode_chat(messages))
         except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
             raise ApiError(400, f"The model's chat template rejected these messages: {e}", param="messages") from None
-        params = self._sampling(body, [Prompt(prompt)], param="messages")
-        return await self._complete(request, body, engine, [Prompt(prompt)], params, chat=True)
+        params = self._sampling(body, [prompt], param="messages")
+        return await self._complete(request, body, engine, [prompt], params, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = parse_request(CompletionRequest, await _json_body(request))
@@ -182,7 +182,7 @@ class OpenAIApi:
                 param="logprobs",
             )
         prompts = self._prompts(body.prompt, engine)
-        params = self._sampling(body, prompts, param="prompt")
+        params = self._sampling(body, prompts, param="prompt", logprobs=body.logprobs)
         return await self._complete(request, body, engine, prompts, params, chat=False, echo=body.echo)
 
     def _prompts(self, raw: Union[str, list], engine: ChatEngine) -> list[Prompt]:
@@ -210,7 +210,7 @@ class OpenAIApi:
             raise ApiError(400, "A prompt is empty: it needs at least one token", param="prompt")
         return prompts
 
-    def _sampling(self, body: _Request, prompts: list[Prompt], param: str) -> SamplingParams:
+    def _sampling(self, body: _Request, prompts: list[Prompt], param: str, logprobs: Optional[int] = None) -> SamplingParams:
         if body.n != 1:
             raise ApiError(400, "Only n=1 is supported", param="n")
         longest = max(len(prompt.ids) for prompt in prompts)
@@ -226,7 +226,6 @@ class OpenAIApi:
             raise ApiError(
                 400, f"max_tokens is at most {self.limits.max_new_tokens} on this server", param="max_tokens"
             )
-        logprobs = body.logprobs if isinstance(body, CompletionRequest) else None
         return SamplingParams(
             max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings(), logprobs=logprobs
         )
@@ -253,9 +252,9 @@ class OpenAIApi:
     async def _stream_reply(
         self,
         request: web.Request,
-        reply: "_Reply",
-        first: "_Event",
-        events: AsyncIterator["_Event"],
+        reply: _Reply,
+        first: _Event,
+        events: AsyncIterator[_Event],
         reports: list[Generation],
         include_usage: bool,
     ) -> web.StreamResponse:
