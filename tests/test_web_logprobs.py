@@ -158,6 +158,21 @@ def test_streamed_logprobs_add_up_to_the_whole_reply(client, model_name):
     assert len([c for c in chunks if c.choices[0].logprobs is not None]) >= 1 + 6  # the prompt, then token by token
 
 
+def test_a_list_of_prompts_streams_each_choice_by_its_index(client, model_name):
+    kwargs = dict(model=model_name, prompt=["The sky is", "Grass is"], max_tokens=4, temperature=0, logprobs=1)
+    whole = client.completions.create(**kwargs)
+    texts, tokens, finishes = ["", ""], [[], []], [None, None]
+    for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+            tokens[choice.index] += choice.logprobs.tokens if choice.logprobs else []
+        if chunk.usage is not None:
+            assert chunk.usage.completion_tokens == whole.usage.completion_tokens
+    assert texts == [c.text for c in whole.choices] and finishes == [c.finish_reason for c in whole.choices]
+    assert tokens == [c.logprobs.tokens for c in whole.choices]
+
+
 def test_lm_eval_harness_loglikelihood_request(web_url, smollm2, model_name):
     """What lm-evaluation-harness's local-completions sends for a loglikelihood request, parsed as it parses it."""
     _source, tokenizer, local = smollm2
