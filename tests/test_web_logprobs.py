@@ -117,6 +117,21 @@ def test_echo_with_generation_reports_prompt_then_answer(client, smollm2, model_
     assert plain.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[len(ids) :], abs=1e-5)
 
 
+def test_the_end_of_sequence_token_is_listed_but_not_shown(client, smollm2, model_name):
+    _source, tokenizer, local = smollm2
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+    greedy = local.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert greedy[0, -1] == tokenizer.eos_token_id, "the reference answer should end by itself"
+    reply = client.completions.create(model=model_name, prompt=ids, max_tokens=40, temperature=0, logprobs=1)
+    (choice,) = reply.choices
+    logprobs = choice.logprobs
+    assert choice.finish_reason == "stop" and logprobs.tokens[-1] == tokenizer.eos_token
+    assert "".join(logprobs.tokens[:-1]) == choice.text and logprobs.text_offset[-1] == len(choice.text)
+    assert len(logprobs.tokens) == reply.usage.completion_tokens + 1  # usage counts what the text shows
+    expected = local_logprobs(local, greedy[0].tolist())[-2, tokenizer.eos_token_id]
+    assert logprobs.token_logprobs[-1] == pytest.approx(float(expected), abs=1e-4)
+
+
 def test_token_id_prompts_and_lists_of_prompts_get_one_choice_each(client, smollm2, model_name):
     _source, tokenizer, _local = smollm2
     texts = [TEXT, "Hello world", "1 2 3 4"]
@@ -222,7 +237,7 @@ def test_bad_logprobs_and_prompts_get_clear_400s_and_the_app_keeps_serving(web_u
     status, reply = _post(web_url + "v1/chat/completions", {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "logprobs": True})
     assert status == 400 and "/v1/completions" in reply["error"]["message"]
     reply = client.completions.create(model=model_name, prompt="Hi", echo=True, logprobs=5, max_tokens=1)
-    assert reply.choices[0].text.startswith("Hi") and len(reply.choices[0].logprobs.tokens) == 1 + reply.usage.completion_tokens
+    assert reply.choices[0].text.startswith("Hi") and len(reply.choices[0].logprobs.tokens) == reply.usage.prompt_tokens + 1
 
 
 def _post(url: str, body) -> tuple[int, dict]:

@@ -266,14 +266,16 @@ class ChatEngine:
                 report.completion_tokens += len(new)
                 self.metrics.completion_tokens.inc(len(new))
                 text = assembler.add([token.id for token in new])
-                offsets = [shift + answer_offsets.add(token.id) for token in new] if scored else []
+                # Logprobs list the end-of-sequence token too (as OpenAI and vLLM do; the text leaves it out): tools
+                # that score an echoed prompt with max_tokens=1 drop the last token as the generated one.
+                offsets = [shift + answer_offsets.add(token.id) for token in item] if scored else []
                 if assembler.stopped:
                     report.finish_reason = "stop"
                     cancel.set()
                     # Tokens that completed a stop string start at best where the shown text ends.
                     offsets = [min(offset, shift + assembler.sent) for offset in offsets]
-                if text or (scored and new):
-                    yield Piece(text, self._report(new, offsets) if scored else ())
+                if text or (scored and item):
+                    yield Piece(text, self._report(item, offsets) if scored else ())
                 if assembler.stopped:
                     break
             if echo_due:  # nothing came back at all (the swarm answered with its end only)
