@@ -9,7 +9,8 @@ per prompt, run side by side); ``echo`` (the prompt is part of the reply); ``log
 log-probability, its ``k`` likeliest alternatives, its offset in the text), also for an echoed prompt, whose first
 token has none; ``max_tokens=0`` (nothing generated: with echo and logprobs, a pure scoring of the prompt).
 Log-probabilities are the model's own distribution (log_softmax of its raw logits, in float32), whatever the
-temperature and top_p: a token's score does not depend on how it was sampled.
+temperature and top_p: a token's score does not depend on how it was sampled. An end-of-sequence token is listed
+with the others, though neither the text nor ``usage`` shows it.
 """
 
 from __future__ import annotations
