@@ -206,6 +206,7 @@ def test_lm_eval_harness_loglikelihood_request(web_url, smollm2, model_name):
     (choice,) = reply["choices"]
     ctxlen = len(context)
     token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]  # the continuation's; the last is generated
+    assert len(token_logprobs) == len(continuation)
     is_greedy = all(lp == max(top.values()) for lp, top in zip(token_logprobs, choice["logprobs"]["top_logprobs"][ctxlen:-1]))
     expected = local_logprobs(local, context + continuation)
     want = [float(expected[ctxlen + i - 1, token]) for i, token in enumerate(continuation)]
