@@ -262,6 +262,29 @@ def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():
     assert count.target() == 8
 
 
+def test_micro_batches_in_flight_settle_on_the_best_measured_throughput():
+    """Stages that share hardware overlap less than the first guess says: the count moves to what measures best."""
+    count = GroupCount(max_groups=8, window_s=1.0)
+    count.record(trip_s=0.4, stage_s=0.1)
+    assert count.target() == 4  # the first guess
+    tokens_per_s = {1: 100, 2: 140, 3: 120, 4: 90, 5: 80}  # 2 groups are best here
+    now, used = 0.0, []
+    for _ in range(1200):  # 120 s of trips of 0.1 s
+        groups = count.target()
+        used.append(groups)
+        now += 0.1
+        count.record_tokens(round(tokens_per_s[groups] * 0.1), population=16, now=now)
+    assert count.target() == 2
+    assert used[-600:].count(2) > 0.8 * 600  # trying the neighbours again now and then costs little
+    # Another load (fewer generations): what was measured is forgotten, and the count moves again if need be.
+    tokens_per_s = {1: 100, 2: 60, 3: 50}
+    for _ in range(300):
+        groups = count.target()
+        now += 0.1
+        count.record_tokens(round(tokens_per_s[groups] * 0.1), population=3, now=now)
+    assert count.target() == 1
+
+
 def test_prompt_chunks_shrink_while_sessions_decode():
     def work(tokens):
         return BatchWork("span", tokens, None, run=None, decode=tokens <= 4)

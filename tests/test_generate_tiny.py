@@ -220,6 +220,35 @@ def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
     assert max(decoder.head_batches) > 1, "the LM head never ran for two generations at once"
 
 
+def test_engine_groups_merge_and_split_between_steps(distributed, tiny_llama_local):
+    """Generations move between micro-batches as the group count changes, and each still equals local decoding."""
+    from molink_swarm.client.batched import BatchedDecoder, GroupCount
+    from molink_swarm.client.loop import run_sync
+
+    class Flipping(GroupCount):  # a count that keeps changing: 1, 1, 1, 3, 3, 3, 1, ...
+        calls = 0
+
+        def target(self) -> int:
+            self.calls += 1
+            return 1 + 2 * (self.calls // 3 % 2)
+
+    decoder = BatchedDecoder(distributed)
+    decoder.group_count = Flipping()
+    jobs = [(prompt(3 + 2 * i, seed=80 + i)[0].tolist(), 12) for i in range(5)]
+
+    async def generate(ids, new_tokens):
+        return [token async for token in decoder.generate(ids, new_tokens)]
+
+    async def generate_all():
+        return await asyncio.gather(*(generate(*job) for job in jobs))
+
+    outputs = run_sync(generate_all())
+    for (ids, new_tokens), tokens in zip(jobs, outputs):
+        want = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+        assert tokens == want[0, len(ids) :].tolist()
+    assert decoder.regroups >= 2 and decoder.failovers == 0 and not decoder.active and not decoder.groups
+
+
 def test_engine_scores_a_long_prompt_and_its_answer_like_local(distributed, tiny_llama_local):
     """The engine's log-probabilities: a prompt longer than a slice of the head's scoring (and sent in chunks), then
     greedy tokens, each scored as local transformers scores the whole sequence; max_new_tokens=0 only scores."""

@@ -227,9 +227,11 @@ class LocalSwarm:
         return relay
 
     def start_server(self, blocks: str, *extra: str, wait: bool = True, timeout: float = 240.0) -> SwarmProcess:
-        """Start a `join` process serving ``blocks`` ("a:b")."""
+        """Start a `join` process serving ``blocks``: "a:b", or "N" for N blocks that the server chooses (and may
+        move later)."""
         name = f"server-{blocks.replace(':', '-')}-{len(self.servers)}"
-        args = ["join", "--model", self.model, "--blocks", blocks, "--initial-peers", *self.initial_peers]
+        choice = ["--blocks", blocks] if ":" in blocks else ["--num-blocks", blocks]
+        args = ["join", "--model", self.model, *choice, "--initial-peers", *self.initial_peers]
         server = spawn(name, [*args, "--host", "127.0.0.1", *extra], log_dir=self.log_dir, env=self.env)
         self.servers.append(server)
         if wait:

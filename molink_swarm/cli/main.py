@@ -123,6 +123,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         force_relay=args.force_relay,
         chunk_tokens=args.chunk_tokens,
         max_batch_size=args.max_batch_size,
+        rebalance_margin=args.rebalance_margin,
     )
     server = Server(config)
 
@@ -271,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("join", help="serve blocks of a model to the swarm")
     p.add_argument("--model", required=True, help="a local HF folder, a .gguf file, or smollm2-135m-instruct")
     p.add_argument("--blocks", default=None, metavar="A:B", help="serve blocks A..B-1 (half-open, like Python slices)")
-    p.add_argument("--num-blocks", type=int, default=None, metavar="N", help="serve N blocks chosen to help the swarm most")
+    p.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                   help="without --blocks: serve N blocks (default: as many as half the free memory holds), placed "
+                   "where the swarm has the least capacity, and move later if it needs them more elsewhere")
+    p.add_argument("--rebalance-margin", type=float, default=0.05, metavar="F",
+                   help="without --blocks: move only when the blocks elsewhere are weaker by more than this fraction")
     peers(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

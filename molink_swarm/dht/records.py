@@ -145,6 +145,14 @@ class ServerRecord(_Record):
         default=None, description="average bytes of hidden states it sent per token (None: nothing sent yet)"
     )
 
+    # Optional, so that records of servers from before placement by capacity still decode.
+    batch_throughput: Optional[Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)]] = Field(
+        default=None, description="block-tokens/s of decode steps batched across sessions (its capacity under load)"
+    )
+    prefill_throughput: Optional[Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)]] = Field(
+        default=None, description="prompt tokens/s through one of its blocks"
+    )
+
     @property
     def relays(self) -> tuple[str, ...]:
         """The relays to reach this server through (none: dial it directly)."""

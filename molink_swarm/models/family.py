@@ -45,6 +45,21 @@ class BlockSpan(nn.Module):
         self.layers = layers
         self.rotary_emb = rotary_emb
 
+    def slice(self, start: int, end: int) -> "BlockSpan":
+        """Blocks ``start..end-1`` of this span, sharing their weights."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"Blocks {start}:{end} are not all in {self.start}:{self.end}")
+        return BlockSpan(self.config, start, self.layers[start - self.start : end - self.start], self.rotary_emb)
+
+    @staticmethod
+    def join(parts: Sequence["BlockSpan"]) -> "BlockSpan":
+        """Consecutive spans as one (a server that moves keeps the blocks it already holds)."""
+        for left, right in zip(parts, parts[1:]):
+            if left.end != right.start:
+                raise ValueError(f"Spans {left.start}:{left.end} and {right.start}:{right.end} are not consecutive")
+        layers = nn.ModuleList([layer for part in parts for layer in part.layers])
+        return BlockSpan(parts[0].config, parts[0].start, layers, parts[0].rotary_emb).eval()
+
     def new_cache(self, start: Optional[int] = None, end: Optional[int] = None, max_length: Optional[int] = None) -> SpanCache:
         start = self.start if start is None else start
         return SpanCache(self.config, start, self.end if end is None else end, max_length=max_length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from typing import Callable, Optional
 
@@ -24,15 +25,18 @@ from molink_swarm.dht import (
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
+from molink_swarm.models.checkpoint import bytes_of
 from molink_swarm.models.family import BlockSpan, adapter_for
+from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
 from molink_swarm.protocol.messages import relay_peer_id
 from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
-from molink_swarm.routing.placement import choose_blocks
+from molink_swarm.routing.placement import Peer, best_span, block_capacity, should_move
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.server.neighbours import NextServerPinger
+from molink_swarm.server.rebalancing import blocks_that_fit, placed_peers, typical_throughput
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
 
@@ -73,6 +77,8 @@ class ServerConfig(BaseModel):
     force_relay: bool = False
     chunk_tokens: Optional[int] = Field(default=None, gt=0)  # None: measured (see _measure_chunk_tokens)
     max_batch_size: int = Field(default=32, gt=0)  # sessions' steps computed in one pass; 1: no batching
+    # Without --blocks: move when the blocks elsewhere are weaker than ours would be without us by this much.
+    rebalance_margin: float = Field(default=0.05, ge=0)
 
 
 def parse_block_range(text: str) -> tuple[int, int]:
@@ -114,7 +120,9 @@ class Server:
         self.end: int = -1
         self.peer_id = None
         self.visible_maddrs: list[str] = []
-        self.throughput = 0.0
+        self.throughput = 0.0  # lone decode, block-tokens/s
+        self.batch_throughput: Optional[float] = None  # decode steps of several sessions in one pass
+        self.prefill_throughput: Optional[float] = None
         self.next_rtts: dict[str, float] = {}
         self.metrics_url: Optional[str] = None
         self.reachability = Reachability.DIRECT
@@ -132,22 +140,113 @@ class Server:
             p2p = await dht.replicate_p2p()
             if relays:
                 await self._register_with_relays(p2p, relays, resources)
-            self.start, self.end = self.config.blocks or await asyncio.to_thread(self._choose_blocks, dht)
-            await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
+            if self.config.blocks:
+                self.start, self.end = self.config.blocks
+                await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
+            else:
+                await self._claim_blocks(dht, validator)
+            metrics = await self._start_metrics(resources)
 
             blocks = await asyncio.to_thread(self._load_blocks)
-            servicer = await self._serve(p2p, blocks, relays, resources)
+            servicer = await self._serve(p2p, blocks, relays, metrics, resources)
             await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, servicer.sessions)
             on_online(self)
 
-            pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)
-            resources.push_async_callback(pinger.close)
+            pinger = self._pinger(dht, p2p, resources)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), self.config.update_period)
                 except asyncio.TimeoutError:
                     await self._heartbeat(dht, validator, pinger, servicer.sessions)
+                    if self.config.blocks is None and not stop.is_set():
+                        target = await self._rebalance_target(dht)
+                        if target is not None:
+                            servicer = await self._move(target, dht, validator, p2p, servicer, relays, metrics, resources)
+                            pinger = self._pinger(dht, p2p, resources)
             await self._leave(dht, validator, p2p, servicer)
+
+    def _pinger(self, dht, p2p, resources: contextlib.AsyncExitStack) -> NextServerPinger:
+        pinger = NextServerPinger(dht, p2p, self.source.model_id, self.total_blocks, self.end, self.peer_id)
+        resources.push_async_callback(pinger.close)
+        return pinger
+
+    # ---- placement: blocks chosen by the server (no --blocks), and moving where the swarm needs it more
+
+    async def _claim_blocks(self, dht, validator, settle_s: float = 1.5) -> None:
+        """Choose a span, announce it as joining before loading anything, then look again: two servers that joined
+        at the same moment and chose the same span see each other, and the one with the larger peer id chooses
+        again with the other counted."""
+        for _ in range(4):
+            self.start, self.end = await asyncio.to_thread(self._choose_blocks, dht)
+            await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
+            await asyncio.sleep(settle_s * (1 + random.random()))
+            servers = await asyncio.to_thread(fetch_servers, dht, self.source.model_id, self.total_blocks)
+            rivals = [
+                s
+                for s in servers
+                if s.peer_id != self.peer_id
+                and s.record.state == ServerState.JOINING
+                and (s.record.start, s.record.end) == (self.start, self.end)
+                and str(s.peer_id) < str(self.peer_id)
+            ]
+            if not rivals:
+                break
+            logger.info("Blocks %d:%d were claimed at the same time by %s; choosing again", self.start, self.end, rivals[0].peer_id)
+        logger.info("Chose blocks %d:%d", self.start, self.end)
+
+    def _choose_blocks(self, dht) -> tuple[int, int]:
+        servers = fetch_servers(dht, self.source.model_id, self.total_blocks)
+        count = min(self.config.num_blocks or self._blocks_that_fit(), self.total_blocks)
+        me = self._as_peer(servers, count)
+        capacity = block_capacity(self.total_blocks, placed_peers(servers, exclude=self.peer_id))
+        return best_span(me, capacity, lengths=[count])
+
+    def _as_peer(self, servers, blocks: int) -> Peer:
+        """This server as placement sees it: measured once loaded, else like the others (or 1 if alone)."""
+        compute = self.batch_throughput or self.throughput or typical_throughput(servers, exclude=self.peer_id) or 1.0
+        return Peer(str(self.peer_id), compute, blocks)
+
+    def _blocks_that_fit(self) -> int:
+        """Without --num-blocks: as many blocks as half of the free memory holds (weights and their cache)."""
+        names = tensor_names(self.source)
+        weights = sum(bytes_of(self.source, self.adapter.block_tensor_names(names, 0)).values())
+        weights = weights * self.dtype.itemsize // 4 if weights else 0  # checkpoints here are stored as float32
+        kv = 2 * (getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads)
+        head_dim = getattr(self.model_config, "head_dim", None) or self.model_config.hidden_size // self.model_config.num_attention_heads
+        cache = self.config.cache_tokens * kv * head_dim * self.dtype.itemsize
+        count = blocks_that_fit(weights + cache, self.device)
+        logger.info("%d blocks fit in half of this device's free memory", count)
+        return count
+
+    async def _rebalance_target(self, dht) -> Optional[tuple[int, int]]:
+        """The span to move to if the swarm needs this server more elsewhere (checked again after a random pause,
+        so that two servers seeing the same hole do not both leave their blocks for it)."""
+        for attempt in range(2):
+            servers = await asyncio.to_thread(fetch_servers, dht, self.source.model_id, self.total_blocks)
+            others = placed_peers(servers, exclude=self.peer_id)
+            me = self._as_peer(servers, self.end - self.start)
+            me = Peer(me.peer_id, me.compute, max_blocks=self.end - self.start)
+            target = should_move(me, (self.start, self.end), self.total_blocks, others, margin=self.config.rebalance_margin)
+            if target is None:
+                return None
+            if attempt == 0:
+                await asyncio.sleep(random.uniform(0.0, 2.0))
+        return target
+
+    async def _move(self, target, dht, validator, p2p, servicer, relays, metrics, resources) -> BlockServicer:
+        """Leave the blocks held (clients move their sessions, as when a server leaves), load only the missing
+        ones, serve the new span."""
+        logger.info("Moving from blocks %d:%d to %d:%d, where the swarm needs it more", self.start, self.end, *target)
+        old_blocks = servicer.blocks
+        await self._leave(dht, validator, p2p, servicer)
+        servicer.compute.shutdown()
+        self.start, self.end = target
+        await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
+        blocks = await asyncio.to_thread(self._load_blocks, old_blocks)
+        servicer = await self._serve(p2p, blocks, relays, metrics, resources)
+        await asyncio.to_thread(self._announce, dht, validator, ServerState.ONLINE, servicer.sessions)
+        logger.info("Moved: serving blocks %d:%d online", self.start, self.end)
+        return servicer
 
     async def _check_reachability(self) -> tuple[int, list[str]]:
         """The port to listen on, and the relays to register with if the swarm cannot dial us (none if it can)."""
@@ -197,10 +296,20 @@ class Server:
                 "forward a port and pass --public-ip IP --port P"
             )
 
-    async def _serve(self, p2p, blocks: BlockSpan, relays: list[str], resources: contextlib.AsyncExitStack) -> BlockServicer:
-        """Measure the blocks, then answer RPCs for them."""
+    async def _start_metrics(self, resources: contextlib.AsyncExitStack) -> ServerMetrics:
+        metrics = self.metrics = ServerMetrics()
+        if self.config.metrics_port is not None:
+            resources.push_async_callback((await self._serve_metrics(metrics)).cleanup)
+        return metrics
+
+    async def _serve(
+        self, p2p, blocks: BlockSpan, relays: list[str], metrics: ServerMetrics, resources: contextlib.AsyncExitStack
+    ) -> BlockServicer:
+        """Measure the blocks (once: a server that moves keeps its figures per block), then answer RPCs for them."""
         cfg = self.config
-        self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
+        if not self.throughput:
+            self.throughput = await asyncio.to_thread(self._measure_throughput, blocks)
+            self.batch_throughput = await asyncio.to_thread(self._measure_batch_throughput, blocks)
         chunk_tokens = cfg.chunk_tokens or await asyncio.to_thread(self._measure_chunk_tokens, blocks)
         compute = ComputeQueue(
             f"compute-{self.start}-{self.end}", max_batch=cfg.max_batch_size, max_batch_tokens=chunk_tokens
@@ -211,14 +320,11 @@ class Server:
             cache_tokens=cfg.cache_tokens,
             max_length=min(cfg.max_length, getattr(self.model_config, "max_position_embeddings", cfg.max_length)),
         )
-        metrics = self.metrics = ServerMetrics()
         metrics.blocks.set(self.end - self.start)
         compute.on_batch = metrics.observe_batch
         metrics.track_sessions(
             lambda: len(sessions), lambda: sessions.cache_tokens - sessions.free_cache_tokens, sessions.cache_tokens
         )
-        if cfg.metrics_port is not None:
-            resources.push_async_callback((await self._serve_metrics(metrics)).cleanup)
         servicer = BlockServicer(
             blocks,
             compute,
@@ -256,24 +362,30 @@ class Server:
         logger.info("Metrics at %s", self.metrics_url)
         return runner
 
-    def _choose_blocks(self, dht) -> tuple[int, int]:
-        servers = fetch_servers(dht, self.source.model_id, self.total_blocks)
-        spans = [(s.record.start, s.record.end) for s in servers if s.record.state != ServerState.OFFLINE]
-        count = min(self.config.num_blocks or self.total_blocks, self.total_blocks)
-        return choose_blocks(self.total_blocks, count, spans)
-
-    def _load_blocks(self) -> BlockSpan:
+    def _load_blocks(self, held: Optional[BlockSpan] = None) -> BlockSpan:
+        """Blocks ``start..end-1``, reading only their weights; those already in ``held`` (a server that moves)
+        are kept, not read again."""
         started = time.perf_counter()
         names = tensor_names(self.source)
-        blocks = self.adapter.build_blocks(
-            self.start,
-            self.end,
-            names,
-            lambda wanted: read_tensors(self.source, wanted),
-            dtype=self.dtype,
-            device=self.device,
+        kept = range(max(self.start, held.start), min(self.end, held.end)) if held is not None else range(0)
+
+        def build(start: int, end: int) -> BlockSpan:
+            return self.adapter.build_blocks(
+                start, end, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
+            )
+
+        if not kept:
+            blocks = build(self.start, self.end)
+        else:
+            parts = [build(self.start, kept.start)] if self.start < kept.start else []
+            parts.append(held.slice(kept.start, kept.stop))
+            if kept.stop < self.end:
+                parts.append(build(kept.stop, self.end))
+            blocks = BlockSpan.join(parts)
+        logger.info(
+            "Loaded blocks %d:%d in %.1f s%s", self.start, self.end, time.perf_counter() - started,
+            f" (kept {kept.start}:{kept.stop})" if kept else "",
         )
-        logger.info("Loaded blocks %d:%d in %.1f s", self.start, self.end, time.perf_counter() - started)
         return blocks
 
     def _measure_chunk_tokens(self, blocks: BlockSpan, target_s: float = 0.25) -> int:
@@ -286,6 +398,7 @@ class Server:
             blocks(hidden, cache=blocks.new_cache())
             timings.append(time.perf_counter() - started)
         tokens_per_s = 64 / max(sorted(timings)[1], 1e-6)
+        self.prefill_throughput = min(1e6, tokens_per_s * (self.end - self.start))
         return int(min(512, max(16, target_s * tokens_per_s)))
 
     def _measure_throughput(self, blocks: BlockSpan) -> float:
@@ -303,6 +416,20 @@ class Server:
             position += 1
         per_block = sorted(timings)[len(timings) // 2] / (self.end - self.start)  # median: robust to hiccups
         return 1.0 / max(per_block, 1e-6)
+
+    def _measure_batch_throughput(self, blocks: BlockSpan, sessions: int = 16) -> float:
+        """Block-tokens/s of ``sessions`` decode steps in one pass: this server's capacity under load."""
+        hidden_size = self.model_config.hidden_size
+        caches = [blocks.new_cache() for _ in range(sessions)]
+        for cache in caches:
+            blocks(torch.randn(1, 8, hidden_size, device=self.device, dtype=self.dtype), cache=cache)
+        timings = []
+        for position in range(8, 11):
+            steps = [PackedStep(torch.randn(1, 1, hidden_size, device=self.device, dtype=self.dtype), position, cache) for cache in caches]
+            started = time.perf_counter()
+            blocks.forward_packed(steps)
+            timings.append(time.perf_counter() - started)
+        return min(1e6, sessions * (self.end - self.start) / max(sorted(timings)[1], 1e-6))
 
     async def _heartbeat(self, dht, validator, pinger: NextServerPinger, sessions: SessionTable) -> None:
         """Measure the next servers and re-announce. Whatever fails is logged and retried at the next heartbeat:
@@ -324,6 +451,8 @@ class Server:
             end=self.end,
             model_fingerprint=self.source.fingerprint,
             throughput=self.throughput,
+            batch_throughput=self.batch_throughput,
+            prefill_throughput=self.prefill_throughput,
             free_cache_tokens=sessions.free_cache_tokens if sessions is not None else 0,
             max_sessions=self.config.max_sessions,
             active_sessions=len(sessions) if sessions is not None else 0,
