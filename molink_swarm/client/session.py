@@ -591,10 +591,10 @@ async def plan_with_wait(
         except MissingBlocksError as e:
             if time.monotonic() >= deadline:
                 blocks = format_blocks(e.missing)
-                other_dtypes = swarm.missing_in_other_dtypes(e.missing)
+                why = "; ".join(filter(None, [swarm.missing_in_other_dtypes(e.missing), swarm.missing_in_other_copies(e.missing)]))
                 raise SwarmError(
                     f"No server in the swarm holds blocks {blocks} of {model_name}"
-                    + (f" ({other_dtypes})" if other_dtypes else "")
+                    + (f" ({why})" if why else "")
                     + f". Connect your GPU: molink-swarm join --model {model_name} --blocks {blocks.split(',')[0]} "
                     "--initial-peers ..."
                 ) from None

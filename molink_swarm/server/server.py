@@ -23,7 +23,7 @@ from molink_swarm.dht import (
 )
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
-from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
+from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
@@ -121,6 +121,7 @@ class Server:
         self.relays: Optional[RelayRegistration] = None
         self.wire_dtype = resolve_wire_dtype(config.wire_dtype, self.dtype)
         self.metrics: Optional[ServerMetrics] = None
+        self.block_digests: Optional[tuple[str, ...]] = None  # known once the blocks are loaded
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         """The server's life: check reachability, join the DHT, load the blocks, announce them, serve them with a
@@ -263,8 +264,13 @@ class Server:
         return choose_blocks(self.total_blocks, count, spans)
 
     def _load_blocks(self) -> BlockSpan:
+        """Fetch (from the hub, if the model comes from there), digest and load our blocks' tensors, and only those."""
         started = time.perf_counter()
         names = tensor_names(self.source)
+        by_block = {index: self.adapter.block_tensor_names(names, index) for index in range(self.start, self.end)}
+        fetch_tensors(self.source, [name for block in by_block.values() for name in block], progress=True)
+        digests = block_digests(self.source.path, by_block, progress=True, name=self.source.name)
+        self.block_digests = tuple(digests[index] for index in range(self.start, self.end))
         blocks = self.adapter.build_blocks(
             self.start,
             self.end,
@@ -337,6 +343,7 @@ class Server:
             next_rtts=self.next_rtts,
             wire_dtype=self.wire_dtype,
             wire_bytes_per_token=self.metrics.bytes_per_token("out") if self.metrics is not None else None,
+            block_digests=self.block_digests,
         )
         ttl = self.config.update_period * 2.5 if state != ServerState.OFFLINE else self.config.update_period
         if declare_server(dht, validator, self.model_record, record, ttl=ttl):
