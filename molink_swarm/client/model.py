@@ -15,6 +15,7 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -208,9 +209,15 @@ class AutoDistributedModelForCausalLM:
         head_config.num_hidden_layers = 0
         if getattr(head_config, "layer_types", None) is not None:
             head_config.layer_types = []
-        client_model = _distributed_class(causal_lm_class).from_pretrained(
-            None, config=head_config, state_dict=_client_tensors(source, adapter), dtype=dtype, **kwargs
-        )
+        state_dict = _client_tensors(source, adapter)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # "weights not used": e.g. buffers older checkpoints saved
+        try:
+            client_model = _distributed_class(causal_lm_class).from_pretrained(
+                None, config=head_config, state_dict=state_dict, dtype=dtype, **kwargs
+            )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         if (source.path / GENERATION_CONFIG).is_file():
             client_model.generation_config = GenerationConfig.from_pretrained(source.path)
         swarm = SwarmClient(
@@ -230,11 +237,10 @@ GENERATION_CONFIG = "generation_config.json"
 
 
 def _client_tensors(source: ModelSource, adapter: FamilyAdapter) -> dict[str, torch.Tensor]:
-    """What the client holds (embeddings, final norm, LM head: every tensor outside the blocks), fetched from the
-    hub if needed and memory-mapped; the blocks' shards are never read nor downloaded."""
-    names = tensor_names(source)
-    in_blocks = {name for index in range(adapter.num_blocks) for name in adapter.block_tensor_names(names, index)}
-    wanted = [name for name in names if name not in in_blocks]
+    """What the client holds (embeddings, final norm, LM head: every tensor outside the layer list), fetched from
+    the hub if needed and memory-mapped; the blocks' shards are never read nor downloaded (nor extra layers' such
+    as multi-token prediction heads, which the client has no use for)."""
+    wanted = [name for name in tensor_names(source) if not name.startswith(adapter.layer_prefix)]
     fetch_tensors(source, wanted)
     return read_tensors(source, wanted)
 

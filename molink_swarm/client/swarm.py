@@ -121,9 +121,10 @@ class SwarmClient:
         others = sorted(
             str(other)
             for other in choice.chainable
-            if other in self._servers and set(blocks) & set(range(self._servers[other].record.start, self._servers[other].record.end))
+            if other in self._servers and set(blocks) & _blocks(self._servers[other].record)
         )
-        agreed = f"servers {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}" if others else "the servers this client chained"
+        more = " ..." if len(others) > 4 else ""
+        agreed = f"servers {', '.join(others[:4])}{more}" if others else "the servers this client chained"
         logger.warning(
             "Not chaining %s: its weights of blocks %s differ from those of %s (another copy of the model: other "
             "weights, dtype or quantization)",
@@ -227,18 +228,25 @@ class SwarmClient:
         )
 
     def missing_in_other_copies(self, missing: Sequence[int]) -> str:
-        """Why blocks may be missing although servers hold them: e.g. "servers <peer> hold blocks 3:6 with other
+        """Why blocks may be missing although servers hold them: e.g. "server(s) <peer> hold blocks 3:6 with other
         weights than the ones this client chains" ("" when no rejected server holds any of ``missing``)."""
-        held = {peer: sorted(set(blocks) & set(missing)) for peer, blocks in self.rejected.items()}
-        held = {peer: blocks for peer, blocks in held.items() if blocks}
-        if not held:
-            return ""
-        peers = sorted(str(peer) for peer in held)
-        blocks = sorted({block for blocks in held.values() for block in blocks})
-        return (
-            f"server(s) {', '.join(peers[:4])}{' ...' if len(peers) > 4 else ''} hold blocks {format_blocks(blocks)} "
-            "with other weights than the ones this client chains (another copy of the model)"
-        )
+        reasons = []
+        whys = {
+            True: "with other weights than the ones this client chains (another copy of the model)",
+            False: "but announce no digests of their weights (an older version?)",
+        }
+        for announced, why in whys.items():
+            held = {
+                peer: set(blocks) & set(missing)
+                for peer, blocks in self.rejected.items()
+                if peer in self._servers and (self._servers[peer].record.block_digests is not None) == announced
+            }
+            peers = sorted(str(peer) for peer, blocks in held.items() if blocks)
+            if peers:
+                blocks = sorted(set().union(*held.values()))
+                more = " ..." if len(peers) > 4 else ""
+                reasons.append(f"server(s) {', '.join(peers[:4])}{more} hold blocks {format_blocks(blocks)} {why}")
+        return "; ".join(reasons)
 
     def stub(self, peer_id: PeerID):
         return self.links.stub(peer_id)
@@ -261,6 +269,10 @@ class SwarmClient:
         except Exception:  # the daemon may already be gone with the DHT process
             logger.debug("P2P shutdown failed", exc_info=True)
         self.dht.shutdown()
+
+
+def _blocks(record) -> set[int]:
+    return set(range(record.start, record.end))
 
 
 def _peer_keys(rtts: dict[str, float]) -> dict[PeerID, float]:

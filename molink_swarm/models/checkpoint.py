@@ -42,7 +42,8 @@ def fetch_tensors(source: ModelSource, names: Iterable[str], *, progress: bool =
         check_files_present(folder, missing)
     from molink_swarm.models import hub
 
-    hub.download_files(source.repo_id, source.revision, [file.relative_to(folder).as_posix() for file in missing], progress=progress)
+    names_in_repo = [file.relative_to(folder).as_posix() for file in missing]
+    hub.download_files(source.repo_id, source.revision, names_in_repo, progress=progress)
     check_files_present(folder, missing)
 
 

@@ -69,11 +69,11 @@ def fingerprint(folder: Path) -> str:
 
 
 def block_digests(
-    folder: Path, blocks: Mapping[int, Iterable[str]], *, progress: bool = False, name: Optional[str] = None
+    folder: Path, blocks: Mapping[int, Iterable[str]], *, progress: bool = False, model_name: Optional[str] = None
 ) -> dict[int, str]:
     """block index -> digest (16 hex chars) of the named tensors of each block: their names, dtypes, shapes and
     bytes. Opens only the shards that hold these tensors and reads only their bytes (memory-mapped, streamed).
-    ``name`` is the model's, for the progress bar."""
+    ``model_name`` is for the progress bar."""
     blocks = {index: sorted(set(names)) for index, names in blocks.items()}
     files = tensor_files(folder)
     wanted = sorted({name for names in blocks.values() for name in names})
@@ -95,20 +95,26 @@ def block_digests(
         key = _file_key(folder, file)
         stats[key] = (stat.st_size, stat.st_mtime_ns)
         cached = cache.get(key, {})
-        cached = cached.get("tensors", {}) if [cached.get("size"), cached.get("mtime_ns")] == list(stats[key]) else {}
+        cached = cached.get("tensors") if [cached.get("size"), cached.get("mtime_ns")] == list(stats[key]) else {}
+        cached = cached if isinstance(cached, dict) else {}
         for name in names:
-            info = header.get(name)
-            if not isinstance(info, dict):
-                raise ModelNotFoundError(f"{str(file)!r} lacks tensor {name!r} listed in {INDEX}; download the model again.")
-            begin, end = (data_start + int(offset) for offset in info["data_offsets"])
+            try:
+                info = header[name]
+                begin, end = (data_start + int(offset) for offset in info["data_offsets"])
+                dtype, shape = str(info["dtype"]), [int(d) for d in info["shape"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise ModelNotFoundError(
+                    f"{str(file)!r} lacks tensor {name!r} listed in {INDEX} or describes it wrongly ({e!r}); "
+                    "download the model again."
+                ) from None
             memo_key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, name)
             known = cached.get(name) or _tensor_hashes_in_process.get(memo_key)
-            entries[name] = (str(info["dtype"]), [int(d) for d in info["shape"]], known if _is_sha256(known) else "")
+            entries[name] = (dtype, shape, known if _is_sha256(known) else "")
             if not entries[name][2]:
                 pending.append((file, name, begin, end, memo_key))
 
     if pending:
-        hashed = _hash_pending(folder, pending, progress, name or folder.name)
+        hashed = _hash_pending(folder, pending, progress, model_name or folder.name)
         for name, sha in hashed.items():
             dtype, shape, _ = entries[name]
             entries[name] = (dtype, shape, sha)
@@ -130,11 +136,15 @@ def _hash_pending(folder: Path, pending: list, progress: bool, name: str) -> dic
     hashed: dict[str, str] = {}
     with byte_bar(f"Hashing the weights of {name}", total, enabled=progress) as bar:
         with concurrent.futures.ThreadPoolExecutor(max_workers=_HASH_WORKERS) as pool:  # hashlib releases the GIL
-            futures = {pool.submit(_hash_tensor, file, begin, end, bar.advance): (name, key) for file, name, begin, end, key in pending}
+            futures = {
+                pool.submit(_hash_tensor, file, begin, end, bar.advance): (name, memo_key)
+                for file, name, begin, end, memo_key in pending
+            }
             for future in concurrent.futures.as_completed(futures):
                 name, memo_key = futures[future]
                 hashed[name] = _tensor_hashes_in_process[memo_key] = future.result()
-    logger.info("Hashed %d tensors (%.0f MB) of %s in %.2f s", len(pending), total / 1e6, folder, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    logger.info("Hashed %d tensors (%.0f MB) of %s in %.2f s", len(pending), total / 1e6, folder, elapsed)
     return hashed
 
 
@@ -174,15 +184,17 @@ def _read_cache(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def _write_cache(folder: Path, stats: dict[str, tuple[int, int]], hashes: dict[str, str], files: dict[str, Path]) -> None:
-    """Merge our hashes into the cache file (another server may have added others meanwhile); losing a race only
-    costs a hash later."""
+def _write_cache(
+    folder: Path, stats: dict[str, tuple[int, int]], hashes: dict[str, str], files: dict[str, Path]
+) -> None:
+    """Merge our hashes (tensor name -> sha256) of the files in ``stats`` (file key -> size, mtime) into the cache
+    file, which another server may have added others to meanwhile; losing a race only costs a hash later."""
     cache = _read_cache(folder)
     for file_name, (size, mtime_ns) in stats.items():
         entry = cache.get(file_name, {})
         if [entry.get("size"), entry.get("mtime_ns")] != [size, mtime_ns] or not isinstance(entry.get("tensors"), dict):
             entry = {"size": size, "mtime_ns": mtime_ns, "tensors": {}}
-        entry["tensors"].update({name: sha for name, sha in hashes.items() if _file_key(folder, files[name]) == file_name})
+        entry["tensors"].update({n: sha for n, sha in hashes.items() if _file_key(folder, files[n]) == file_name})
         cache[file_name] = entry
     payload = {"version": _DIGEST_CACHE_VERSION, "files": cache}
     try:

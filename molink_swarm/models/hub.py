@@ -63,7 +63,8 @@ def download(repo_id: str, fallback: str, *, progress: bool = False) -> tuple[Pa
 def download_files(repo_id: str, revision: str, filenames: list[str], *, progress: bool = False) -> None:
     """Download these files of ``org/name`` at commit ``revision`` into its snapshot folder."""
     fallback = "pass a local Hugging Face folder that holds them"
-    _check_online(f"{len(filenames)} shard(s) of {repo_id!r} are not downloaded yet ({', '.join(filenames[:3])}), and", "them", fallback)
+    what = f"{len(filenames)} shard(s) of {repo_id!r} are not downloaded yet ({', '.join(filenames[:3])}), and"
+    _check_online(what, "them", fallback)
     try:
         _commit, sizes = _list_files(repo_id, revision=revision)
         _download(repo_id, revision, {name: sizes.get(name, 0) for name in filenames}, progress)

@@ -53,7 +53,7 @@ class AnnouncedServer:
 class CopyChoice:
     accepted: dict[int, str]  # block -> the digest the client chains
     chainable: frozenset[Hashable]
-    rejected: dict[Hashable, tuple[int, ...]]  # peer -> the blocks where its digest is not accepted (all: none announced)
+    rejected: dict[Hashable, tuple[int, ...]]  # peer -> blocks where its digest is not accepted (all: it announces none)
 
 
 def choose_copy(servers: Sequence[AnnouncedServer], pinned: Mapping[int, str] = {}) -> CopyChoice:
@@ -89,6 +89,7 @@ def _ranking(servers: list[AnnouncedServer]) -> Callable[[AnnouncedServer], tupl
 
     def key(server: AnnouncedServer) -> tuple:
         margin = sum(2 * votes[block][digest] - votes[block].total() for block, digest in server.pairs())
-        return (-Fraction(margin, server.end - server.start), -(server.end - server.start), server.digests, str(server.peer_id))
+        span = server.end - server.start
+        return (-Fraction(margin, span), -span, server.digests, str(server.peer_id))
 
     return key

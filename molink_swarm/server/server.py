@@ -269,7 +269,7 @@ class Server:
         names = tensor_names(self.source)
         by_block = {index: self.adapter.block_tensor_names(names, index) for index in range(self.start, self.end)}
         fetch_tensors(self.source, [name for block in by_block.values() for name in block], progress=True)
-        digests = block_digests(self.source.path, by_block, progress=True, name=self.source.name)
+        digests = block_digests(self.source.path, by_block, progress=True, model_name=self.source.name)
         self.block_digests = tuple(digests[index] for index in range(self.start, self.end))
         blocks = self.adapter.build_blocks(
             self.start,
