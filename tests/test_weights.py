@@ -280,8 +280,10 @@ def test_each_peer_with_only_its_shards_and_a_copy_with_other_weights_is_never_c
     altered = write_sharded(altered_model, tmp_path / "altered" / NAME, shards=SHARD[2:])
     assert resolve_model(altered).model_id == resolve_model(first).model_id  # same name and config: one swarm
 
-    local = swarm(first, ["0:3"])
-    local.start_server("3:6", "--model", str(second))  # the last --model wins: another folder, same model
+    local = swarm(first, [])  # the bootstrap peer; the servers start side by side
+    started = [local.start_server("0:3", wait=False), local.start_server("3:6", "--model", str(second), wait=False)]
+    for server in started:  # (the last --model wins: the second server has another folder of the same model)
+        server.wait_online()
     model = AutoDistributedModelForCausalLM.from_pretrained(str(mine), initial_peers=local.initial_peers, wait_for_blocks_s=3)
     try:
         ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -293,6 +295,9 @@ def test_each_peer_with_only_its_shards_and_a_copy_with_other_weights_is_never_c
             servers = run_sync(model.swarm.servers(refresh=True))
         assert impostor.peer_id not in {str(s.peer_id) for s in servers}
         assert any(f"server {impostor.peer_id} (blocks 3:6)" in r.getMessage() and "differ" in r.getMessage() for r in caplog.records)
+        with model.inference_session(max_length=32) as session:
+            assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), expected)
+            assert impostor.peer_id not in {str(hop.peer_id) for hop in session.chain}
 
         local.servers[1].stop()  # copy A's only server of 3:6 leaves: the impostor is the only one left there
         with pytest.raises(SwarmError) as error:
