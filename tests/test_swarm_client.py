@@ -283,7 +283,7 @@ def test_a_client_never_switches_a_block_to_another_copy(scripted):
     client, script = scripted
     a1, a2, b = server("a1", 0, 3), server("a2", 3, 6), [other_copy(f"b{i}", 3, 6) for i in range(3)]
     script.reads = [[a1, a2], [a1, a2, *b], [a1, server("a2", 3, 6, state=ServerState.OFFLINE), *b]]
-    run_sync(client.candidates(refresh=True))  # plans a chain of copy A: its digests are pinned
+    run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))  # a chain of copy A: its digests are pinned
 
     assert online(client) == {a1.peer_id, a2.peer_id}  # copy B's three servers outnumber a2 on 3:6, in vain
     with pytest.raises(SwarmError) as error:  # a2 left: blocks 3:6 go missing rather than come from copy B
@@ -310,10 +310,21 @@ def test_forged_records_of_servers_that_do_not_answer_do_not_outvote_live_ones(s
     script.reads = [[live, *forged]]
     script.down = {f.peer_id for f in forged}
 
-    candidates = run_sync(client.candidates(refresh=True))
+    hops = run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))
 
-    assert [c.peer_id for c in candidates] == [live.peer_id]
+    assert [hop.peer_id for hop in hops] == [live.peer_id]
     assert client.pinned == dict(enumerate(COPY_A))
+
+
+def test_a_chained_server_that_does_not_answer_pins_nothing(scripted):
+    client, script = scripted
+    forged, live = other_copy("forged", 0, 6), [server(f"live{i}", 0, 6) for i in range(2)]
+    script.reads = [[forged], [forged, *live]]
+    script.down = {forged.peer_id}
+
+    assert [hop.peer_id for hop in run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))] == [forged.peer_id]
+    assert client.pinned == {}  # it was the only one, but its ping failed: the live copy is still welcome
+    assert online(client) == {s.peer_id for s in live}
 
 
 def test_a_server_that_announces_no_digests_is_never_chained(scripted):

@@ -21,7 +21,7 @@ from molink_swarm.net.links import PeerLinks
 from molink_swarm.protocol.messages import ServerStatus, decode_metadata
 from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
 from molink_swarm.routing.copies import AnnouncedServer, CopyChoice, choose_copy
-from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, format_blocks
+from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, Hop, format_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class SwarmClient:
     Only servers with the same fingerprint *and* dtype as this client are chained: a model with another config, or
     the same weights computed in another precision, would change the output. Among those, servers whose block
     digests disagree hold different copies (other weights, storage dtype or quantization), and only one copy is
-    chained, block by block (routing/copies.py): from its first plan on, the client keeps the digest it chose
-    for each block, so a session never switches copy, failovers included.
+    chained, block by block (routing/copies.py): once it has chained a block, the client keeps its digest, so a
+    session never switches copy, failovers included.
     """
 
     def __init__(
@@ -71,7 +71,7 @@ class SwarmClient:
         self._fetched_at = -float("inf")
         self._refreshing: Optional[asyncio.Future] = None
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
-        self.pinned: dict[int, str] = {}  # block -> the digest this client chains for it, from its first plan on
+        self.pinned: dict[int, str] = {}  # block -> the digest this client chains for it, since it first chained it
         self.rejected: dict[PeerID, tuple[int, ...]] = {}  # online servers of another copy -> blocks that differ
         self._warned: set[tuple[PeerID, Optional[tuple[str, ...]]]] = set()
         self._closed = False
@@ -192,13 +192,10 @@ class SwarmClient:
 
     async def candidates(self, refresh: bool = False) -> list[Candidate]:
         """The servers a chain may be planned over. Every online server is pinged first (those of other copies too:
-        only live servers vote on the copy); the digests accepted now are then pinned."""
+        only live servers vote on the copy)."""
         await self.servers(refresh)
         await self.links.ping_all([peer for peer in self._servers if peer not in self.links.rtts])
-        choice = self._choose_copy()
-        for block, digest in choice.accepted.items():
-            self.pinned.setdefault(block, digest)
-        servers = self._chainable(choice)
+        servers = self._chainable(self._choose_copy())
         unreachable = self.links.unreachable()
         return [
             Candidate(
@@ -213,6 +210,19 @@ class SwarmClient:
             )
             for s in servers
         ]
+
+    def pin(self, hops: Sequence[Hop]) -> None:
+        """From now on, chain for these hops' blocks only the digests their servers announce (routing/copies.py).
+        Servers the client cannot reach are not pinned: a forged record must not decide which copy it keeps."""
+        no_vote = self.links.unreachable() | self.banned()
+        for hop in hops:
+            info = self._servers.get(hop.peer_id)
+            if info is None or hop.peer_id in no_vote or info.record.block_digests is None:
+                continue
+            for block in range(hop.start, hop.end):
+                digest = info.record.digest_of(block)
+                if digest is not None:
+                    self.pinned.setdefault(block, digest)
 
     def missing_in_other_dtypes(self, missing: Sequence[int]) -> str:
         """Why blocks may be missing although servers hold them: e.g. "servers of blocks 0:3 run float16; pass
