@@ -248,13 +248,15 @@ def hub(reference, tmp_path, monkeypatch) -> Iterator[FakeHub]:
         huggingface_hub.utils.reset_sessions()
 
 
-def test_from_a_hub_a_server_and_a_client_download_only_the_shards_they_need(hub, reference, tmp_path):
+def test_from_a_hub_a_server_and_a_client_download_only_the_shards_they_need(hub, reference, tmp_path, capsys):
     server = Server(ServerConfig(model=hub.repo_id, blocks=(0, 2)))
     assert sorted(hub.served) == sorted(METADATA)  # resolving reads the config and the index, no weights
     assert server.source.model_id == resolve_model(hub.folder).model_id  # the same model as a local copy
 
     server = load_server(hub.repo_id, (0, 2))
     assert sorted(hub.served) == sorted(METADATA + SHARD[:2])
+    shown = capsys.readouterr().err  # progress bars (rich, on stderr)
+    assert f"Downloading {hub.repo_id}" in shown and f"Hashing the weights of {NAME}" in shown
     local = block_digests(hub.folder, {i: [n for n in tensor_names(resolve_model(hub.folder)) if n.startswith(f"model.layers.{i}.")] for i in (0, 1)})
     assert server.block_digests == (local[0], local[1])
 

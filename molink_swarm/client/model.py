@@ -198,7 +198,7 @@ class AutoDistributedModelForCausalLM:
         if wire_dtype not in WIRE_DTYPES:
             raise SwarmError(f"wire_dtype={wire_dtype!r} is not supported; pass one of {', '.join(WIRE_DTYPES)}")
         dtype = _client_dtype(dtype if dtype is not None else torch_dtype)
-        source = resolve_model(model)
+        source = resolve_model(model, progress=True)  # bars (stderr) while a hub download or GGUF conversion runs
         config = load_config(source)
         adapter = adapter_for(config)  # fails early for families we cannot split
         try:
@@ -209,7 +209,7 @@ class AutoDistributedModelForCausalLM:
         head_config.num_hidden_layers = 0
         if getattr(head_config, "layer_types", None) is not None:
             head_config.layer_types = []
-        state_dict = _client_tensors(source, adapter)
+        state_dict = _client_tensors(source, adapter, progress=True)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "weights not used": e.g. buffers older checkpoints saved
         try:
@@ -236,12 +236,12 @@ class AutoDistributedModelForCausalLM:
 GENERATION_CONFIG = "generation_config.json"
 
 
-def _client_tensors(source: ModelSource, adapter: FamilyAdapter) -> dict[str, torch.Tensor]:
+def _client_tensors(source: ModelSource, adapter: FamilyAdapter, *, progress: bool = False) -> dict[str, torch.Tensor]:
     """What the client holds (embeddings, final norm, LM head: every tensor outside the layer list), fetched from
     the hub if needed and memory-mapped; the blocks' shards are never read nor downloaded (nor extra layers' such
     as multi-token prediction heads, which the client has no use for)."""
     wanted = [name for name in tensor_names(source) if not name.startswith(adapter.layer_prefix)]
-    fetch_tensors(source, wanted)
+    fetch_tensors(source, wanted, progress=progress)
     return read_tensors(source, wanted)
 
 
