@@ -16,15 +16,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import InferenceSession, SwarmError, forward_through_chain
 from molink_swarm.client.swarm import SwarmClient
-from molink_swarm.models import ModelSource, load_config, resolve_model
-from molink_swarm.models.family import UnsupportedModelError, adapter_for
+from molink_swarm.models import ModelSource, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
+from molink_swarm.models.family import FamilyAdapter, UnsupportedModelError, adapter_for
 from molink_swarm.protocol.tensors import WIRE_DTYPES, WireDtype
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class AutoDistributedModelForCausalLM:
         if wire_dtype not in WIRE_DTYPES:
             raise SwarmError(f"wire_dtype={wire_dtype!r} is not supported; pass one of {', '.join(WIRE_DTYPES)}")
         dtype = _client_dtype(dtype if dtype is not None else torch_dtype)
-        source = resolve_model(model)
+        source = resolve_model(model, progress=True)  # bars (stderr) while a hub download or GGUF conversion runs
         config = load_config(source)
         adapter = adapter_for(config)  # fails early for families we cannot split
         try:
@@ -224,14 +224,17 @@ class AutoDistributedModelForCausalLM:
         head_config.num_hidden_layers = 0
         if getattr(head_config, "layer_types", None) is not None:
             head_config.layer_types = []
+        state_dict = _client_tensors(source, adapter, progress=True)
         verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # "weights not used": the layers live on the servers
+        transformers.logging.set_verbosity_error()  # "weights not used": e.g. buffers older checkpoints saved
         try:
             client_model = _distributed_class(causal_lm_class).from_pretrained(
-                source.path, config=head_config, dtype=dtype, **kwargs
+                None, config=head_config, state_dict=state_dict, dtype=dtype, **kwargs
             )
         finally:
             transformers.logging.set_verbosity(verbosity)
+        if (source.path / GENERATION_CONFIG).is_file():
+            client_model.generation_config = GenerationConfig.from_pretrained(source.path)
         swarm = SwarmClient(
             initial_peers,
             source.model_id,
@@ -243,6 +246,18 @@ class AutoDistributedModelForCausalLM:
         )
         client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)
         return client_model.eval()
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _client_tensors(source: ModelSource, adapter: FamilyAdapter, *, progress: bool = False) -> dict[str, torch.Tensor]:
+    """What the client holds (embeddings, final norm, LM head: every tensor outside the layer list), fetched from
+    the hub if needed and memory-mapped; the blocks' shards are never read nor downloaded (nor extra layers' such
+    as multi-token prediction heads, which the client has no use for)."""
+    wanted = [name for name in tensor_names(source) if not name.startswith(adapter.layer_prefix)]
+    fetch_tensors(source, wanted, progress=progress)
+    return read_tensors(source, wanted)
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}  # as servers announce
