@@ -91,17 +91,6 @@ def read_tensors(
     return {name: tensors[name] for name in wanted}
 
 
-def bytes_of(source: ModelSource, names: Iterable[str]) -> dict[str, int]:
-    """Stored size of each named tensor, from safetensors headers only (the files holding them)."""
-    files = tensor_files(source.path)
-    sizes: dict[str, int] = {}
-    for file in {files[name] for name in names if name in files}:
-        for name, entry in safetensors_header(file)[0].items():
-            start, end = entry["data_offsets"]
-            sizes[name] = end - start
-    return {name: sizes[name] for name in names if name in sizes}
-
-
 def weight_map(folder: Path) -> dict[str, str]:
     try:
         index = json.loads((folder / INDEX).read_text(encoding="utf-8"))

@@ -26,7 +26,6 @@ from molink_swarm.dht import (
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
 from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
-from molink_swarm.models.checkpoint import bytes_of
 from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.ports import free_port
@@ -37,7 +36,7 @@ from molink_swarm.routing.placement import Peer, best_span, block_capacity, shou
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.server.neighbours import NextServerPinger
-from molink_swarm.server.rebalancing import blocks_that_fit, placed_peers, typical_throughput
+from molink_swarm.server.rebalancing import block_bytes, blocks_that_fit, placed_peers, typical_throughput
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
 
@@ -211,13 +210,8 @@ class Server:
 
     def _blocks_that_fit(self) -> int:
         """Without --num-blocks: as many blocks as half of the free memory holds (weights and their cache)."""
-        names = tensor_names(self.source)
-        weights = sum(bytes_of(self.source, self.adapter.block_tensor_names(names, 0)).values())
-        weights = weights * self.dtype.itemsize // 4 if weights else 0  # checkpoints here are stored as float32
-        kv = 2 * (getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads)
-        head_dim = getattr(self.model_config, "head_dim", None) or self.model_config.hidden_size // self.model_config.num_attention_heads
-        cache = self.config.cache_tokens * kv * head_dim * self.dtype.itemsize
-        count = blocks_that_fit(weights + cache, self.device)
+        per_block = block_bytes(self.model_config, self.dtype.itemsize, self.config.cache_tokens)
+        count = blocks_that_fit(per_block, self.device)
         logger.info("%d blocks fit in half of this device's free memory", count)
         return count
 
