@@ -123,7 +123,7 @@ def test_cache_grows_in_place_and_rolls_back(blocks):
         blocks(hidden[:, i : i + 1], position=i, cache=cache)
     layer = cache.layer(0)
     assert layer.get_seq_length() == 40 and layer._keys.shape[-2] == 40  # capped at max_length, not doubled past it
-    cache.crop(30)
+    cache.truncate(30)
     redo = blocks(hidden[:, 30:32], position=30, cache=cache)
     fresh = blocks(hidden[:, :32])
     torch.testing.assert_close(redo, fresh[:, 30:32], atol=1e-5, rtol=1e-4)

@@ -98,9 +98,8 @@ class BlockSpan(nn.Module):
                 hidden_states,
                 attention_mask=None,  # each step's mask is made where it attends (PackedBatch.attend)
                 position_ids=position_ids,
-                past_key_values=batch,
+                cache=batch,
                 use_cache=True,
-                cache_position=position_ids[0],
                 position_embeddings=position_embeddings,
                 **{ATTENTION_KWARG: batch},
             )
@@ -169,7 +168,7 @@ class FamilyAdapter:
             if still_meta or unexpected:
                 raise ValueError(f"Block {index}: missing weights {still_meta}, unexpected {unexpected}")
             layers.append(layer.eval())
-        rotary = self.rotary_class(config=self.config, device=device)
+        rotary = self.rotary_class(config=self.config).to(device)
         return BlockSpan(block_config, start, layers, rotary).eval()
 
 
