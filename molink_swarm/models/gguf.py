@@ -21,7 +21,8 @@ from molink_swarm.models.gguf_tokenizer import repair_gguf_tokenizer
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion output changes, so that stale converted folders are not reused.
-_CONVERSION_VERSION = 1
+# 2: converted by transformers 5 (its config.json format and tokenizer files; fingerprints differ from 1's).
+_CONVERSION_VERSION = 2
 # A conversion takes about a minute; temp folders older than this were left by a killed process.
 _STALE_TEMP_AGE_S = 6 * 3600
 
