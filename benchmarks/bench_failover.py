@@ -55,7 +55,10 @@ def main() -> None:
     source = resolve_model(args.model, progress=True)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "List ten colours, one per line."}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "List ten colours, one per line."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
     )
     kwargs = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     expected = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval().generate(ids, **kwargs)

@@ -62,7 +62,7 @@ def main() -> None:
     num_blocks = load_config(source).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     messages = [{"role": "user", "content": "Write a short story about a robot learning to paint."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=False)
 
     local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     local_rate = decode_rate(local, ids, args.new_tokens, args.repeats)

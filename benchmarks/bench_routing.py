@@ -86,7 +86,10 @@ def measure_p2(model_name: str, rtt_s: float, new_tokens: int, repeats: int) -> 
     source = resolve_model(model_name, progress=True)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me about the sea."}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "Tell me about the sea."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
     )
     local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     compute = per_token_s(local, ids, new_tokens, repeats)

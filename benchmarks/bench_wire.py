@@ -85,7 +85,7 @@ def main() -> None:
     source = resolve_model(args.model, progress=True)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     messages = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=False)
     local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     with torch.no_grad():
         greedy = local.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,

@@ -70,7 +70,7 @@ def smollm2():
 
 def local_answer(local, tokenizer, messages, max_new_tokens=32) -> str:
     """Greedy chat answer of plain transformers (what every swarm answer is compared to)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=False)
     out = local.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

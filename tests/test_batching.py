@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from molink_swarm.client.batched import GroupCount, Sampling
+from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.server.scheduler import BatchWork, ComputeQueue, PassTimes, Priority, select_batch
@@ -123,7 +124,7 @@ def test_cache_grows_in_place_and_rolls_back(blocks):
         blocks(hidden[:, i : i + 1], position=i, cache=cache)
     layer = cache.layer(0)
     assert layer.get_seq_length() == 40 and layer._keys.shape[-2] == 40  # capped at max_length, not doubled past it
-    cache.crop(30)
+    cache.truncate(30)
     redo = blocks(hidden[:, 30:32], position=30, cache=cache)
     fresh = blocks(hidden[:, :32])
     torch.testing.assert_close(redo, fresh[:, 30:32], atol=1e-5, rtol=1e-4)
@@ -158,6 +159,39 @@ def test_sliding_windows_in_packed_steps(model_type):
         out, _ = spans.forward_packed([PackedStep(hidden[:, i : i + 1], i, cache), PackedStep(torch.randn(1, 1, HIDDEN), i - 4, other)])
         outputs.append(out)
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected[:, 7:], atol=1e-5, rtol=1e-4)
+
+
+_MOE_OPTIONS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_MOE_OPTIONS))
+def test_blocks_load_checkpoints_through_the_familys_conversions(model_type, tmp_path):
+    """MoE checkpoints store each expert's weights apart, transformers runs them fused: blocks built from the saved
+    checkpoint, as a server reads it, compute what the model computes."""
+    torch.manual_seed(6)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **_MOE_OPTIONS[model_type],
+    )
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    source = resolve_model(tmp_path)
+    names = tensor_names(source)
+    assert any(".experts.0." in name for name in names)  # stored expert by expert
+    adapter = adapter_for(load_config(source))
+    spans = adapter.build_blocks(0, 2, names, lambda wanted: read_tensors(source, wanted), dtype=torch.float32)
+    hidden = torch.randn(1, 7, HIDDEN)
+    torch.testing.assert_close(spans(hidden), _last_layer_output(model, hidden), atol=1e-5, rtol=1e-4)
 
 
 # ---- the server's compute queue: what joins a pass

@@ -256,7 +256,9 @@ def test_folder_without_config(tmp_path: Path) -> None:
 
 
 def test_folder_with_pickle_weights_only(tmp_path: Path, model: LlamaForCausalLM) -> None:
-    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    # A checkpoint as older transformers saved it (``pytorch_model.bin``); transformers 5 writes only safetensors.
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ModelNotFoundError) as error:
         resolve_model(tmp_path / "bin")
     assert_one_line_help(error, "safetensors are required")
@@ -404,7 +406,8 @@ def test_embedded_smollm2(smollm2_cache: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     assert tokenizer.chat_template
     assert tokenizer.eos_token == "<|im_end|>"  # transformers' GGUF export sets it to <|im_start|>
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+    question = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
     assert prompt[:1] == [tokenizer.convert_tokens_to_ids("<|im_start|>")] and prompt[1] != prompt[0]
     assert tokenizer.decode(tokenizer("Hello world 12345").input_ids) == "Hello world 12345"
 

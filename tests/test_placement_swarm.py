@@ -46,7 +46,10 @@ def test_a_server_moves_into_the_hole_a_leaver_makes_while_a_generation_runs(swa
     twins = [server for server in servers if server is not lone]
 
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Name three rivers in Europe."}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "Name three rivers in Europe."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
     )
     expected = local_model.generate(ids, max_new_tokens=32, do_sample=False)
     model = AutoDistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL_ALIAS, initial_peers=local.initial_peers)

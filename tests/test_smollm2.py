@@ -24,7 +24,7 @@ def distributed(module_swarm, smollm2):
 def test_greedy_chat_answer_is_token_identical(distributed, smollm2):
     _source, tokenizer, local = smollm2
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=False)
     kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     expected = local.generate(ids, **kwargs)
     got = distributed.generate(ids, **kwargs)
@@ -52,7 +52,7 @@ def test_a_long_answer_in_one_session_is_token_identical_without_failover(distri
     """300 greedy tokens, forwarded server to server over three hops (a long chat answer)."""
     _source, tokenizer, local = smollm2
     messages = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=False)
     kwargs = dict(max_new_tokens=300, min_new_tokens=300, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     expected = local.generate(ids, **kwargs)
     with distributed.inference_session(max_length=ids.shape[1] + 300) as session:

@@ -48,7 +48,7 @@ def test_chat_completion_is_the_local_greedy_answer(client, smollm2, model_name)
     assert reply.choices[0].message.content == expected
     assert "Paris" in expected
     assert reply.choices[0].finish_reason in ("stop", "length")
-    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    prompt_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
     assert reply.usage.prompt_tokens == len(prompt_ids)
     assert 0 < reply.usage.completion_tokens <= 32
 

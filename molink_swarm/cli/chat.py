@@ -37,7 +37,9 @@ class ChatSession:
         self._context = self._session = None
 
     def reply(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int = 256, streamer=None, **sampling) -> str:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt")
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=False
+        )
         if ids.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(f"The conversation is too long ({ids.shape[1]} tokens); start a new chat")
         session = self._session

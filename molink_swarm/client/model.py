@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from molink_swarm.client.loop import run_sync
@@ -30,15 +30,48 @@ from molink_swarm.protocol.tensors import WIRE_DTYPES, WireDtype
 logger = logging.getLogger(__name__)
 
 
-class RemoteCache(DynamicCache):
-    """Stands for the caches held by the servers: generate() reads the session's length from it."""
+class _RemoteLayer(CacheLayerMixin):
+    """One block's cache, held by a server: generate() only asks how many positions it holds."""
+
+    is_sliding = False
+    supports_early_init = False  # nothing to allocate here
 
     def __init__(self, session: InferenceSession):
         super().__init__()
         self.session = session
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise SwarmError("The servers hold this cache; blocks never run on the client")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise SwarmError("The servers hold this cache; blocks never run on the client")
+
+    def get_seq_length(self) -> int:
         return self.session.position
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.session.position + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.session.max_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise SwarmError("A distributed session cannot roll its cache back (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise SwarmError("Beam search is not supported by distributed sessions; use greedy decoding or sampling")
+
+    batch_repeat_interleave = batch_select_indices = reorder_cache
+
+
+class RemoteCache(Cache):
+    """Stands for the caches held by the servers, one attention layer per block: generate() reads the session's
+    length from it (and so feeds only the tokens the servers have not seen)."""
+
+    def __init__(self, session: InferenceSession, num_blocks: int):
+        super().__init__(layers=[_RemoteLayer(session) for _ in range(num_blocks)])
+        self.session = session
 
 
 class DistributedCausalLMMixin:
@@ -99,7 +132,7 @@ class DistributedCausalLMMixin:
         if inputs is not None:
             # Unpadded (checked above): saying so spares transformers a guess and its warning about the guess.
             kwargs["attention_mask"] = torch.ones_like(inputs)
-        kwargs["past_key_values"] = RemoteCache(session)
+        kwargs["cache"] = RemoteCache(session, self.swarm.num_blocks)
         kwargs.setdefault("use_cache", True)
         output = super().generate(inputs, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -111,11 +144,10 @@ class DistributedCausalLMMixin:
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
-        cache_position: Optional[torch.LongTensor] = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -124,11 +156,12 @@ class DistributedCausalLMMixin:
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids)
         session = self._active_session
-        if isinstance(past_key_values, RemoteCache) or (session is not None and past_key_values is not None):
-            session = past_key_values.session if isinstance(past_key_values, RemoteCache) else session
-            if cache_position is not None and int(cache_position[0]) != session.position:
+        if isinstance(cache, RemoteCache) or (session is not None and cache is not None):
+            session = cache.session if isinstance(cache, RemoteCache) else session
+            if position_ids is not None and int(position_ids.reshape(-1)[0]) != session.position:
                 raise SwarmError(
-                    f"generate() asked for position {int(cache_position[0])}, the session holds {session.position} tokens"
+                    f"generate() asked for position {int(position_ids.reshape(-1)[0])}, "
+                    f"the session holds {session.position} tokens"
                 )
             hidden = session.step(inputs_embeds)
         elif session is not None:
@@ -141,7 +174,7 @@ class DistributedCausalLMMixin:
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What the first block takes for these tokens."""

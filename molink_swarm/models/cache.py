@@ -34,15 +34,15 @@ class PreallocatedLayer(DynamicLayer):
         self._keys: Optional[torch.Tensor] = None
         self._values: Optional[torch.Tensor] = None
 
-    def lazy_initialization(self, key_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: Optional[dict[str, Any]] = None
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
-            self.lazy_initialization(key_states)
+            self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self._keys is None or end > self._keys.shape[-2]:
             self._grow(key_states, value_states, end)
@@ -70,11 +70,19 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def crop(self, max_length: int) -> None:
-        if max_length < 0:
-            max_length = self.length + max_length
-        if max_length < self.length:
-            self._set_length(max_length)
+    def get_max_length(self) -> int:
+        return -1 if self.max_length is None else self.max_length
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (the buffer stays: later steps overwrite the rest)."""
+        if 0 <= length < self.length:
+            self._set_length(length)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' crop: ``-n`` removes the last ``n`` positions."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative count of positions to remove")
+        self.truncate(max(0, self.length + tokens_to_remove))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("Server caches are never expanded for beam search")
@@ -96,9 +104,14 @@ class SpanCache(Cache):
         super().__init__(layers=[PreallocatedLayer(sliding=s, max_length=max_length) for s in sliding])
         self.offset = start
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        return super().update(key_states, value_states, layer_idx - self.offset, cache_kwargs)
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
 
     def layer(self, layer_idx: int) -> PreallocatedLayer:
         """The cache of block ``layer_idx`` (a global index)."""
         return self.layers[layer_idx - self.offset]
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions of every layer: roll back to a step the session replays."""
+        for layer in self.layers:
+            layer.truncate(length)

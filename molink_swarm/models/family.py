@@ -17,6 +17,11 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+from transformers.utils.loading_report import LoadStateDictInfo
 
 from molink_swarm.errors import UserError
 from molink_swarm.models.cache import SpanCache
@@ -98,9 +103,8 @@ class BlockSpan(nn.Module):
                 hidden_states,
                 attention_mask=None,  # each step's mask is made where it attends (PackedBatch.attend)
                 position_ids=position_ids,
-                past_key_values=batch,
+                cache=batch,
                 use_cache=True,
-                cache_position=position_ids[0],
                 position_embeddings=position_embeddings,
                 **{ATTENTION_KWARG: batch},
             )
@@ -152,25 +156,52 @@ class FamilyAdapter:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> BlockSpan:
-        """Build blocks ``start..end-1`` reading only their tensors (memory-mapped by ``read``)."""
+        """Build blocks ``start..end-1`` reading only their tensors (memory-mapped by ``read``), one block at a time.
+
+        The tensors load as transformers' ``from_pretrained`` loads them, through the family's checkpoint
+        conversions: transformers 5 renames some checkpoint tensors and fuses others (a MoE layer's experts, stored
+        one by one, run as one tensor), so a checkpoint's names need not be its modules' names. They load into a
+        skeleton of the base model on the meta device (nothing allocated) of which only these blocks get weights.
+        """
         all_names = list(all_names)
         # The blocks attend through the packed implementation, which runs this family's own attention per step.
         block_config = copy.deepcopy(self.config)
         block_config._attn_implementation = packed_attention(self.config._attn_implementation)
-        layers = nn.ModuleList()
+        with torch.device("meta"):
+            skeleton = self.base_model_class(block_config)
+        skeleton.to(dtype)  # the dtype each weight loads in
+        conversions = get_model_conversion_mapping(skeleton)
         for index in range(start, end):
-            with torch.device("meta"):
-                layer = self.layer_class(block_config, index)
-            names = self.block_tensor_names(all_names, index)
-            prefix = f"{self.layer_prefix}{index}."
-            state = {name[len(prefix) :]: tensor.to(device=device, dtype=dtype) for name, tensor in read(names).items()}
-            missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
-            still_meta = [n for n, p in layer.named_parameters() if p.is_meta]
-            if still_meta or unexpected:
-                raise ValueError(f"Block {index}: missing weights {still_meta}, unexpected {unexpected}")
-            layers.append(layer.eval())
-        rotary = self.rotary_class(config=self.config, device=device)
+            tensors = read(self.block_tensor_names(all_names, index))
+            info = _load_converted(skeleton, tensors, conversions, dtype, device)
+            still_meta = [n for n, p in skeleton.layers[index].named_parameters() if p.is_meta]
+            problems = [f"missing weights {still_meta}"] if still_meta else []
+            if info.unexpected_keys:
+                problems.append(f"unexpected {sorted(info.unexpected_keys)}")
+            for name, got, wanted in sorted(info.mismatched_keys):
+                problems.append(f"{name} has shape {tuple(got)}, not {tuple(wanted)}")
+            if info.conversion_errors:
+                problems.append(f"cannot convert {info.conversion_errors}")
+            if problems:
+                raise ValueError(f"Block {index}: " + "; ".join(problems))
+        layers = nn.ModuleList(layer.eval() for layer in skeleton.layers[start:end])
+        rotary = self.rotary_class(config=self.config).to(device)
         return BlockSpan(block_config, start, layers, rotary).eval()
+
+
+def _load_converted(
+    skeleton: nn.Module, tensors: Mapping[str, torch.Tensor], conversions: list, dtype: torch.dtype, device
+) -> LoadStateDictInfo:
+    """Load checkpoint ``tensors`` into ``skeleton`` the way ``from_pretrained`` does (renamed, fused, cast, placed)."""
+    load_config = LoadStateDictConfig(device_map={"": device}, dtype=dtype, weight_mapping=conversions)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per block would flood the log; join shows its own progress
+    try:
+        info, _ = convert_and_load_state_dict_in_model(skeleton, dict(tensors), load_config)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return info
 
 
 _ADAPTERS: dict[str, type[FamilyAdapter]] = {}

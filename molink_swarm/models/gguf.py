@@ -21,7 +21,8 @@ from molink_swarm.models.progress import spinner
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion output changes, so that stale converted folders are not reused.
-_CONVERSION_VERSION = 1
+# 2: converted by transformers 5 (its config.json format and tokenizer files; fingerprints differ from 1's).
+_CONVERSION_VERSION = 2
 # A conversion takes about a minute; temp folders older than this were left by a killed process.
 _STALE_TEMP_AGE_S = 6 * 3600
 
@@ -98,13 +99,17 @@ def _remove_stale_temp_dirs(cache_dir: Path) -> None:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` to a float32 safetensors checkpoint plus a tokenizer in ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = repair_gguf_tokenizer(tokenizer, _gguf_metadata(gguf))
     tokenizer.save_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(out, safe_serialization=True)
+    # Every weight unpacked to float32 at load: a plain checkpoint. (Else transformers keeps weights in their GGUF
+    # blocks where it has kernels for them, and such a model cannot be saved.)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(out)  # safetensors
     del model
     _drop_sentencepiece_copy(out)
 

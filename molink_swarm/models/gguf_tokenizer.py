@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 
 def repair_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any]) -> PreTrainedTokenizerBase:
-    """Make the tokenizer agree with the GGUF metadata, which transformers 4.57's GGUF export gets wrong.
+    """Make the tokenizer agree with the GGUF metadata, which transformers' GGUF export has got wrong (4.57 did).
 
     It sets eos to the bos token (so generation would not stop at ``<|im_end|>``), always prepends bos, and for
     byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``, e.g. SmolLM2) adds SentencePiece decoding

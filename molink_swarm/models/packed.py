@@ -86,7 +86,7 @@ class PackedBatch:
 
     # ---- called by the attention modules
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write each step's new keys and values into its own cache; attention then reads them (see attend)."""
         self._kv = [
             step.cache.update(self._split(key_states, i), self._split(value_states, i), layer_idx)

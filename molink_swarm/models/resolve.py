@@ -110,7 +110,7 @@ def _check_hf_folder(folder: Path) -> None:
     if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
         raise ModelNotFoundError(
             f"{str(folder)!r} holds PyTorch pickle weights, but safetensors are required (they can be read lazily "
-            "and safely); re-save it with transformers' save_pretrained(..., safe_serialization=True) "
+            "and safely); re-save it with transformers' save_pretrained() (which writes safetensors) "
             "or pass a .gguf file."
         )
     raise ModelNotFoundError(f"{str(folder)!r} has config.json but no *.safetensors weights; {_ACCEPTS}.")

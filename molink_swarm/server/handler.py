@@ -260,7 +260,7 @@ class BlockServicer(BlockRPC):
             if position > cache.get_seq_length():  # an earlier chunk of its prompt failed
                 raise ProtocolError(f"Position {position} is past the {cache.get_seq_length()} tokens cached")
             if position < cache.get_seq_length():
-                cache.crop(position)  # roll back (a replay or a regenerated suffix)
+                cache.truncate(position)  # roll back (a replay or a regenerated suffix)
             steps.append(PackedStep(hidden.to(self.device, self.dtype), position, cache))
         start, end = works[0].key
         outputs = self.blocks.forward_packed(steps, start=start, end=end)

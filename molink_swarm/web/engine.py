@@ -186,8 +186,7 @@ class ChatEngine:
     # ---- prompts (event loop only)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
