@@ -239,13 +239,13 @@ def hub(reference, tmp_path, monkeypatch) -> Iterator[FakeHub]:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(fingerprint_module, "_tensor_hashes_in_process", {})
-    huggingface_hub.utils.reset_sessions()
+    huggingface_hub.utils.close_session()  # a fresh HTTP client for this endpoint
     try:
         yield server
     finally:
         server.shutdown()
         server.server_close()
-        huggingface_hub.utils.reset_sessions()
+        huggingface_hub.utils.close_session()  # a fresh HTTP client for this endpoint
 
 
 def test_from_a_hub_a_server_and_a_client_download_only_the_shards_they_need(hub, reference, tmp_path, capsys):
