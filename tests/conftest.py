@@ -81,8 +81,8 @@ SwarmFactory = Callable[..., LocalSwarm]
 def _swarm_factory(log_dir: Path) -> Iterator[SwarmFactory]:
     swarms: list[LocalSwarm] = []
 
-    def start(model: str | Path, blocks: Sequence[str], *server_args: str) -> LocalSwarm:
-        swarm = LocalSwarm(str(model), log_dir=log_dir)
+    def start(model: str | Path, blocks: Sequence[str], *server_args: str, swarm_key: str | Path | None = None) -> LocalSwarm:
+        swarm = LocalSwarm(str(model), log_dir=log_dir, swarm_key=swarm_key)
         swarms.append(swarm)
         swarm.start(list(blocks), *server_args)  # no blocks: just the bootstrap peer (add servers yourself)
         return swarm
@@ -96,7 +96,8 @@ def _swarm_factory(log_dir: Path) -> Iterator[SwarmFactory]:
 
 @pytest.fixture
 def swarm(tmp_path: Path) -> Iterator[SwarmFactory]:
-    """``swarm(model, ["0:3", "3:6"])`` starts a bootstrap peer and one server process per range; all stop at teardown."""
+    """``swarm(model, ["0:3", "3:6"])`` starts a bootstrap peer and one server process per range; all stop at teardown.
+    ``swarm(..., swarm_key=PATH)`` makes it a private swarm."""
     yield from _swarm_factory(tmp_path)
 
 

@@ -199,10 +199,14 @@ def run(args: Sequence[str], *, timeout: float, module: str = "molink_swarm") ->
 
 
 class LocalSwarm:
-    """A bootstrap peer plus servers, each a real process with its own p2p daemon, on 127.0.0.1."""
+    """A bootstrap peer plus servers, each a real process with its own p2p daemon, on 127.0.0.1; with ``swarm_key``
+    (a key file) a private swarm: every process gets ``--swarm-key``."""
 
-    def __init__(self, model: str, *, log_dir: Optional[Path] = None, env: Optional[dict] = None):
+    def __init__(
+        self, model: str, *, log_dir: Optional[Path] = None, env: Optional[dict] = None, swarm_key: Optional[str] = None
+    ):
         self.model = model
+        self.key_args = ["--swarm-key", str(swarm_key)] if swarm_key else []
         self.log_dir = log_dir
         self.env = env
         self.bootstrap: Optional[SwarmProcess] = None
@@ -212,7 +216,8 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
 
     def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
-        self.bootstrap = spawn("bootstrap", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], log_dir=self.log_dir, env=self.env)
+        args = ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *self.key_args]
+        self.bootstrap = spawn("bootstrap", args, log_dir=self.log_dir, env=self.env)
         match = self.bootstrap.wait_for(_MADDR_RE.pattern, timeout)
         self.initial_peers = [match.group(1)]
         return self.initial_peers
@@ -220,7 +225,7 @@ class LocalSwarm:
     def start_relay(self, timeout: float = 60.0) -> SwarmProcess:
         """Another `molink-swarm dht` peer (every one is also a relay), joined to the swarm; servers started
         after it get it as an initial peer too."""
-        args = ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers", *self.initial_peers]
+        args = ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *self.key_args, "--initial-peers", *self.initial_peers]
         relay = spawn(f"relay-{len(self.relays) + 1}", args, log_dir=self.log_dir, env=self.env)
         self.relays.append(relay)
         self.initial_peers.append(relay.wait_for(_MADDR_RE.pattern, timeout).group(1))
@@ -231,7 +236,7 @@ class LocalSwarm:
         move later)."""
         name = f"server-{blocks.replace(':', '-')}-{len(self.servers)}"
         choice = ["--blocks", blocks] if ":" in blocks else ["--num-blocks", blocks]
-        args = ["join", "--model", self.model, *choice, "--initial-peers", *self.initial_peers]
+        args = ["join", "--model", self.model, *choice, *self.key_args, "--initial-peers", *self.initial_peers]
         server = spawn(name, [*args, "--host", "127.0.0.1", *extra], log_dir=self.log_dir, env=self.env)
         self.servers.append(server)
         if wait:
@@ -247,7 +252,7 @@ class LocalSwarm:
 
     def start_web(self, *extra: str, port: Optional[int] = None, timeout: float = 120.0) -> tuple[SwarmProcess, str]:
         """Start `molink-swarm web` for this swarm's model; returns the process and its URL."""
-        args = ["web", "--model", self.model, "--initial-peers", *self.initial_peers, "--port", str(port or free_port()), *extra]
+        args = ["web", "--model", self.model, *self.key_args, "--initial-peers", *self.initial_peers, "--port", str(port or free_port()), *extra]
         web = spawn(f"web-{len(self.webs)}", args, log_dir=self.log_dir, env=self.env)
         self.webs.append(web)
         url = web.wait_for(r"Web demo online at (\S+)", timeout).group(1)

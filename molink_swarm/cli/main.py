@@ -1,4 +1,4 @@
-"""The `molink-swarm` command: dht, join, status, chat, web, demo."""
+"""The `molink-swarm` command: dht, join, status, chat, web, demo, keygen."""
 
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ def _stop_event_on_signals() -> asyncio.Event:
 def cmd_dht(args: argparse.Namespace) -> None:
     from molink_swarm.dht import start_dht
     from molink_swarm.net.relay import RelayService
+    from molink_swarm.swarm_key import load_swarm_key
+
+    swarm_key = load_swarm_key(args.swarm_key)
 
     async def run() -> None:
         stop = _stop_event_on_signals()
@@ -75,6 +78,7 @@ def cmd_dht(args: argparse.Namespace) -> None:
             host_maddrs=args.host_maddrs,
             announce_maddrs=args.announce_maddrs,
             identity_path=args.identity,
+            swarm_key=swarm_key,
             # A relay must stay one: with reachability left to AutoNAT, libp2p drops the relay service whenever
             # its checks flap. A bootstrap peer is public by definition.
             force_reachability="public",
@@ -84,6 +88,11 @@ def cmd_dht(args: argparse.Namespace) -> None:
             p2p = await dht.replicate_p2p()
             await RelayService(p2p).add_p2p_handlers(p2p)
             maddrs = [str(m) for m in dht.get_visible_maddrs()]
+            if swarm_key is not None:
+                print(
+                    f"Private swarm (key {swarm_key.fingerprint}): every peer needs the key file, --swarm-key {args.swarm_key}",
+                    flush=True,
+                )
             print("Bootstrap peer online. Give others these addresses (--initial-peers):", flush=True)
             for maddr in maddrs:
                 print(f"  {maddr}", flush=True)
@@ -119,6 +128,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         cache_tokens=args.cache_tokens,
         update_period=args.update_period,
         identity_path=args.identity,
+        swarm_key=args.swarm_key,
         metrics_port=args.metrics_port,
         force_relay=args.force_relay,
         chunk_tokens=args.chunk_tokens,
@@ -150,8 +160,9 @@ def cmd_join(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     from molink_swarm.cli.status import print_status
+    from molink_swarm.swarm_key import load_swarm_key
 
-    print_status(args.initial_peers, model=args.model)
+    print_status(args.initial_peers, model=args.model, swarm_key=load_swarm_key(args.swarm_key))
 
 
 # ---- chat
@@ -159,10 +170,11 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from molink_swarm.cli.chat import run_terminal_chat
+    from molink_swarm.swarm_key import load_swarm_key
 
     run_terminal_chat(
         args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        wire_dtype=args.wire_dtype,
+        wire_dtype=args.wire_dtype, swarm_key=load_swarm_key(args.swarm_key),
     )
 
 
@@ -182,7 +194,7 @@ def _web_limits(args: argparse.Namespace):
 
 def _serve_web(
     models: Sequence[str], initial_peers: Sequence[str], host: str, port: int, limits, max_concurrent: int, wait_for_blocks_s: float = 10.0,
-    wire_dtype: str = "auto",
+    wire_dtype: str = "auto", swarm_key=None,
 ) -> None:
     from molink_swarm.web import run_web
 
@@ -192,16 +204,19 @@ def _serve_web(
     async def run() -> None:
         await run_web(
             models, initial_peers, host=host, port=port, limits=limits, max_concurrent=max_concurrent,
-            wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, stop=_stop_event_on_signals(), on_ready=ready,
+            wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, swarm_key=swarm_key, stop=_stop_event_on_signals(),
+            on_ready=ready,
         )
 
     asyncio.run(run())
 
 
 def cmd_web(args: argparse.Namespace) -> None:
+    from molink_swarm.swarm_key import load_swarm_key
+
     _serve_web(
         args.model, args.initial_peers, args.host, args.port, _web_limits(args), args.max_concurrent, args.wait_for_blocks,
-        wire_dtype=args.wire_dtype,
+        wire_dtype=args.wire_dtype, swarm_key=load_swarm_key(args.swarm_key),
     )
 
 
@@ -234,6 +249,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
         swarm.stop()
 
 
+# ---- keygen
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from molink_swarm.swarm_key import SwarmKey
+
+    key = SwarmKey.generate()
+    key.write(args.path, force=args.force)
+    print(
+        f"Wrote a new swarm key to {args.path} (fingerprint {key.fingerprint}). Give this file to every peer of the "
+        f"swarm over a safe channel; each passes --swarm-key {args.path} to dht, join, status, chat and web.",
+        flush=True,
+    )
+
+
 # ---- parser
 
 
@@ -254,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--initial-peers", nargs="+", required=required, default=[], metavar="MADDR",
                        help="multiaddrs of swarm peers, as printed by `molink-swarm dht`")
 
+    def swarm_key(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--swarm-key", default=None, metavar="PATH",
+                       help="key file of a private swarm (from `molink-swarm keygen`): only peers holding it can join "
+                       "and use the swarm (default: a public swarm)")
+
     def wire_dtype(p: argparse.ArgumentParser, what: str) -> None:
         # protocol.tensors.WIRE_DTYPES, written out: importing it loads torch, which --help should not wait for.
         p.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
@@ -267,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public addresses to announce (for hosts with a mapped public IP)")
     p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")
     peers(p, required=False)
+    swarm_key(p)
     p.set_defaults(func=cmd_dht)
 
     p = sub.add_parser("join", help="serve blocks of a model to the swarm")
@@ -299,11 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics at http://HOST:P/metrics (0: any free port; default: off)")
+    swarm_key(p)
     p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("status", help="show the swarm: models, servers, blocks")
     peers(p)
     p.add_argument("--model", default=None, help="only this model")
+    swarm_key(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
@@ -312,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     wire_dtype(p, "how this client sends hidden states to the servers")
+    swarm_key(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("web", help="serve the chat web demo, the OpenAI-compatible API and the status page")
@@ -327,10 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-blocks", type=float, default=10.0, metavar="S",
                    help="how long a request waits for missing blocks to appear before failing")
     wire_dtype(p, "how this client sends hidden states to the servers")
+    swarm_key(p)
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("demo", help="start a local swarm of the embedded model and its web demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keygen", help="write a new swarm key file: a private swarm admits only peers that hold it")
+    p.add_argument("path", metavar="PATH", help="where to write the key file (readable by its owner only)")
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
+    p.set_defaults(func=cmd_keygen)
     return parser
 
 

@@ -11,12 +11,16 @@ from rich.text import Text
 
 from molink_swarm.client.status import ServerView, SwarmView, swarm_snapshot
 from molink_swarm.dht import ServerState, start_dht
+from molink_swarm.swarm_key import load_swarm_key
 
 
-def print_status(initial_peers: Sequence[str], model: Optional[str] = None, console: Optional[Console] = None) -> None:
-    """`molink-swarm status`: one rich table per model."""
+def print_status(
+    initial_peers: Sequence[str], model: Optional[str] = None, console: Optional[Console] = None, swarm_key=None
+) -> None:
+    """`molink-swarm status`: one rich table per model (``swarm_key``: a private swarm's key file or key)."""
     console = console or Console()
-    dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    key = load_swarm_key(swarm_key)
+    dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], swarm_key=key)
     try:
 
         async def take() -> SwarmView:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
@@ -26,6 +27,7 @@ from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.models import ModelSource, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import FamilyAdapter, UnsupportedModelError, adapter_for
 from molink_swarm.protocol.tensors import WIRE_DTYPES, WireDtype
+from molink_swarm.swarm_key import SwarmKey, load_swarm_key
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +235,7 @@ class AutoDistributedModelForCausalLM:
         wait_for_blocks_s: float = 30.0,
         hole_punching: bool = True,
         wire_dtype: WireDtype = "auto",
+        swarm_key: Optional[str | os.PathLike | SwarmKey] = None,
         **kwargs,
     ):
         """``dtype`` (default float32; ``torch_dtype`` is its old name) is the precision of this client's layers,
@@ -240,7 +243,9 @@ class AutoDistributedModelForCausalLM:
         ``hole_punching=False`` keeps servers behind NATs on their relays (no direct connection attempts).
         ``wire_dtype`` is how this client sends hidden states to servers: ``auto`` (its dtype, exact), ``float16``,
         ``bfloat16`` or ``int8`` (per-row absmax, about a quarter of float32's bytes); servers choose theirs with
-        ``join --wire-dtype``, and every peer decodes whatever arrives."""
+        ``join --wire-dtype``, and every peer decodes whatever arrives. ``swarm_key`` (the path of a key file, as
+        ``--swarm-key``) joins a private swarm."""
+        key = load_swarm_key(swarm_key)  # a bad key file fails before anything loads
         if not initial_peers:
             raise SwarmError("Pass initial_peers=[...]: the multiaddrs printed by `molink-swarm dht`")
         if wire_dtype not in WIRE_DTYPES:
@@ -276,6 +281,7 @@ class AutoDistributedModelForCausalLM:
             torch_dtype=_DTYPE_NAMES[dtype],
             wire_dtype=wire_dtype,
             hole_punching=hole_punching,
+            swarm_key=key,
         )
         client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)
         return client_model.eval()

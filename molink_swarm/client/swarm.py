@@ -23,6 +23,7 @@ from molink_swarm.protocol.messages import ServerStatus, decode_metadata
 from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
 from molink_swarm.routing.copies import AnnouncedServer, CopyChoice, choose_copy
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, Hop, format_blocks
+from molink_swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class SwarmClient:
         wire_dtype: WireDtype = "auto",
         refresh_period: float = 5.0,
         hole_punching: bool = True,
+        swarm_key: Optional[SwarmKey] = None,
     ):
         self.model_id, self.fingerprint, self.num_blocks = model_id, fingerprint, num_blocks
         self.torch_dtype = torch_dtype
@@ -60,7 +62,7 @@ class SwarmClient:
         self.refresh_period = refresh_period
         # Listening on every interface makes outgoing connections leave from that port, so a NAT maps them all
         # to one public address that peers can observe: hole punching needs it.
-        self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/0.0.0.0/tcp/0"])
+        self.dht, _ = start_dht(initial_peers, client_mode=True, host_maddrs=["/ip4/0.0.0.0/tcp/0"], swarm_key=swarm_key)
         self.p2p: P2P = run_sync(self.dht.replicate_p2p())
         self.links = PeerLinks(self.p2p, hole_punching=hole_punching)
         # Shared by every session of this process, since they share the links: decode steps first on each.

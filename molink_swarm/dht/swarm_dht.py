@@ -16,6 +16,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from molink_swarm.dht.auth import SwarmKeyAuthorizer
 from molink_swarm.dht.identity import load_or_create_identity
 from molink_swarm.dht.records import (
     MODELS_KEY,
@@ -27,6 +28,7 @@ from molink_swarm.dht.records import (
 )
 from molink_swarm.dht.validation import make_validators, peer_id_from_subkey
 from molink_swarm.errors import peers_unreachable
+from molink_swarm.swarm_key import SwarmKey, bind_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +60,22 @@ def start_dht(
     announce_maddrs: Optional[Sequence[str]] = None,
     identity_path: Optional[str] = None,
     announcing: bool = False,
+    swarm_key: Optional[SwarmKey] = None,
     **kwargs,
 ) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """Start a hivemind DHT peer (in its own process) that validates records like every other swarm peer.
 
     A peer that announces records (``announcing=True``) gets an RSA identity whose key also signs its records
-    (see identity.py). Returns the DHT and the signature validator that marks the records this peer owns.
+    (see identity.py). With a ``swarm_key`` the peer belongs to that private swarm: its DHT requests and answers
+    carry proofs of the key (dht/auth.py), and so do the RPCs made and served over its p2p daemon
+    (protocol/auth.py). Returns the DHT and the signature validator that marks the records this peer owns.
     """
     private_key = None
     if announcing or identity_path is not None:
         identity_path, private_key = load_or_create_identity(identity_path)
     signature_validator, schema_validator = make_validators(private_key)
+    if swarm_key is not None:
+        kwargs["authorizer"] = SwarmKeyAuthorizer(swarm_key)
     try:
         dht = hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -82,8 +89,11 @@ def start_dht(
         )
     except Exception as e:
         if initial_peers:
-            raise peers_unreachable(initial_peers, e) from e
+            raise peers_unreachable(initial_peers, e, swarm_key.fingerprint if swarm_key else None) from e
         raise
+    if swarm_key is not None:
+        bind_daemon(_run(dht, hivemind.DHT._get_p2p_daemon_listen_maddr, timeout=30.0), swarm_key)
+        logger.info("Private swarm (key %s)", swarm_key.fingerprint)
     return dht, signature_validator
 
 

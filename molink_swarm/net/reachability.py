@@ -20,6 +20,7 @@ from molink_swarm.errors import UserError, peers_unreachable
 from molink_swarm.net.paths import connect
 from molink_swarm.net.relay import RelayService
 from molink_swarm.protocol import messages
+from molink_swarm.swarm_key import SwarmKey, bind_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ class ReachabilityCheck:
     relays: list[str]  # multiaddrs (with /p2p/<id>) of the initial peers that answered
 
 
-async def check_reachability(initial_peers: Sequence[str], host: str, port: int, timeout: float = 10.0) -> ReachabilityCheck:
-    """Ask the initial peers to dial ``port`` back at our public IP; a temporary listener answers them."""
+async def check_reachability(
+    initial_peers: Sequence[str], host: str, port: int, timeout: float = 10.0, swarm_key: Optional[SwarmKey] = None
+) -> ReachabilityCheck:
+    """Ask the initial peers to dial ``port`` back at our public IP; a temporary listener answers them. In a private
+    swarm (``swarm_key``) only its peers answer, and only they count."""
 
     def on_connect(reader, writer):
         writer.close()
@@ -46,6 +50,7 @@ async def check_reachability(initial_peers: Sequence[str], host: str, port: int,
     except P2PDaemonError as e:
         listener.close()
         raise peers_unreachable(initial_peers, e) from None
+    bind_daemon(p2p.daemon_listen_maddr, swarm_key)
     try:
         peers = list(dict.fromkeys(initial_peers))[:4]
         request = runtime_pb2.ExpertRequest(metadata=messages.encode_metadata(messages.DialBackRequest(ports=[port])))

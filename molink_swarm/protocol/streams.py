@@ -6,6 +6,9 @@ Here the same frames (so hivemind's stubs still talk to us) are read one at a ti
 the next message: the declared length is checked before a byte of the body is read, the body must arrive
 within a deadline, the bytes of messages being handled come out of one budget per process, and a peer holds
 only so many streams at once. What is not read stays in the daemon's flow-controlled buffers, not in ours.
+
+In a private swarm (a swarm key bound to the p2p daemon, see protocol/auth.py) every call and every answer begins
+with a proof of the key, checked before anything else is read.
 """
 
 from __future__ import annotations
@@ -22,11 +25,20 @@ from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerI
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto.p2pd_pb2 import RPCError
 
+from molink_swarm.protocol.auth import (
+    PRIVATE_SWARM_HINT,
+    PROOF_BYTES,
+    RpcAuth,
+    SwarmKeyRefused,
+    auth_of,
+    nonce_of,
+    split_proof,
+)
 from molink_swarm.protocol.errors import ProtocolError, ServerBusy
 
 logger = logging.getLogger(__name__)
 
-_MESSAGE, _ERROR = b"\x00", b"\x01"
+_MESSAGE, _ERROR, _PROOF = b"\x00", b"\x01", b"\x02"
 _LENGTH_BYTES = 8
 _DISCARD_MAX_BYTES = 64 << 20  # an oversized message up to this size is read past (not kept) before refusing it
 
@@ -96,7 +108,7 @@ async def read_frame(reader: asyncio.StreamReader, limits: StreamLimits, wait_s:
         raise EOFError("stream closed") from None
     except TimeoutError:
         raise ProtocolError(f"No message within {wait_s:.0f} s; closing the stream") from None
-    if marker not in (_MESSAGE, _ERROR):
+    if marker not in (_MESSAGE, _ERROR, _PROOF):
         raise ProtocolError(f"Invalid frame marker {marker!r}")
     try:
         async with asyncio.timeout(limits.frame_s):
@@ -166,7 +178,19 @@ class GuardedServicer(ServicerBase):
     @classmethod
     def _make_rpc_caller(cls, handler):
         if not handler.stream_output:
-            return super()._make_rpc_caller(handler)
+            public_caller = super()._make_rpc_caller(handler)
+
+            async def unary_caller(stub, request: Message, timeout: Optional[float] = None) -> Message:
+                auth = auth_of(stub._p2p)
+                if auth is None:
+                    return await public_caller(stub, request, timeout=timeout)
+                name = cls._get_handle_name(stub._namespace, handler.method_name)
+                return await asyncio.wait_for(
+                    call_unary_with_proof(stub._p2p, stub._peer, name, request, handler.response_type, auth), timeout
+                )
+
+            unary_caller.__name__ = handler.method_name
+            return unary_caller
 
         async def caller(stub, requests: AsyncIterator[Message], timeout: Optional[float] = None) -> AsyncIterator[Message]:
             name = cls._get_handle_name(stub._namespace, handler.method_name)
@@ -177,12 +201,18 @@ class GuardedServicer(ServicerBase):
 
     async def add_p2p_handlers(self, p2p: P2P, wrapper: Any = None, *, namespace: Optional[str] = None, balanced: bool = False) -> None:
         self._collect_rpc_handlers()
+        auth = auth_of(p2p)  # a private swarm: every call must prove the key
         for handler in self._rpc_handlers:
             name = self._get_handle_name(namespace, handler.method_name)
             method = getattr(self, handler.method_name)
             if handler.stream_input or handler.stream_output:
                 limits = self.stream_limits.get(handler.method_name, StreamLimits())
-                await p2p.add_binary_stream_handler(name, self._stream_handler(name, method, handler.request_type, limits, p2p))
+                await p2p.add_binary_stream_handler(
+                    name, self._stream_handler(name, method, handler.request_type, limits, p2p, auth)
+                )
+            elif auth is not None:
+                unary = self._unary_handler(handler.method_name, method)
+                await p2p._client.add_unary_handler(name, self._keyed_unary_handler(name, unary, handler.request_type, p2p, auth))
             else:
                 await p2p.add_protobuf_handler(name, self._unary_handler(handler.method_name, method), handler.request_type)
 
@@ -205,7 +235,26 @@ class GuardedServicer(ServicerBase):
 
         return handle
 
-    def _stream_handler(self, name: str, method: Callable, request_type: type[Message], limits: StreamLimits, p2p: P2P):
+    def _keyed_unary_handler(self, name: str, handle: Callable, request_type: type[Message], p2p: P2P, auth: RpcAuth):
+        """A unary handler of a private swarm: ``proof + request`` in, ``proof + reply`` out (see protocol/auth.py)."""
+        method_name = name.rsplit(".", 1)[-1]
+
+        async def handle_bytes(data: bytes, remote_id: PeerID) -> bytes:
+            proof, body = split_proof(data)
+            try:
+                nonce = auth.check_request(proof, name, remote_id, p2p.peer_id)
+            except SwarmKeyRefused as e:
+                self.refusals.refused(remote_id, method_name, e)
+                raise
+            context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=remote_id)
+            reply = await handle(parse(request_type, body), context)
+            return auth.reply_proof(name, remote_id, p2p.peer_id, nonce) + reply.SerializeToString()
+
+        return handle_bytes
+
+    def _stream_handler(
+        self, name: str, method: Callable, request_type: type[Message], limits: StreamLimits, p2p: P2P, auth: Optional[RpcAuth] = None
+    ):
         method_name = name.rsplit(".", 1)[-1]
 
         async def handle(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -220,6 +269,8 @@ class GuardedServicer(ServicerBase):
                 self._streams_by_peer[peer] = self._streams_by_peer.get(peer, 0) + 1
                 requests = _GuardedRequests(reader, request_type, limits, self.received_budget)
                 try:
+                    if auth is not None:
+                        await _exchange_proofs(reader, writer, auth, name, peer, p2p.peer_id, limits)
                     async for response in method(requests, context):
                         await write_frame(writer, response)
                 except (ProtocolError, P2PHandlerError, P2PDaemonError) as e:  # refused here, or where we relay to
@@ -268,6 +319,8 @@ class _GuardedRequests:
         if marker == _ERROR:  # the caller's end-of-stream message
             self._ended = True
             raise StopAsyncIteration
+        if marker == _PROOF:
+            raise ProtocolError("This peer does not belong to a private swarm: call it without --swarm-key")
         self._held = len(body)
         await self._budget.take(self._held, timeout=10.0)
         if len(body) > 1 << 20:  # decoding megabytes would stall every other stream of the event loop
@@ -291,8 +344,12 @@ async def call_stream(
     """Open a stream to ``peer`` and iterate its replies, read with the same limits (a server cannot make a
     client hold an unbounded message or wait forever between two bytes of one)."""
     _info, reader, writer = await p2p.call_binary_stream_handler(peer, handle_name)
+    auth = auth_of(p2p)
+    proof = auth.request_proof(handle_name, p2p.peer_id, peer) if auth is not None else None
 
     async def send() -> None:
+        if proof is not None:
+            await _write_proof(writer, proof)
         async for request in requests:
             await write_frame(writer, request)
         await write_frame(writer, RPCError())  # end of stream, as hivemind's callers send it
@@ -302,6 +359,7 @@ async def call_stream(
     async def replies() -> AsyncIterator[Message]:
         with contextlib.closing(writer):
             try:
+                proven = proof is None
                 while True:
                     try:
                         marker, body = await read_frame(reader, limits, limits.idle_s)
@@ -310,8 +368,54 @@ async def call_stream(
                     if marker == _ERROR:
                         error = parse(RPCError, body)
                         raise P2PHandlerError(f"Failed to call handler `{handle_name}` at {peer}: {error.message}")
+                    if not proven:  # a private swarm: the server's proof comes before its first reply
+                        auth.check_reply(body if marker == _PROOF else b"", handle_name, p2p.peer_id, peer, nonce_of(proof))
+                        proven = True
+                        continue
+                    if marker == _PROOF:
+                        raise ProtocolError(f"{peer} answered with a proof of a swarm key to a call made without one")
                     yield parse(response_type, body)
             finally:
                 sending.cancel()  # the server has answered all it will; a request still queued is moot
 
     return replies()
+
+
+async def call_unary_with_proof(
+    p2p: P2P, peer: PeerID, handle_name: str, request: Message, response_type: type[Message], auth: RpcAuth
+) -> Message:
+    """A unary call in a private swarm: ``proof + request`` out, ``proof + reply`` back (see protocol/auth.py)."""
+    proof = auth.request_proof(handle_name, p2p.peer_id, peer)
+    data = await p2p._client.call_unary_handler(peer, handle_name, proof + request.SerializeToString())
+    reply_proof, body = split_proof(data)
+    auth.check_reply(reply_proof, handle_name, p2p.peer_id, peer, nonce_of(proof))
+    return parse(response_type, body)
+
+
+async def _write_proof(writer: asyncio.StreamWriter, proof: bytes) -> None:
+    writer.write(_PROOF + len(proof).to_bytes(_LENGTH_BYTES, "big") + proof)
+    await writer.drain()
+
+
+async def _exchange_proofs(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, auth: RpcAuth, name: str, caller: PeerID, local: PeerID,
+    limits: StreamLimits,
+) -> None:
+    """A private swarm's stream: the caller's proof must be its first frame (nothing else is read before it is
+    checked); ours goes before our first reply."""
+    try:
+        async with asyncio.timeout(limits.first_message_s):
+            marker = await reader.readexactly(1)
+        if marker != _PROOF:
+            raise SwarmKeyRefused(PRIVATE_SWARM_HINT)
+        async with asyncio.timeout(limits.frame_s):
+            length = int.from_bytes(await reader.readexactly(_LENGTH_BYTES), "big")
+            if length != PROOF_BYTES:
+                raise SwarmKeyRefused(f"Malformed proof of the swarm key ({length} bytes)")
+            proof = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("Stream closed before its proof of the swarm key") from None
+    except TimeoutError:
+        raise ProtocolError("No proof of the swarm key in time; closing the stream") from None
+    nonce = auth.check_request(proof, name, caller, local)
+    await _write_proof(writer, auth.reply_proof(name, caller, local, nonce))

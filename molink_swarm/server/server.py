@@ -39,6 +39,7 @@ from molink_swarm.server.neighbours import NextServerPinger
 from molink_swarm.server.rebalancing import block_bytes, blocks_that_fit, placed_peers, typical_throughput
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
+from molink_swarm.swarm_key import load_swarm_key
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ServerConfig(BaseModel):
     max_length: int = Field(default=8192, gt=0)
     update_period: float = Field(default=15.0, gt=0)
     identity_path: Optional[str] = None
+    swarm_key: Optional[str] = None  # path of the key file of a private swarm (None: a public swarm)
     session_idle_timeout: float = Field(default=300.0, gt=0)
     shutdown_grace: float = Field(default=5.0, ge=0)
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
@@ -96,6 +98,7 @@ def parse_block_range(text: str) -> tuple[int, int]:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.swarm_key = load_swarm_key(config.swarm_key)  # a bad key file fails before the model loads
         self.dtype = DTYPES[config.dtype]
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -255,7 +258,7 @@ class Server:
             return cfg.port, []
         port = cfg.port or free_port(cfg.host)
         started = time.perf_counter()
-        reach = await check_reachability(cfg.initial_peers, cfg.host, port)
+        reach = await check_reachability(cfg.initial_peers, cfg.host, port, swarm_key=self.swarm_key)
         relays = reach.relays if not reach.reachable or cfg.force_relay else []
         if cfg.force_relay and not relays:
             raise UserError("--force-relay: none of the initial peers runs a relay (start them with `molink-swarm dht`)")
@@ -276,6 +279,7 @@ class Server:
             announce_maddrs=announce,
             identity_path=cfg.identity_path,
             announcing=True,
+            swarm_key=self.swarm_key,
             client_mode=bool(relays),  # peers cannot dial our DHT node
             # Behind a NAT: also hold libp2p circuit reservations at the relays, so that clients can reach us
             # over a circuit and upgrade it to a direct connection by hole punching (DCUtR).

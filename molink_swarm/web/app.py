@@ -174,7 +174,7 @@ def _check_port(host: str, port: int) -> None:
 
 def load_engine(
     model: str, initial_peers: Sequence[str], *, metrics: WebMetrics, max_concurrent: int, wait_for_blocks_s: float,
-    wire_dtype: str = "auto",
+    wire_dtype: str = "auto", swarm_key=None,
 ) -> ChatEngine:
     """Connect to the swarm for ``model`` (loading only its embeddings and head) and wrap it for the web."""
     from transformers import AutoTokenizer
@@ -182,7 +182,7 @@ def load_engine(
     from molink_swarm.client.model import AutoDistributedModelForCausalLM
 
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
-        model, initial_peers=initial_peers, wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype
+        model, initial_peers=initial_peers, wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, swarm_key=swarm_key
     )
     tokenizer = AutoTokenizer.from_pretrained(distributed.source.path)
     if tokenizer.chat_template is None:
@@ -215,16 +215,18 @@ async def run_web(
     max_concurrent: int = 24,
     wait_for_blocks_s: float = 10.0,
     wire_dtype: str = "auto",
+    swarm_key=None,
     stop: Optional[asyncio.Event] = None,
     on_ready=None,
 ) -> None:
-    """Serve until ``stop`` is set. ``on_ready(url)`` is called once the app listens."""
+    """Serve until ``stop`` is set. ``on_ready(url)`` is called once the app listens. ``swarm_key``: the key file
+    (or loaded key) of a private swarm."""
     _check_port(host, port)  # before the slow part: connecting and loading the model
     metrics = WebMetrics()
     engines = [
         await asyncio.to_thread(
             load_engine, m, initial_peers, metrics=metrics, max_concurrent=max_concurrent, wait_for_blocks_s=wait_for_blocks_s,
-            wire_dtype=wire_dtype,
+            wire_dtype=wire_dtype, swarm_key=swarm_key,
         )
         for m in models
     ]
