@@ -25,7 +25,7 @@ def peers_unreachable(
         else:
             why = (
                 f"none of them answered as a peer of the private swarm of key {swarm_key_fingerprint}. "
-                "They may use another --swarm-key (or none)"
+                "They may use another --swarm-key (or none), or their clocks differ from this one by over a minute"
             )
         return NoPeersReachableError(f"Could not join the swarm through the initial peers ({', '.join(initial_peers)}): {why}.")
     return NoPeersReachableError(

@@ -38,16 +38,18 @@ carries the rest of the stream encrypted and authenticated.
 - open libp2p connections, and learn what libp2p's identify protocol tells anyone: our peer id, listening
   addresses, agent version and the names of the protocols we serve (that we are a molink-swarm DHT node,
   server or relay), and see traffic sizes and timing;
-- use what the daemon itself serves: libp2p ping, AutoNAT, and the circuit-relay service of `dht` peers
-  (within libp2p's limits: 128 KiB and 2 minutes per relayed connection), and hole punching;
+- use what the daemon itself serves: libp2p ping, identify, AutoNAT and hole punching, libp2p's own Kademlia
+  DHT (a separate one, used for peer routing: it can look up the addresses of a peer id it already knows, and
+  learn peer ids from its routing tables), and the circuit-relay service of `dht` peers (reservations and
+  relayed connections within the daemon's limits), which costs the relay's bandwidth but gives no way in;
 - make us spend resources: connections and streams up to the daemon's and our per-peer limits, and an HMAC
   check per request (refused requests cost no other work, no DHT lookup, no compute); that is, denial of
   service as against any public server;
 - nothing more if a peer with the key dials it (listed in its initial peers by mistake): the proofs it
   receives name it as receiver, and we refuse its answers.
 
-It cannot read or write DHT records, appear as a server to clients, use a server or a relay, or learn which
-models the swarm serves. A holder of the key is a full member: the key admits peers, it does not make a
+It cannot read or write our DHT's records, appear as a server to clients, use a server or a relay, or learn
+which models the swarm serves or which peer serves what. A holder of the key is a full member: the key admits peers, it does not make a
 member honest (records are still signed per peer and checked, sessions still owned). Changing the key
 (everyone restarts with a new file) is the only way to exclude a peer who has it.
 """

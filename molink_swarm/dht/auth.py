@@ -110,8 +110,10 @@ class PeerBoundAuthRPCWrapper(AuthRPCWrapper):
     """hivemind's AuthRPCWrapper, which also tells a :class:`SwarmKeyAuthorizer` the peers at both ends."""
 
     def __getattribute__(self, name: str):
+        if not name.startswith("rpc_"):
+            return object.__getattribute__(self, name)
         authorizer = object.__getattribute__(self, "_authorizer")
-        if not name.startswith("rpc_") or not isinstance(authorizer, SwarmKeyAuthorizer):
+        if not isinstance(authorizer, SwarmKeyAuthorizer):
             return super().__getattribute__(name)
         stub = object.__getattribute__(self, "_stub")
         method = getattr(stub, name)
