@@ -73,6 +73,19 @@ def test_bad_key_files_are_one_clear_error(tmp_path, content, message):
     assert message in str(error.value) and str(path) in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["dht"], ["join", "--model", "m", "--blocks", "0:1"], ["status"], ["chat"], ["web"]],
+    ids=lambda command: command[0],
+)
+def test_every_command_takes_a_swarm_key_and_says_when_it_is_missing(tmp_path, command):
+    missing = tmp_path / "nope.key"
+    result = local_swarm.run([*command, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--swarm-key", str(missing)], timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: --swarm-key") and f"molink-swarm keygen {missing}" in last
+
+
 def test_a_directory_is_not_a_key_file(tmp_path):
     with pytest.raises(SwarmKeyError, match="is a directory"):
         SwarmKey.load(tmp_path)
