@@ -18,6 +18,7 @@ from molink_swarm.dht import ModelRecord, ServerRecord, ServerState, declare_ser
 from molink_swarm.errors import NoPeersReachableError
 from molink_swarm.lab import local_swarm
 from molink_swarm.models import resolve_model
+from molink_swarm.net.paths import connect
 from molink_swarm.net.relay import RelayService
 from molink_swarm.protocol import messages
 from molink_swarm.protocol.rpc import block_stub
@@ -155,9 +156,13 @@ def test_the_web_app_serves_a_private_swarm(private_swarm, distributed):
 
 
 @pytest.fixture
-def outsider(private_swarm):
-    """A bare libp2p peer connected to the swarm's bootstrap peer: it can reach every port of the swarm."""
+def outsider(private_swarm, distributed):
+    """A bare libp2p peer connected to the bootstrap peer and to the servers (at the addresses they announce, as
+    read with the key): it can reach every port of the swarm."""
     p2p = run_sync(P2P.create(initial_peers=private_swarm.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+    for server in run_sync(distributed.swarm.servers(refresh=True)):
+        for maddr in server.record.addrs[:1]:
+            run_sync(connect(p2p, maddr), timeout=30)
     yield p2p
     run_sync(p2p.shutdown(), timeout=30)
 

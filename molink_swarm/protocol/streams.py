@@ -277,6 +277,8 @@ class GuardedServicer(ServicerBase):
                     self.refusals.refused(peer, method_name, e)
                     with contextlib.suppress(Exception):
                         await write_frame(writer, RPCError(message=str(e)))
+                        if isinstance(e, SwarmKeyRefused):  # closing on its unread request would reset the stream
+                            await _read_past(reader, max_bytes=1 << 20, timeout=2.0)  # before it reads why
                 except (ConnectionError, OSError) as e:  # the caller went away
                     logger.debug("%s stream from %s broke: %r", method_name, peer, e)
                 except Exception as e:
@@ -390,6 +392,13 @@ async def call_unary_with_proof(
     reply_proof, body = split_proof(data)
     auth.check_reply(reply_proof, handle_name, p2p.peer_id, peer, nonce_of(proof))
     return parse(response_type, body)
+
+
+async def _read_past(reader: asyncio.StreamReader, max_bytes: int, timeout: float) -> None:
+    """Read and drop what a refused caller sends, up to a bound, until it closes its side."""
+    async with asyncio.timeout(timeout):
+        while max_bytes > 0 and (chunk := await reader.read(min(max_bytes, 1 << 16))):
+            max_bytes -= len(chunk)
 
 
 async def _write_proof(writer: asyncio.StreamWriter, proof: bytes) -> None:
