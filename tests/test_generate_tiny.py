@@ -247,3 +247,34 @@ def test_engine_groups_merge_and_split_between_steps(distributed, tiny_llama_loc
         want = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
         assert tokens == want[0, len(ids) :].tolist()
     assert decoder.regroups >= 2 and decoder.failovers == 0 and not decoder.active and not decoder.groups
+
+
+def test_engine_scores_a_long_prompt_and_its_answer_like_local(distributed, tiny_llama_local):
+    """The engine's log-probabilities: a prompt longer than a slice of the head's scoring (and sent in chunks), then
+    greedy tokens, each scored as local transformers scores the whole sequence; max_new_tokens=0 only scores."""
+    from molink_swarm.client.batched import PROMPT_SCORING_ROWS, BatchedDecoder
+    from molink_swarm.client.loop import run_sync
+
+    decoder = BatchedDecoder(distributed)
+    ids = prompt(PROMPT_SCORING_ROWS + 70, seed=70)[0].tolist()
+
+    async def scored(new_tokens):
+        return [token async for token in decoder.generate_scored(ids, new_tokens, logprobs=3, score_prompt=True)]
+
+    tokens = run_sync(scored(5))
+    assert [t.prompt for t in tokens] == [True] * len(ids) + [False] * 5
+    assert [t.id for t in tokens[: len(ids)]] == ids and tokens[0].logprob is None and tokens[0].top == ()
+    sequence = [t.id for t in tokens]
+    with torch.no_grad():
+        expected = torch.log_softmax(tiny_llama_local(torch.tensor([sequence])).logits[0], dim=-1)
+    greedy = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
+    assert sequence[len(ids) :] == greedy[0, len(ids) :].tolist()
+    for position, token in enumerate(tokens[1:], start=1):
+        row = expected[position - 1]
+        assert token.logprob == pytest.approx(float(row[token.id]), abs=1e-4)
+        assert [alt for alt, _ in token.top] == row.topk(3).indices.tolist()
+        assert [lp for _, lp in token.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    only_prompt = run_sync(scored(0))
+    assert len(only_prompt) == len(ids)
+    assert [t.logprob for t in only_prompt[1:]] == pytest.approx([t.logprob for t in tokens[1 : len(ids)]], abs=1e-5)
+    assert decoder.failovers == 0 and not decoder.active

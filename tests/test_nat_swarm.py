@@ -81,7 +81,10 @@ def test_generation_across_nats_is_token_identical(lab, inbound, smollm2, tmp_pa
             assert [h["blocks"] for h in result[run]["hops"]] == ["0:15", "15:30"]
             got = torch.tensor([result[run]["tokens"]])
             assert torch.equal(got, expected), (run, tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
-        after = {"drop": "hole-punched", "reset": "relayed via"}[inbound]
+        # Behind NATs that drop unsolicited packets, hole punching succeeds. Behind NATs that answer them with a
+        # reset it usually fails and the relay goes on carrying the session; but when both sides' SYNs cross before
+        # either reset comes back (a matter of timing, likelier on a loaded machine), the punch succeeds there too.
+        after = {"drop": ("hole-punched",), "reset": ("relayed via", "hole-punched")}[inbound]
         assert all(h["path"].startswith(after) for h in result["second"]["hops"]), (result["second"], client.output())
         if inbound == "drop":  # servers punch holes to their next servers too (at their next heartbeat)
             first_server = processes[len(public)]

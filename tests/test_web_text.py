@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from molink_swarm.web.engine import TextAssembler
+from molink_swarm.web.engine import TextAssembler, TokenOffsets
 
 pytestmark = pytest.mark.slow  # needs the real SmolLM2 tokenizer (converted once per machine)
 
@@ -39,3 +39,12 @@ def test_text_held_back_for_a_possible_stop_string_is_released(smollm2):
     pieces, assembler = stream(tokenizer, text, stop=["Pan!", "Paris"])
     assert "".join(pieces) == text
     assert not assembler.stopped
+
+
+def test_token_offsets_found_incrementally_agree_with_the_tokenizers_own(smollm2):
+    tokenizer = smollm2[1]
+    text = "Un café ☕ à Tōkyō 日本語 🐉 ok. The end."
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    offsets = TokenOffsets(tokenizer)
+    assert [offsets.add(token) for token in encoded["input_ids"]] == [start for start, _ in encoded["offset_mapping"]]
+    assert offsets.text == text and offsets.length == len(text)

@@ -13,12 +13,18 @@ slowest stage), then whatever count gives the most tokens/s as measured (:class:
 between steps to follow it. A new generation computes its prompt on its own (a long one must not hold up
 a group), then joins the smallest group; a lone generation is a group of one and pays nothing for any of this.
 
+Log-probabilities (for scoring, as OpenAI's ``logprobs``) are those of the model's own distribution: log_softmax of the
+raw logits in float32, before temperature or top-p, so a token scores the same whatever the sampling settings. A
+prompt's tokens are scored from the prompt pass itself: the servers return the last block's output at every position
+of a prompt, and the client runs its head over all of them (in slices, to bound memory) instead of only the last.
+
 Everything here runs on the client's event loop (client/loop.py), where the sessions' P2P streams live.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -49,6 +55,32 @@ class Sampling:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredToken:
+    """A token and its log-probability under the model; ``top``: the most likely tokens at its position, best first."""
+
+    id: int
+    logprob: Optional[float]  # None: not scored (or a prompt's first token, which nothing predicts)
+    top: tuple[tuple[int, float], ...] = ()
+    prompt: bool = False  # a token of the prompt, not a generated one
+
+
+def score_tokens(logits: torch.Tensor, tokens: torch.Tensor, top: int, prompt: bool = False) -> list[ScoredToken]:
+    """Score ``tokens[i]`` under ``logits[i]`` ([n, vocab], raw model logits) with the ``top`` likeliest tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None].to(logprobs.device))[:, 0].tolist()
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [ScoredToken(t, lp, tp, prompt) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]
+
+
+# Prompt positions per run of the LM head when scoring a prompt: a slice's logits take rows * vocab floats.
+PROMPT_SCORING_ROWS = 128
 
 
 class GroupCount:
@@ -133,7 +165,9 @@ class _Generation:
     sampling: Sampling
     stopped: Callable[[], bool]
     generator: Optional[torch.Generator]
-    tokens: asyncio.Queue  # new token ids, then None (done) or the error
+    tokens: asyncio.Queue  # ScoredTokens (the prompt's first, if scored), then None (done) or the error
+    logprobs: Optional[int] = None  # score each token, with this many likeliest alternatives; None: no scoring
+    score_prompt: bool = False
     produced: int = 0
     done: bool = False
 
@@ -145,7 +179,6 @@ class BatchedDecoder:
         self.model = model
         self.session_options = session_options
         self.micro_batches = micro_batches  # False: every generation steps on its own (for comparisons)
-        self.norm, self.head = model._final_norm(), model.get_output_embeddings()
         eos = model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.groups: list[list[_Generation]] = []
@@ -164,6 +197,25 @@ class BatchedDecoder:
         stopped: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[int]:
         """Yield new token ids until an end-of-sequence token (yielded too), ``max_new_tokens`` or ``stopped()``."""
+        async with contextlib.aclosing(self.generate_scored(prompt_ids, max_new_tokens, sampling, stopped)) as tokens:
+            async for token in tokens:
+                yield token.id
+
+    async def generate_scored(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stopped: Callable[[], bool] = lambda: False,
+        *,
+        logprobs: Optional[int] = None,
+        score_prompt: bool = False,
+    ) -> AsyncIterator[ScoredToken]:
+        """Like :meth:`generate`, as :class:`ScoredToken`: with ``logprobs`` (a number of alternatives, 0 or more) each
+        token is scored, and with ``score_prompt`` too the prompt's tokens come first, scored (the first one with
+        ``logprob=None``). ``max_new_tokens=0`` only runs (and scores) the prompt."""
+        if not prompt_ids:
+            raise ValueError("The prompt needs at least one token")
         session = InferenceSession(
             self.model.swarm,
             max_length=len(prompt_ids) + max_new_tokens,
@@ -179,6 +231,8 @@ class BatchedDecoder:
             stopped=stopped,
             generator=None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed),
             tokens=asyncio.Queue(),
+            logprobs=logprobs,
+            score_prompt=score_prompt and logprobs is not None,
         )
         self.active.add(session)
         self._start(generation)
@@ -254,6 +308,8 @@ class BatchedDecoder:
                         self._finish(group, member, None)
                     else:
                         alive.append((member, hidden))
+                if alone:  # the prompt pass: score the prompt if asked; a pure scoring ends here
+                    alive = [(member, hidden) for member, hidden in alive if await self._prompt_done(group, member, hidden)]
                 if not alive:
                     continue
                 started = time.perf_counter()
@@ -261,7 +317,12 @@ class BatchedDecoder:
                 head_s = time.perf_counter() - started
                 for (member, _), row in zip(alive, logits):
                     try:
-                        self._advance(group, member, member.sampling.choose(row, member.generator))
+                        token = member.sampling.choose(row, member.generator)
+                        if member.logprobs is None:
+                            scored = ScoredToken(token, None)
+                        else:
+                            (scored,) = score_tokens(row[None], torch.tensor([token]), member.logprobs)
+                        self._advance(group, member, scored)
                     except Exception as e:  # this generation's own sampling or stop check: the others go on
                         self._finish(group, member, e)
                 if alone:
@@ -292,15 +353,41 @@ class BatchedDecoder:
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.head_batches = [*self.head_batches[-99:], hidden.shape[0]]
-        return self.head(self.norm(hidden))
+        return self.model.head_logits(hidden)
 
-    def _advance(self, group: list[_Generation], member: _Generation, token: int) -> None:
+    async def _prompt_done(self, group: list[_Generation], member: _Generation, hidden: torch.Tensor) -> bool:
+        """After ``member``'s prompt pass (``hidden``: the last block's output at every prompt position): hand out its
+        scored prompt if asked; False if it is done (nothing to generate, or its scoring failed)."""
+        if member.score_prompt and not member.done:
+            try:
+                scored = await asyncio.to_thread(self._score_prompt, member.inputs[0], hidden[0], member.logprobs)
+            except Exception as e:  # its own failure (e.g. out of memory): the others go on
+                self._finish(group, member, e)
+                return False
+            for token in scored:
+                member.tokens.put_nowait(token)
+        if member.max_new_tokens == 0 or member.done:
+            self._finish(group, member, None)
+            return False
+        return True
+
+    @torch.inference_mode()
+    def _score_prompt(self, ids: torch.Tensor, hidden: torch.Tensor, top: int) -> list[ScoredToken]:
+        """Each prompt token scored by the logits at the position before it (the first has none)."""
+        scored = [ScoredToken(int(ids[0]), None, prompt=True)]
+        for start in range(0, len(ids) - 1, PROMPT_SCORING_ROWS):
+            end = min(start + PROMPT_SCORING_ROWS, len(ids) - 1)
+            logits = self.model.head_logits(hidden[start:end])
+            scored += score_tokens(logits, ids[start + 1 : end + 1], top, prompt=True)
+        return scored
+
+    def _advance(self, group: list[_Generation], member: _Generation, token: ScoredToken) -> None:
         member.tokens.put_nowait(token)
         member.produced += 1
-        if token in self.eos_ids or member.produced >= member.max_new_tokens or member.stopped() or member.done:
+        if token.id in self.eos_ids or member.produced >= member.max_new_tokens or member.stopped() or member.done:
             self._finish(group, member, None)
         else:
-            member.inputs = torch.tensor([[token]], dtype=torch.long)
+            member.inputs = torch.tensor([[token.id]], dtype=torch.long)
 
     def _finish(self, group: list[_Generation], member: _Generation, outcome: Optional[BaseException]) -> None:
         if member not in group:

@@ -168,10 +168,9 @@ class DistributedCausalLMMixin:
             hidden = session.step(inputs_embeds)
         else:
             hidden = run_sync(forward_through_chain(self.swarm, inputs_embeds, self.source.name, self.wait_for_blocks_s))
-        hidden = self._final_norm()(hidden)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.get_output_embeddings()(hidden)
+        logits = self.head_logits(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -180,6 +179,22 @@ class DistributedCausalLMMixin:
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What the first block takes for these tokens."""
         return self.get_input_embeddings()(input_ids)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for the last block's output: the final norm, the LM head, then what the family's own forward() does
+        to the head's output (Gemma's soft cap, Cohere's and Granite's scales; none of them changes the greedy token,
+        all of them change probabilities)."""
+        logits = self.get_output_embeddings()(self._final_norm()(hidden))
+        scale = getattr(self, "logit_scale", None)  # Cohere keeps it on the model, from its config
+        if scale is not None:
+            logits = logits * scale
+        divisor = getattr(self.config, "logits_scaling", None)  # Granite
+        if divisor is not None:
+            logits = logits / divisor
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2, Gemma 3
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _final_norm(self) -> torch.nn.Module:
         base = getattr(self, self.base_model_prefix)

@@ -95,21 +95,24 @@ class WebApp:
     # ---- limits and errors
 
     @contextlib.asynccontextmanager
-    async def client_slot(self, request: web.Request) -> AsyncIterator[None]:
-        """At most ``max_sessions_per_client`` generations at once per client address."""
+    async def client_slot(self, request: web.Request, wanted: int = 1) -> AsyncIterator[int]:
+        """At most ``max_sessions_per_client`` generations at once per client address. A request with several prompts
+        gets as many as are free, up to ``wanted`` (how many it may run at once), and at least one."""
         client = request.remote or "?"
-        if self._per_client[client] >= self.limits.max_sessions_per_client:
+        free = self.limits.max_sessions_per_client - self._per_client[client]
+        if free <= 0:
             raise ApiError(
                 429,
                 f"At most {self.limits.max_sessions_per_client} generations at once per client; wait for one to finish",
                 kind="rate_limit_exceeded",
                 code="too_many_sessions",
             )
-        self._per_client[client] += 1
+        granted = max(1, min(free, wanted))
+        self._per_client[client] += granted
         try:
-            yield
+            yield granted
         finally:
-            self._per_client[client] -= 1
+            self._per_client[client] -= granted
             if not self._per_client[client]:
                 del self._per_client[client]
 

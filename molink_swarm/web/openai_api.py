@@ -2,22 +2,35 @@
 
 Requests are validated with pydantic; every error is answered in OpenAI's format
 (``{"error": {"message", "type", "param", "code"}}``) so that OpenAI clients raise their usual exceptions.
+
+`/v1/completions` is OpenAI's legacy API in full, so that evaluation tools (lm-evaluation-harness's
+``local-completions``) can score text through it: a prompt as a string, token ids, or a list of either (one choice
+per prompt, run side by side); ``echo`` (the prompt is part of the reply); ``logprobs=k`` (each token's
+log-probability, its ``k`` likeliest alternatives, its offset in the text), also for an echoed prompt, whose first
+token has none; ``max_tokens=0`` (nothing generated: with echo and logprobs, a pure scoring of the prompt).
+Log-probabilities are the model's own distribution (log_softmax of its raw logits, in float32), whatever the
+temperature and top_p: a token's score does not depend on how it was sampled. An end-of-sequence token is listed
+with the others, though neither the text nor ``usage`` shows it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Sequence, Union
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from molink_swarm.errors import UserError
-from molink_swarm.web.engine import ChatEngine, Generation, SamplingParams
+from molink_swarm.web.engine import ChatEngine, Generation, Piece, Prompt, SamplingParams, TokenLogprob
+
+# The most likely tokens a reply may list per position (``logprobs``): OpenAI's own limit for completions.
+MAX_LOGPROBS = 5
 
 
 class ApiError(Exception):
@@ -43,11 +56,12 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_sessions_per_client: int = 2
     max_body_bytes: int = 256 * 1024
+    max_prompts_per_request: int = 16  # /v1/completions with a list of prompts (a batch of an evaluation tool)
 
 
 class _Request(BaseModel):
     # OpenAI clients send many optional fields; the ones we do not use are ignored, the ones we cannot honour
-    # (several choices, logprobs, tools) are refused below with a clear message.
+    # (several choices, logprobs of chat completions, tools) are refused below with a clear message.
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=256)
@@ -94,7 +108,13 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    max_tokens: Optional[int] = Field(default=None, ge=0)  # 0: generate nothing (with echo: score the prompt)
+    echo: bool = False
+    logprobs: Optional[StrictInt] = None  # here the number of likeliest tokens to list per position
+
+
+PROMPT_FORMS = "give a string, a list of token ids, or a list of either (one choice per prompt)"
 
 
 def parse_request(schema: type[BaseModel], body: Any) -> Any:
@@ -102,6 +122,8 @@ def parse_request(schema: type[BaseModel], body: Any) -> Any:
         return schema.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
+        if first["loc"] and first["loc"][0] == "prompt":
+            raise ApiError(400, f"Invalid request: prompt: {PROMPT_FORMS}", param="prompt") from None
         where = ".".join(str(part) for part in first["loc"]) or None
         raise ApiError(400, f"Invalid request: {where + ': ' if where else ''}{first['msg']}", param=where) from None
 
@@ -139,104 +161,237 @@ class OpenAIApi:
         engine = self.engine(body.model)
         if body.tools:
             raise ApiError(400, "Tools / function calling are not supported by this server", param="tools")
+        if body.logprobs:
+            raise ApiError(
+                400, "logprobs are not supported for chat completions by this server; /v1/completions has them", param="logprobs"
+            )
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = engine.encode_chat(messages)
+            prompt = Prompt(engine.encode_chat(messages))
         except Exception as e:  # a template that rejects this conversation (e.g. roles out of order)
             raise ApiError(400, f"The model's chat template rejected these messages: {e}", param="messages") from None
-        return await self._complete(request, body, engine, prompt, chat=True)
+        params = self._sampling(body, [prompt], param="messages")
+        return await self._complete(request, body, engine, [prompt], params, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = parse_request(CompletionRequest, await _json_body(request))
         engine = self.engine(body.model)
-        prompt_text = body.prompt
-        if isinstance(prompt_text, list):
-            if len(prompt_text) != 1:
-                raise ApiError(400, "Send one prompt per request", param="prompt")
-            prompt_text = prompt_text[0]
-        return await self._complete(request, body, engine, engine.encode_text(prompt_text), chat=False)
-
-    async def _complete(self, request: web.Request, body: _Request, engine: ChatEngine, prompt: list[int], chat: bool) -> web.StreamResponse:
-        params = self._sampling(body, prompt)
-        report = Generation(prompt_tokens=len(prompt))
-        reply_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        async with self.client_slot(request), contextlib.aclosing(engine.stream(prompt, params, report)) as chunks:
-            first = await _first_chunk(chunks)  # swarm errors surface here, before any header is sent
-            if not body.stream:
-                text = first + "".join([chunk async for chunk in chunks])
-                return web.json_response(_full_reply(reply_id, engine.name, chat, text, report))
-            return await self._stream_reply(request, reply_id, engine.name, chat, first, chunks, report, body.include_usage())
-
-    def _sampling(self, body: _Request, prompt: list[int]) -> SamplingParams:
-        if body.n != 1:
-            raise ApiError(400, "Only n=1 is supported", param="n")
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
-        if len(prompt) > self.limits.max_prompt_tokens:
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
             raise ApiError(
                 400,
-                f"The prompt has {len(prompt)} tokens; this server accepts at most {self.limits.max_prompt_tokens}",
-                param="messages",
+                f"logprobs is the number of likeliest tokens to list per position: 0 to {MAX_LOGPROBS}, not {body.logprobs}",
+                param="logprobs",
+            )
+        prompts = self._prompts(body.prompt, engine)
+        params = self._sampling(body, prompts, param="prompt", logprobs=body.logprobs)
+        return await self._complete(request, body, engine, prompts, params, chat=False, echo=body.echo)
+
+    def _prompts(self, raw: Union[str, list], engine: ChatEngine) -> list[Prompt]:
+        """A completion request's prompts: a string, token ids, or a list of either."""
+        single = isinstance(raw, str) or (raw and all(isinstance(item, int) for item in raw))
+        items = [raw] if single else list(raw)
+        if not items:
+            raise ApiError(400, f"The prompt is empty: {PROMPT_FORMS}", param="prompt")
+        if len(items) > self.limits.max_prompts_per_request:
+            raise ApiError(
+                400, f"At most {self.limits.max_prompts_per_request} prompts per request on this server", param="prompt"
+            )
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                prompts.append(engine.text_prompt(item))
+                continue
+            outside = next((token for token in item if not 0 <= token < engine.vocab_size), None)
+            if outside is not None:
+                raise ApiError(
+                    400, f"Token id {outside} is not in the model's vocabulary (0 to {engine.vocab_size - 1})", param="prompt"
+                )
+            prompts.append(engine.token_prompt(item))
+        if any(not prompt.ids for prompt in prompts):
+            raise ApiError(400, "A prompt is empty: it needs at least one token", param="prompt")
+        return prompts
+
+    def _sampling(self, body: _Request, prompts: list[Prompt], param: str, logprobs: Optional[int] = None) -> SamplingParams:
+        if body.n != 1:
+            raise ApiError(400, "Only n=1 is supported", param="n")
+        longest = max(len(prompt.ids) for prompt in prompts)
+        if longest > self.limits.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"The prompt has {longest} tokens; this server accepts at most {self.limits.max_prompt_tokens}",
+                param=param,
                 code="context_length_exceeded",
             )
-        wanted = body.max_completion_tokens or body.max_tokens or self.limits.default_new_tokens
+        wanted = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None), self.limits.default_new_tokens)
         if wanted > self.limits.max_new_tokens:
             raise ApiError(
                 400, f"max_tokens is at most {self.limits.max_new_tokens} on this server", param="max_tokens"
             )
-        return SamplingParams(max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings())
+        return SamplingParams(
+            max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings(), logprobs=logprobs
+        )
+
+    async def _complete(
+        self,
+        request: web.Request,
+        body: _Request,
+        engine: ChatEngine,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        chat: bool,
+        echo: bool = False,
+    ) -> web.StreamResponse:
+        reports = [Generation(prompt_tokens=len(prompt.ids)) for prompt in prompts]
+        reply = _Reply(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", engine.name, chat, params.logprobs is not None)
+        async with self.client_slot(request, len(prompts)) as sessions:
+            async with contextlib.aclosing(_choices(engine, prompts, params, reports, echo, sessions)) as events:
+                first = await _first_event(events)  # swarm errors surface here, before any header is sent
+                if not body.stream:
+                    return web.json_response(reply.whole([first, *[event async for event in events]], reports))
+                return await self._stream_reply(request, reply, first, events, reports, body.include_usage())
 
     async def _stream_reply(
         self,
         request: web.Request,
-        reply_id: str,
-        model: str,
-        chat: bool,
-        first: str,
-        chunks: AsyncIterator[str],
-        report: Generation,
+        reply: _Reply,
+        first: _Event,
+        events: AsyncIterator[_Event],
+        reports: list[Generation],
         include_usage: bool,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        created = int(time.time())
 
         async def send(payload: Any) -> None:
             data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
             await response.write(f"data: {data}\n\n".encode())
 
-        def chunk(delta: Optional[str], finish: Optional[str] = None, role: bool = False) -> dict[str, Any]:
-            if chat:
-                content: dict[str, Any] = {} if delta is None else {"content": delta}
-                if role:
-                    content["role"] = "assistant"
-                choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            return {"id": reply_id, "object": obj, "created": created, "model": model, "choices": [choice]}
-
         try:
-            await send(chunk(first, role=True))
+            await send(reply.chunk(first, reports))
             try:
-                async for text in chunks:
-                    await send(chunk(text))
+                async for event in events:
+                    await send(reply.chunk(event, reports))
             except (UserError, OSError, RuntimeError) as e:  # the swarm failed mid-answer: tell the client
                 if isinstance(e, ConnectionResetError):
                     raise
                 await send(_error_body(e))
                 return response
-            await send(chunk(None, finish=report.finish_reason))
             if include_usage:
-                usage = chunk(None)
-                usage["choices"] = []
-                usage["usage"] = _usage(report)
-                await send(usage)
+                await send(reply.usage_chunk(reports))
             await send("[DONE]")
         except ConnectionResetError:
-            return response  # the visitor left (or pressed stop): closing ``chunks`` stops the generation
+            return response  # the visitor left (or pressed stop): closing the events stops the generations
         await response.write_eof()
         return response
+
+
+@dataclasses.dataclass(frozen=True)
+class _Event:
+    """A piece of choice ``index``'s answer, or (``piece`` None) its end."""
+
+    index: int
+    piece: Optional[Piece]
+
+
+async def _choices(
+    engine: ChatEngine,
+    prompts: list[Prompt],
+    params: SamplingParams,
+    reports: list[Generation],
+    echo: bool,
+    concurrency: int,
+) -> AsyncIterator[_Event]:
+    """The answers to ``prompts``, ``concurrency`` at a time, as their pieces come; each ends with its end event.
+
+    The first error of any of them is raised (and the others are stopped)."""
+    events: asyncio.Queue = asyncio.Queue()
+    turns = asyncio.Semaphore(concurrency)
+
+    async def answer(index: int) -> None:
+        try:
+            async with turns, contextlib.aclosing(engine.stream(prompts[index], params, reports[index], echo=echo)) as pieces:
+                async for piece in pieces:
+                    events.put_nowait(_Event(index, piece))
+            events.put_nowait(_Event(index, None))
+        except Exception as e:
+            events.put_nowait(e)
+
+    tasks = [asyncio.create_task(answer(index)) for index in range(len(prompts))]
+    try:
+        ended = 0
+        while ended < len(prompts):
+            event = await events.get()
+            if isinstance(event, BaseException):
+                raise event
+            ended += event.piece is None
+            yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclasses.dataclass
+class _Reply:
+    """How a reply looks in OpenAI's format: whole, or as the chunks of a stream."""
+
+    id: str
+    model: str
+    chat: bool
+    logprobs: bool
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    _started: set[int] = dataclasses.field(default_factory=set)  # choices that have sent a chunk
+
+    def whole(self, events: list[_Event], reports: list[Generation]) -> dict[str, Any]:
+        choices = []
+        for index, report in enumerate(reports):
+            pieces = [event.piece for event in events if event.index == index and event.piece is not None]
+            text = "".join(piece.text for piece in pieces)
+            logprobs = _logprobs([token for piece in pieces for token in piece.logprobs]) if self.logprobs else None
+            if self.chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": report.finish_reason, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text, "finish_reason": report.finish_reason, "logprobs": logprobs}
+            choices.append(choice)
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": _usage(reports),
+        }
+
+    def chunk(self, event: _Event, reports: list[Generation]) -> dict[str, Any]:
+        """One event as a stream chunk: a piece, or the end of a choice (with its finish reason)."""
+        piece = event.piece
+        finish = reports[event.index].finish_reason if piece is None else None
+        if self.chat:
+            delta: dict[str, Any] = {} if piece is None else {"content": piece.text}
+            if event.index not in self._started:  # a chat stream's first chunk names the role
+                delta = {"role": "assistant", "content": "", **delta}
+            choice = {"index": event.index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            logprobs = _logprobs(piece.logprobs) if self.logprobs and piece is not None else None
+            choice = {"index": event.index, "text": "" if piece is None else piece.text, "finish_reason": finish, "logprobs": logprobs}
+        self._started.add(event.index)
+        return self._chunk([choice])
+
+    def usage_chunk(self, reports: list[Generation]) -> dict[str, Any]:
+        return {**self._chunk([]), "usage": _usage(reports)}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+
+def _logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, list]:
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [t.top for t in tokens],
+        "text_offset": [t.offset for t in tokens],
+    }
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -248,12 +403,10 @@ async def _json_body(request: web.Request) -> Any:
         raise ApiError(400, "The request body must be JSON") from None
 
 
-async def _first_chunk(chunks: AsyncIterator[str]) -> str:
-    """The first piece of text, or "" if the answer is empty; errors of the swarm become API errors."""
+async def _first_event(events: AsyncIterator[_Event]) -> _Event:
+    """The first event (every choice has at least its end); errors of the swarm become API errors."""
     try:
-        return await anext(chunks)
-    except StopAsyncIteration:
-        return ""
+        return await anext(events)
     except UserError as e:
         raise ApiError(503, str(e), kind="service_unavailable", code="swarm_unavailable") from None
 
@@ -262,24 +415,7 @@ def _error_body(error: BaseException) -> dict[str, Any]:
     return ApiError(503, f"The swarm failed while answering: {error}", kind="service_unavailable").body()
 
 
-def _usage(report: Generation) -> dict[str, int]:
-    return {
-        "prompt_tokens": report.prompt_tokens,
-        "completion_tokens": report.completion_tokens,
-        "total_tokens": report.prompt_tokens + report.completion_tokens,
-    }
-
-
-def _full_reply(reply_id: str, model: str, chat: bool, text: str, report: Generation) -> dict[str, Any]:
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": report.finish_reason, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": report.finish_reason, "logprobs": None}
-    return {
-        "id": reply_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": _usage(report),
-    }
+def _usage(reports: list[Generation]) -> dict[str, int]:
+    prompt = sum(report.prompt_tokens for report in reports)
+    completion = sum(report.completion_tokens for report in reports)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
