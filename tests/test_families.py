@@ -88,6 +88,33 @@ TINY: dict[str, dict] = {
         first_k_dense_replace=1,
         n_shared_experts=1,
     ),
+    # Llama-layout relatives.
+    "olmo": COMMON,
+    "olmo3": dict(COMMON, sliding_window=5, layer_types=SLIDING),
+    "glm": COMMON,
+    "glm4": COMMON,
+    "helium": dict(COMMON, head_dim=8),
+    "smollm3": COMMON,
+    "cohere2": dict(COMMON, sliding_window=5, layer_types=SLIDING, logit_scale=0.25),
+    "granitemoe": dict(
+        COMMON,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        embedding_multiplier=3.0,
+        logits_scaling=4.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+    ),
+    "phimoe": dict(COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "ministral": dict(COMMON, head_dim=8, sliding_window=5, layer_types=SLIDING),
+    "exaone4": dict(COMMON, sliding_window=5, layer_types=SLIDING),
+    "apertus": COMMON,
+    "arcee": COMMON,
+    "seed_oss": COMMON,
+    "hunyuan_v1_dense": dict(COMMON, head_dim=8),
+    "ernie4_5": COMMON,
+    "nemotron": COMMON,
+    "persimmon": dict(COMMON, num_key_value_heads=4),  # no grouped queries
 }
 
 SPANS = [(0, 2), (2, 4)]  # as two servers would hold them
@@ -190,19 +217,21 @@ def test_family_distributed_equals_local(name, models_dir):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_family_packed_steps_equal_each_alone(name, models_dir):
-    """Steps of sessions at different positions in one pass (a server's batch) equal each session run alone."""
+    """Steps of sessions at different positions in one pass (a server's batch) equal each session run alone; one
+    session has two rows (a batch of prompts), one sends a chunk of several tokens."""
     _client, spans = in_process(saved(name, models_dir))
     span = spans[1]
     hidden_size = span.config.hidden_size
     torch.manual_seed(2)
-    prompts = [torch.randn(1, n, hidden_size) for n in (3, 8, 6)]
+    rows = (1, 2, 1)
+    prompts = [torch.randn(r, n, hidden_size) for r, n in zip(rows, (3, 8, 6))]
     alone, packed = [span.new_cache() for _ in prompts], [span.new_cache() for _ in prompts]
     for x, a, b in zip(prompts, alone, packed):
         span(x, cache=a)
         span(x, cache=b)
     positions = [x.shape[1] for x in prompts]
     for round_ in range(3):
-        inputs = [torch.randn(1, 4 if i == 1 and round_ == 1 else 1, hidden_size) for i in range(len(prompts))]
+        inputs = [torch.randn(r, 4 if i == 1 and round_ == 1 else 1, hidden_size) for i, r in enumerate(rows)]
         expected = [span(x, position=p, cache=c) for x, p, c in zip(inputs, positions, alone)]
         outputs = span.forward_packed([PackedStep(x, p, c) for x, p, c in zip(inputs, positions, packed)])
         for got, want in zip(outputs, expected):

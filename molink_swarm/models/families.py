@@ -213,6 +213,30 @@ FAMILIES: tuple[Family, ...] = (
         note="scaled embeddings and logits",
     ),
     Family("deepseek_v3", blocks="rotary_stepwise", note="MLA attention, MoE; batched steps run one after the other"),
+    # Llama-layout relatives (and their own last touches).
+    Family("olmo"),
+    Family("olmo3", blocks="rotary_by_layer_type", note="sliding and full layers, a rotary table each"),
+    Family("glm"),
+    Family("glm4"),
+    Family("helium"),
+    Family("smollm3"),
+    Family("cohere2", head=_with(ScaleBy("logit_scale")), note="sliding and full layers, scaled logits"),
+    Family(
+        "granitemoe",
+        embed=(ScaleBy("embedding_multiplier"),),
+        head=_with(DivideBy("logits_scaling")),
+        note="MoE, scaled embeddings and logits",
+    ),
+    Family("phimoe", note="MoE"),
+    Family("ministral", note="sliding and full layers"),
+    Family("exaone4", note="sliding and full layers"),
+    Family("apertus"),
+    Family("arcee"),
+    Family("seed_oss"),
+    Family("hunyuan_v1_dense"),
+    Family("ernie4_5"),
+    Family("nemotron"),
+    Family("persimmon", head=(Submodule("final_layernorm"), LmHead())),
 )
 
 _BY_TYPE = {family.model_type: family for family in FAMILIES}

@@ -55,9 +55,9 @@ class FamilyAdapter:
             raise UnsupportedModelError(
                 f"Model type {config.model_type!r} is not supported by this transformers version"
             ) from None
-        if getattr(config, "_attn_implementation", None) is None:
+        if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
             # What transformers picks when it loads a model itself (Gemma 2 has no sdpa: its soft caps need eager):
-            # the same kernels give the same numbers.
+            # the same kernels give the same numbers. (Flash and flex kernels take packed sequences their own way.)
             config._attn_implementation = "sdpa" if getattr(self.base_model_class, "_supports_sdpa", False) else "eager"
         if family.blocks not in _RUNNERS:
             raise UnsupportedModelError(f"Model type {config.model_type!r}: no way to run blocks {family.blocks!r}")
