@@ -35,7 +35,7 @@ from molink_swarm import AutoDistributedModelForCausalLM
 from molink_swarm.cli.status import print_status
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import SwarmError
-from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, block_key, start_dht
+from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, block_key, fetch_servers, start_dht
 from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.records import MAX_THROUGHPUT, MODELS_KEY
 from molink_swarm.dht.validation import owner_subkey_bytes
@@ -150,13 +150,14 @@ class Attack(NamedTuple):
     rejected: dict[str, list[bool]]
 
 
-def forged_server(fingerprint: str, **overrides) -> dict:
+def forged_server(fingerprint: str, digests: tuple[str, ...] = ("0" * 16,) * NUM_BLOCKS, **overrides) -> dict:
     """A server record as the DHT carries it; ``overrides`` go in unchecked (they may break the schema)."""
     record = ServerRecord(
         state=ServerState.ONLINE,
         start=0,
         end=NUM_BLOCKS,
         model_fingerprint=fingerprint,
+        block_digests=digests,
         throughput=MAX_THROUGHPUT,  # as fast as a record may claim: the planner would love it
         free_cache_tokens=10**9,
         max_sessions=10**6,
@@ -175,18 +176,23 @@ def attack(honest, model_dir) -> Iterator[Attack]:
     accepted: dict[str, list[bool]] = {}
     rejected: dict[str, list[bool]] = {}
     try:
+        # The digests honest servers announce for their blocks: anyone can read and repeat them.
+        announced = {b: s.record.digest_of(b) for s in fetch_servers(peer.dht, model_id, NUM_BLOCKS) for b in range(s.record.start, s.record.end)}
+        digests = tuple(announced[b] for b in range(NUM_BLOCKS))
         # Records that pass the schema but lie; each identity's record sits under every block key.
-        fake_server, behind_fake_relay, other_weights = peer.own, peer.new_identity(), peer.new_identity()
+        fake_server, behind_fake_relay = peer.own, peer.new_identity()
+        other_config, other_weights = peer.new_identity(), peer.new_identity()
         lies = {
             "claims blocks it does not serve": (
                 fake_server,
-                forged_server(fingerprint, addrs=peer.maddrs[:1], public_name="[/bold]evil[link=x]"),  # rich markup
+                forged_server(fingerprint, digests, addrs=peer.maddrs[:1], public_name="[/bold]evil[link=x]"),  # rich markup
             ),
             "relayed through a relay that does not exist": (
                 behind_fake_relay,
-                forged_server(fingerprint, reachability=Reachability.RELAYED.value, relay_addrs=[nowhere]),
+                forged_server(fingerprint, digests, reachability=Reachability.RELAYED.value, relay_addrs=[nowhere]),
             ),
-            "an altered copy (other fingerprint)": (other_weights, forged_server("ffffffffffffffff")),
+            "an altered copy (other fingerprint)": (other_config, forged_server("ffffffffffffffff", digests)),
+            "an altered copy (other block digests)": (other_weights, forged_server(fingerprint)),
         }
         for name, (who, record) in lies.items():
             accepted[name] = [ok for key in blocks for ok in peer.store(who, key, record)]
@@ -202,6 +208,7 @@ def attack(honest, model_dir) -> Iterator[Attack]:
             "infinite throughput": forged_server(fingerprint, throughput=float("inf")),
             "throughput 1e30": forged_server(fingerprint, throughput=1e30),
             "NaN and negative next RTTs": forged_server(fingerprint, next_rtts={honest_ids[0]: float("nan"), honest_ids[1]: -1.0}),
+            "junk block digests": forged_server(fingerprint, block_digests=["not a digest"] * NUM_BLOCKS),
             "raw junk": {"not": "a record"},
         }
         breakers = []

@@ -1,4 +1,5 @@
-"""Tests for molink_swarm.models (resolve, checkpoint, fingerprint, gguf): resolving --model, fingerprints, lazy tensor reads, GGUF caching."""
+"""Tests for molink_swarm.models (resolve, checkpoint, fingerprint, gguf): resolving --model, identities and block
+digests, lazy tensor reads, GGUF caching. (tests/test_weights.py: what each peer reads and downloads.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from molink_swarm.errors import ModelNotFoundError, UserError
 from molink_swarm.models import (
     DEFAULT_MODEL_ALIAS,
     ModelSource,
+    block_digests,
     load_config,
     read_tensors,
     resolve_model,
@@ -27,14 +29,14 @@ from molink_swarm.models import resolve as resolve_module
 from tests.conftest import make_tiny_llama
 
 MODEL_ID = re.compile(r"^[a-z0-9-]+-[0-9a-f]{8}$")
-FINGERPRINT_CACHE = ".molink-fingerprint.json"
+DIGEST_CACHE = ".molink-digests.json"
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach the network; the in-process fingerprint memo must not leak between tests."""
+    """No test may reach the network; the in-process tensor hashes must not leak between tests."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(fingerprint_module, "_fingerprints_in_process", {})
+    monkeypatch.setattr(fingerprint_module, "_tensor_hashes_in_process", {})
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -54,8 +56,14 @@ def folder(tmp_path: Path, model: LlamaForCausalLM) -> Path:
 
 
 def copy_without_cache(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(FINGERPRINT_CACHE + "*"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(DIGEST_CACHE + "*"))
     return dst
+
+
+def digests(folder: Path, num_blocks: int = 4) -> dict[int, str]:
+    """Every block's digest, as servers holding it announce it."""
+    names = tensor_names(resolve_model(folder))
+    return block_digests(folder, {i: [n for n in names if n.startswith(f"model.layers.{i}.")] for i in range(num_blocks)})
 
 
 def assert_one_line_help(error: pytest.ExceptionInfo[ModelNotFoundError], *needles: str) -> None:
@@ -76,13 +84,8 @@ def test_resolve_local_folder(folder: Path, tmp_path: Path) -> None:
     assert first.name == "Tiny.Llama_v1"
     assert first.path == folder.resolve()
     assert re.fullmatch(r"[0-9a-f]{16}", first.fingerprint)
-    assert (folder / FINGERPRINT_CACHE).is_file()
-
-    fingerprint_module._fingerprints_in_process.clear()
-    assert resolve_model(str(folder)) == first  # from the cache file
-    fingerprint_module._fingerprints_in_process.clear()
-    (folder / FINGERPRINT_CACHE).unlink()
-    assert resolve_model(folder).fingerprint == first.fingerprint  # recomputed from scratch
+    assert not (folder / DIGEST_CACHE).exists()  # the identity reads no weights
+    assert resolve_model(str(folder)) == first
 
     copy = resolve_model(copy_without_cache(folder, tmp_path / "elsewhere"))
     assert copy.fingerprint == first.fingerprint
@@ -93,21 +96,24 @@ def test_resolve_local_folder(folder: Path, tmp_path: Path) -> None:
     assert first.model_id == f"tiny-llama_v1-{first.fingerprint[:8]}".replace("_", "-")
 
 
-def test_fingerprint_changes_with_one_weight(folder: Path, model: LlamaForCausalLM) -> None:
-    before = resolve_model(folder).fingerprint
+def test_one_weight_changes_only_its_block_digest(folder: Path, model: LlamaForCausalLM) -> None:
+    before, before_digests = resolve_model(folder), digests(folder)
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[3, 5] += 1e-3
     model.save_pretrained(folder)
-    after = resolve_model(folder)
-    assert after.fingerprint != before
-    assert after.model_id != f"tiny-llama-v1-{before[:8]}"
+    after, after_digests = resolve_model(folder), digests(folder)
+
+    assert after.model_id == before.model_id  # servers of other blocks still find each other
+    assert [b for b in range(4) if after_digests[b] != before_digests[b]] == [2]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", d) for d in after_digests.values())
 
 
-def test_fingerprint_ignores_sharding_and_provenance(folder: Path, model: LlamaForCausalLM, tmp_path: Path) -> None:
+def test_identity_and_digests_ignore_sharding_and_provenance(folder: Path, model: LlamaForCausalLM, tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
     model.save_pretrained(sharded, max_shard_size="50KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     assert resolve_model(sharded).fingerprint == resolve_model(folder).fingerprint
+    assert digests(sharded) == digests(folder)
 
     config = (folder / "config.json").read_text()
     provenance = config.replace('"transformers_version"', '"_name_or_path": "x", "transformers_version"')
@@ -116,8 +122,11 @@ def test_fingerprint_ignores_sharding_and_provenance(folder: Path, model: LlamaF
     assert resolve_model(folder).fingerprint == resolve_model(sharded).fingerprint
 
 
-def test_fingerprint_depends_on_config(folder: Path) -> None:
+def test_identity_depends_on_config_and_storage_dtype(folder: Path, model: LlamaForCausalLM, tmp_path: Path) -> None:
     before = resolve_model(folder).fingerprint
+    model.to(torch.float16).save_pretrained(tmp_path / "half")
+    assert resolve_model(tmp_path / "half").fingerprint != before  # another copy: another model id
+
     config = (folder / "config.json").read_text()
     changed = config.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
     assert changed != config
@@ -125,41 +134,47 @@ def test_fingerprint_depends_on_config(folder: Path) -> None:
     assert resolve_model(folder).fingerprint != before
 
 
-def test_fingerprint_cache_file_skips_hashing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = resolve_model(folder)
-    fingerprint_module._fingerprints_in_process.clear()
+def test_digest_cache_file_skips_hashing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = digests(folder)
+    assert (folder / DIGEST_CACHE).is_file()
+    fingerprint_module._tensor_hashes_in_process.clear()
 
-    def fail(_: Path) -> str:
-        raise AssertionError("fingerprint was recomputed although nothing changed")
+    def fail(*args: object) -> str:
+        raise AssertionError("a tensor was hashed again although nothing changed")
 
-    monkeypatch.setattr(fingerprint_module, "_compute_fingerprint", fail)
-    assert resolve_model(folder) == first
+    monkeypatch.setattr(fingerprint_module, "_hash_tensor", fail)
+    assert digests(folder) == first
 
 
-def test_read_only_folder_falls_back_to_memory(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_only_folder_keeps_hashes_in_memory(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def read_only(path: Path, text: str) -> None:
         raise PermissionError(13, "Read-only file system", str(path))
 
-    compute = fingerprint_module._compute_fingerprint
-    calls: list[Path] = []
+    hash_tensor = fingerprint_module._hash_tensor
+    hashed: list[int] = []
 
-    def counting(path: Path) -> str:
-        calls.append(path)
-        return compute(path)
+    def counting(file: Path, begin: int, end: int, advance=lambda n: None) -> str:
+        hashed.append(end - begin)
+        return hash_tensor(file, begin, end, advance)
 
     monkeypatch.setattr(fingerprint_module, "_atomic_write_text", read_only)
-    monkeypatch.setattr(fingerprint_module, "_compute_fingerprint", counting)
-    first = resolve_model(folder)
-    assert resolve_model(folder) == first
-    assert len(calls) == 1
-    assert not (folder / FINGERPRINT_CACHE).exists()
+    monkeypatch.setattr(fingerprint_module, "_hash_tensor", counting)
+    first = digests(folder)
+    count = len(hashed)
+    assert count > 0 and digests(folder) == first
+    assert len(hashed) == count
+    assert not (folder / DIGEST_CACHE).exists()
 
 
-def test_corrupt_fingerprint_cache_is_recomputed(folder: Path) -> None:
-    first = resolve_model(folder)
-    fingerprint_module._fingerprints_in_process.clear()
-    (folder / FINGERPRINT_CACHE).write_text("{not json")
-    assert resolve_model(folder) == first
+def test_corrupt_digest_cache_is_ignored(folder: Path) -> None:
+    first = digests(folder)
+    fingerprint_module._tensor_hashes_in_process.clear()
+    (folder / DIGEST_CACHE).write_text("{not json")
+    assert digests(folder) == first
+    cached = (folder / DIGEST_CACHE).read_text()
+    fingerprint_module._tensor_hashes_in_process.clear()
+    (folder / DIGEST_CACHE).write_text(cached.replace('"tensors": {', '"tensors": {"model.layers.0.mlp.up_proj.weight": "bad", "x": 1,', 1))
+    assert digests(folder) == first
 
 
 def test_load_config(folder: Path) -> None:
@@ -269,10 +284,11 @@ def test_hub_name_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     with pytest.raises(ModelNotFoundError) as error:
         resolve_model("some-org/some-model")
-    assert_one_line_help(error, "hub may be unreachable", "local Hugging Face folder", ".gguf")
+    assert_one_line_help(error, "HF_HUB_OFFLINE=1", "hub may be unreachable", "local Hugging Face folder", ".gguf")
 
 
 def test_hub_download_failure_is_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,7 +298,7 @@ def test_hub_download_failure_is_user_error(monkeypatch: pytest.MonkeyPatch) -> 
     import huggingface_hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     with pytest.raises(ModelNotFoundError) as error:
         resolve_model("some-org/some-model")
     assert_one_line_help(error, "Connection refused", "hub may be unreachable", ".gguf")
@@ -398,7 +414,6 @@ def test_embedded_smollm2(smollm2_cache: Path) -> None:
     embed = read_tensors(source, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
     assert embed.shape == (config.vocab_size, config.hidden_size)
 
-    fingerprint_module._fingerprints_in_process.clear()
     started = time.perf_counter()
     again = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=smollm2_cache)
     elapsed = time.perf_counter() - started

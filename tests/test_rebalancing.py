@@ -48,3 +48,15 @@ def test_a_moving_server_reads_only_the_blocks_it_lacks(tiny_llama_path, monkeyp
     hidden = torch.randn(1, 5, moved.config.hidden_size, generator=torch.Generator().manual_seed(0))
     assert (moved.start, moved.end) == (2, 6)
     assert torch.equal(moved(hidden), fresh(hidden))
+
+
+def test_the_memory_of_a_block_is_estimated_from_the_config_alone(tiny_llama_local):
+    from molink_swarm.server.rebalancing import block_bytes
+
+    layer = tiny_llama_local.model.layers[0]
+    weights = sum(p.numel() for name, p in layer.named_parameters() if "norm" not in name)
+    assert block_bytes(tiny_llama_local.config, 4, cache_tokens=0) == weights * 4
+    config = tiny_llama_local.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = 100 * 2 * config.num_key_value_heads * head_dim * 4
+    assert block_bytes(config, 4, cache_tokens=100) == weights * 4 + cache

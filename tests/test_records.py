@@ -77,9 +77,11 @@ def test_a_server_record_round_trips_through_the_wire_format():
         addrs=(f"/ip4/10.0.0.2/tcp/4000/p2p/{RSA_PEER}", f"/ip4/10.0.0.1/tcp/31337/p2p/{ED25519_PEER}/p2p-circuit/p2p/{RSA_PEER}"),
         public_name="alice",
         next_rtts={ED25519_PEER: 0.012, RSA_PEER: 0.0},
+        block_digests=("0123456789abcdef", "fedcba9876543210", "0000000000000000", "ffffffffffffffff"),
     )
 
     assert parse_record(record.to_wire()) == record
+    assert record.digest_of(1) == "fedcba9876543210" and record.digest_of(4) is None
 
 
 def test_a_model_record_round_trips_through_the_wire_format():
@@ -97,13 +99,22 @@ def test_the_wire_format_is_plain_data():
 
 
 def test_unknown_fields_from_a_newer_version_are_ignored():
-    wire = {**server_record().to_wire(), "version": 2, "gpu": "H100", "supports_speculation": True}
+    wire = {**server_record().to_wire(), "version": 3, "gpu": "H100", "supports_speculation": True}
 
     record = parse_record(wire)
 
     assert isinstance(record, ServerRecord)
     assert record.start == 0 and record.end == 4
-    assert record.version == 2
+    assert record.version == 3
+
+
+def test_a_record_of_an_older_version_without_block_digests_decodes():
+    wire = server_record().to_wire()
+    del wire["block_digests"]
+
+    record = parse_record({**wire, "version": 1})
+
+    assert isinstance(record, ServerRecord) and record.block_digests is None and record.digest_of(0) is None
 
 
 @pytest.mark.parametrize(
@@ -121,6 +132,10 @@ def test_unknown_fields_from_a_newer_version_are_ignored():
         {"relay_addrs": [f"/ip4/10.0.0.{i}/tcp/1/p2p/{RSA_PEER}" for i in range(17)]},
         {"next_rtts": {peer_id(i): 0.01 for i in range(65)}},
         {"software_version": "x" * 33},
+        {"block_digests": ["0123456789abcdef"] * 3},  # 4 blocks
+        {"block_digests": ["0123456789ABCDEF"] * 4},
+        {"block_digests": ["0123456789abcdef0"] * 4},
+        {"block_digests": [1, 2, 3, 4]},
     ],
     ids=lambda overrides: ",".join(overrides),
 )

@@ -7,6 +7,7 @@ scripted, so each test says exactly what the swarm looked like.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Iterator, Optional
 
@@ -24,6 +25,7 @@ from molink_swarm.net import links as links_module
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S
 
 MODEL_ID, FINGERPRINT = "tiny-01234567", "0123456789abcdef"
+COPY_A, COPY_B = [f"a{b:015x}" for b in range(6)], [f"b{b:015x}" for b in range(6)]  # each block's digest in two copies
 RELAYS = [f"/ip4/10.0.0.{i}/tcp/31337/p2p/{PeerID(multihash.encode(bytes([i]) * 32, 'sha2-256')).to_base58()}" for i in (1, 2)]
 
 
@@ -42,6 +44,7 @@ def server(name: str, start: int = 0, end: int = 6, *, expires_in: float = 60.0,
             "free_cache_tokens": 8192,
             "max_sessions": 8,
             "software_version": "test",
+            "block_digests": tuple(COPY_A[start:end]),
             **fields,
         }
     )
@@ -286,3 +289,80 @@ def test_a_server_without_room_is_avoided_for_a_moment_not_banned(scripted):
     assert client._bans[full.peer_id][1] - time.monotonic() <= swarm_module.BUSY_AVOID_S
     run_sync(client.report_failure(full.peer_id, P2PHandlerError("Hidden states contain NaN")))
     assert client._bans[full.peer_id][0] == 1  # a real failure still bans
+
+
+# --- copies (servers whose block digests disagree) ------------------------------------------------------------
+
+
+def other_copy(name: str, start: int, end: int, **fields) -> ServerInfo:
+    return server(name, start, end, block_digests=tuple(COPY_B[start:end]), **fields)
+
+
+def test_a_server_of_another_copy_is_never_chained_and_a_warning_names_it(scripted, caplog):
+    client, script = scripted
+    a1, a2, b = server("a1", 0, 6), server("a2", 3, 6), other_copy("b", 3, 6)
+    script.reads = [[a1, a2, b]]
+
+    with caplog.at_level(logging.WARNING, logger=swarm_module.__name__):
+        assert online(client) == {a1.peer_id, a2.peer_id}
+        assert online(client) == {a1.peer_id, a2.peer_id}
+
+    [warning] = [r.getMessage() for r in caplog.records if "Not chaining" in r.getMessage()]  # once, not per read
+    assert f"server {b.peer_id} (blocks 3:6)" in warning
+    assert "blocks 3:6 differ from those of servers" in warning
+    assert str(a1.peer_id) in warning and str(a2.peer_id) in warning
+
+
+def test_a_client_never_switches_a_block_to_another_copy(scripted):
+    client, script = scripted
+    a1, a2, b = server("a1", 0, 3), server("a2", 3, 6), [other_copy(f"b{i}", 3, 6) for i in range(3)]
+    script.reads = [[a1, a2], [a1, a2, *b], [a1, server("a2", 3, 6, state=ServerState.OFFLINE), *b]]
+    run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))  # a chain of copy A: its digests are pinned
+
+    assert online(client) == {a1.peer_id, a2.peer_id}  # copy B's three servers outnumber a2 on 3:6, in vain
+    with pytest.raises(SwarmError) as error:  # a2 left: blocks 3:6 go missing rather than come from copy B
+        run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))
+
+    message = str(error.value)
+    assert "No server in the swarm holds blocks 3:6 of Tiny" in message
+    assert "hold blocks 3:6 with other weights than the ones this client chains" in message
+    assert all(str(s.peer_id) in message for s in b)
+
+
+def test_before_its_first_plan_a_client_goes_with_the_majority(scripted):
+    client, script = scripted
+    a2, b1, b2 = server("a2", 3, 6), other_copy("b1", 3, 6), other_copy("b2", 3, 6)
+    script.reads = [[a2], [a2, b1, b2]]
+
+    assert online(client) == {a2.peer_id}
+    assert online(client) == {b1.peer_id, b2.peer_id}
+
+
+def test_forged_records_of_servers_that_do_not_answer_do_not_outvote_live_ones(scripted):
+    client, script = scripted
+    live, forged = server("live", 0, 6), [other_copy(f"forged{i}", 0, 6) for i in range(3)]
+    script.reads = [[live, *forged]]
+    script.down = {f.peer_id for f in forged}
+
+    hops = run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))
+
+    assert [hop.peer_id for hop in hops] == [live.peer_id]
+    assert client.pinned == dict(enumerate(COPY_A))
+
+
+def test_a_chained_server_that_does_not_answer_pins_nothing(scripted):
+    client, script = scripted
+    forged, live = other_copy("forged", 0, 6), [server(f"live{i}", 0, 6) for i in range(2)]
+    script.reads = [[forged], [forged, *live]]
+    script.down = {forged.peer_id}
+
+    assert [hop.peer_id for hop in run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))] == [forged.peer_id]
+    assert client.pinned == {}  # it was the only one, but its ping failed: the live copy is still welcome
+    assert online(client) == {s.peer_id for s in live}
+
+
+def test_a_server_that_announces_no_digests_is_never_chained(scripted):
+    client, script = scripted
+    script.reads = [[server("old", 0, 6, block_digests=None), server("new", 0, 3)]]
+
+    assert online(client) == {server("new").peer_id}

@@ -119,7 +119,9 @@ def test_echo_with_generation_reports_prompt_then_answer(client, smollm2, model_
 
 def test_the_end_of_sequence_token_is_listed_but_not_shown(client, smollm2, model_name):
     _source, tokenizer, local = smollm2
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, return_dict=False
+    )
     greedy = local.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert greedy[0, -1] == tokenizer.eos_token_id, "the reference answer should end by itself"
     reply = client.completions.create(model=model_name, prompt=ids, max_tokens=40, temperature=0, logprobs=1)

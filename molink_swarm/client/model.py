@@ -15,14 +15,14 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import InferenceSession, SwarmError, forward_through_chain
 from molink_swarm.client.swarm import SwarmClient
-from molink_swarm.models import ModelSource, load_config, resolve_model
+from molink_swarm.models import ModelSource, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.families import Family, UnsupportedModelError, family_for
 from molink_swarm.models.family import FamilyAdapter, adapter_for
 from molink_swarm.protocol.tensors import WIRE_DTYPES, WireDtype
@@ -238,10 +238,10 @@ class AutoDistributedModelForCausalLM:
         if wire_dtype not in WIRE_DTYPES:
             raise SwarmError(f"wire_dtype={wire_dtype!r} is not supported; pass one of {', '.join(WIRE_DTYPES)}")
         dtype = _client_dtype(dtype if dtype is not None else torch_dtype)
-        source = resolve_model(model)
+        source = resolve_model(model, progress=True)  # bars (stderr) while a hub download or GGUF conversion runs
         config = load_config(source)
         adapter = adapter_for(config)  # fails early, in one line, for families we cannot serve
-        client_model = load_client_model(source, adapter, dtype, **kwargs)
+        client_model = load_client_model(source, adapter, dtype, progress=True, **kwargs)
         swarm = SwarmClient(
             initial_peers,
             source.model_id,
@@ -255,23 +255,42 @@ class AutoDistributedModelForCausalLM:
         return client_model.eval()
 
 
-def load_client_model(source: ModelSource, adapter: FamilyAdapter, dtype: torch.dtype, **kwargs) -> DistributedCausalLMMixin:
+def load_client_model(
+    source: ModelSource, adapter: FamilyAdapter, dtype: torch.dtype, *, progress: bool = False, **kwargs
+) -> DistributedCausalLMMixin:
     """The family's ``*ForCausalLM`` without layers, with this checkpoint's embeddings, final norm and LM head (its
     swarm is set up by the caller)."""
     try:
         causal_lm_class = AutoModelForCausalLM._model_mapping[type(adapter.config)]
     except KeyError:
         raise UnsupportedModelError(f"{adapter.config.model_type!r} is not a causal LM family transformers knows") from None
+    state_dict = _client_tensors(source, adapter, progress=progress)
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "weights not used": the layers live on the servers
+    transformers.logging.set_verbosity_error()  # "weights not used": e.g. buffers older checkpoints saved
     try:
         # Loaded by the family's own class: transformers applies its checkpoint conversions (GPT-NeoX's embed_out is
         # its lm_head) to its own classes only, not to subclasses defined elsewhere.
-        model = causal_lm_class.from_pretrained(source.path, config=adapter.client_config(), dtype=dtype, **kwargs)
+        model = causal_lm_class.from_pretrained(
+            None, config=adapter.client_config(), state_dict=state_dict, dtype=dtype, **kwargs
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.__class__ = _distributed_class(causal_lm_class)
+    if (source.path / GENERATION_CONFIG).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source.path)
     return model
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _client_tensors(source: ModelSource, adapter: FamilyAdapter, *, progress: bool = False) -> dict[str, torch.Tensor]:
+    """What the client holds (embeddings, final norm, LM head: every tensor outside the layer list), fetched from
+    the hub if needed and memory-mapped; the blocks' shards are never read nor downloaded (nor extra layers' such
+    as multi-token prediction heads, which the client has no use for)."""
+    wanted = [name for name in tensor_names(source) if not adapter.is_layer_tensor(name)]
+    fetch_tensors(source, wanted, progress=progress)
+    return read_tensors(source, wanted)
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}  # as servers announce

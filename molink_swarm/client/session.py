@@ -574,12 +574,14 @@ async def plan_with_wait(
     refresh: bool = False,
     mode: Mode = "relayed",
 ) -> list[Hop]:
-    """Plan a chain; if some blocks have no server, wait up to ``wait_s`` for one to join, then fail clearly."""
+    """Plan a chain; if some blocks have no server, wait up to ``wait_s`` for one to join, then fail clearly.
+
+    The digests of the blocks the chain holds are pinned: this client never chains another copy of them."""
     deadline = time.monotonic() + wait_s
     while True:
         candidates = await swarm.candidates(refresh=refresh)
         try:
-            return plan_chain(
+            hops = plan_chain(
                 swarm.num_blocks,
                 candidates,
                 start=start,
@@ -591,16 +593,21 @@ async def plan_with_wait(
         except MissingBlocksError as e:
             if time.monotonic() >= deadline:
                 blocks = format_blocks(e.missing)
-                other_dtypes = swarm.missing_in_other_dtypes(e.missing)
+                why = "; ".join(
+                    filter(None, [swarm.missing_in_other_dtypes(e.missing), swarm.missing_in_other_copies(e.missing)])
+                )
                 raise SwarmError(
                     f"No server in the swarm holds blocks {blocks} of {model_name}"
-                    + (f" ({other_dtypes})" if other_dtypes else "")
+                    + (f" ({why})" if why else "")
                     + f". Connect your GPU: molink-swarm join --model {model_name} --blocks {blocks.split(',')[0]} "
                     "--initial-peers ..."
                 ) from None
             logger.info("Waiting for servers of blocks %s", format_blocks(e.missing))
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True
+        else:
+            swarm.pin(hops)
+            return hops
 
 
 async def forward_through_chain(swarm: SwarmClient, hidden: torch.Tensor, model_name: str, wait_s: float) -> torch.Tensor:

@@ -21,7 +21,8 @@ from molink_swarm.net.links import PeerLinks
 from molink_swarm.protocol.errors import is_busy
 from molink_swarm.protocol.messages import ServerStatus, decode_metadata
 from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
-from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, format_blocks
+from molink_swarm.routing.copies import AnnouncedServer, CopyChoice, choose_copy
+from molink_swarm.routing.planner import UNREACHABLE_RTT_S, Candidate, Hop, format_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ MISSED_READS_TO_LEAVE = 2  # one DHT read can miss a healthy server; only a seco
 class SwarmClient:
     """Finds the servers of one model and keeps their round-trip times (exponential moving average).
 
-    Only servers with the same fingerprint *and* dtype as this client are chained: a differently quantized or
-    altered copy, or the same weights computed in another precision, would change the output.
+    Only servers with the same fingerprint *and* dtype as this client are chained: a model with another config, or
+    the same weights computed in another precision, would change the output. Among those, servers whose block
+    digests disagree hold different copies (other weights, storage dtype or quantization), and only one copy is
+    chained, block by block (routing/copies.py): once it has chained a block, the client keeps its digest, so a
+    session never switches copy, failovers included.
     """
 
     def __init__(
@@ -69,11 +73,14 @@ class SwarmClient:
         self._fetched_at = -float("inf")
         self._refreshing: Optional[asyncio.Future] = None
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
+        self.pinned: dict[int, str] = {}  # block -> the digest this client chains for it, since it first chained it
+        self.rejected: dict[PeerID, tuple[int, ...]] = {}  # online servers of another copy -> blocks that differ
+        self._warned: set[tuple[PeerID, Optional[tuple[str, ...]]]] = set()
         self._closed = False
         atexit.register(self.shutdown)  # users forget; a clean exit beats "Task was destroyed" noise
 
     async def servers(self, refresh: bool = False) -> list[ServerInfo]:
-        """Online servers of this model with the same fingerprint and dtype (no other copy is ever chained)."""
+        """Online servers of this model with the same fingerprint and dtype, and of the copy this client chains."""
         if refresh or time.monotonic() - self._fetched_at > self.refresh_period:
             found = await asyncio.to_thread(fetch_servers, self.dht, self.model_id, self.num_blocks)
             same_weights = [s for s in found if s.record.model_fingerprint == self.fingerprint]
@@ -83,7 +90,48 @@ class SwarmClient:
             self._track_departures([s for s in same_weights if s.record.torch_dtype == self.torch_dtype])
             self._fetched_at = time.monotonic()
             await self.links.update({peer: s.record.relays for peer, s in self._servers.items()})
-        return sorted(self._servers.values(), key=lambda s: (s.record.start, s.record.end, str(s.peer_id)))
+        return self._chainable(self._choose_copy())
+
+    def _chainable(self, choice: CopyChoice) -> list[ServerInfo]:
+        servers = [s for peer, s in self._servers.items() if peer in choice.chainable]
+        return sorted(servers, key=lambda s: (s.record.start, s.record.end, str(s.peer_id)))
+
+    def _choose_copy(self) -> CopyChoice:
+        """Which of the online servers hold the copy this client chains (see routing/copies.py): servers it cannot
+        reach or has banned do not vote."""
+        no_vote = self.links.unreachable() | self.banned()
+        announced = [
+            AnnouncedServer(peer, s.record.start, s.record.end, s.record.block_digests, votes=peer not in no_vote)
+            for peer, s in self._servers.items()
+        ]
+        choice = choose_copy(announced, self.pinned)
+        self.rejected = dict(choice.rejected)
+        for peer, blocks in choice.rejected.items():
+            self._warn_rejected(peer, blocks, choice)
+        return choice
+
+    def _warn_rejected(self, peer: PeerID, blocks: tuple[int, ...], choice: CopyChoice) -> None:
+        """One warning per server and announced digests, naming the servers it disagrees with."""
+        record = self._servers[peer].record
+        if (peer, record.block_digests) in self._warned:
+            return
+        self._warned.add((peer, record.block_digests))
+        span = f"server {peer} (blocks {record.start}:{record.end}) of {self.model_id}"
+        if record.block_digests is None:
+            logger.warning("Not chaining %s: it announces no digests of its blocks (an older version?)", span)
+            return
+        others = sorted(
+            str(other)
+            for other in choice.chainable
+            if other in self._servers and set(blocks) & _blocks(self._servers[other].record)
+        )
+        more = " ..." if len(others) > 4 else ""
+        agreed = f"servers {', '.join(others[:4])}{more}" if others else "the servers this client chained"
+        logger.warning(
+            "Not chaining %s: its weights of blocks %s differ from those of %s (another copy of the model: other "
+            "weights, dtype or quantization)",
+            span, format_blocks(blocks), agreed,
+        )
 
     def _track_departures(self, found: list[ServerInfo]) -> None:
         """A server has left when it announced OFFLINE, when its record expired, or when two reads in a row did
@@ -152,8 +200,11 @@ class SwarmClient:
         return {peer for peer, (_count, until) in self._bans.items() if until > now}
 
     async def candidates(self, refresh: bool = False) -> list[Candidate]:
-        servers = await self.servers(refresh)
-        await self.links.ping_all([s.peer_id for s in servers if s.peer_id not in self.links.rtts])
+        """The servers a chain may be planned over. Every online server is pinged first (those of other copies too:
+        only live servers vote on the copy)."""
+        await self.servers(refresh)
+        await self.links.ping_all([peer for peer in self._servers if peer not in self.links.rtts])
+        servers = self._chainable(self._choose_copy())
         unreachable = self.links.unreachable()
         return [
             Candidate(
@@ -169,6 +220,19 @@ class SwarmClient:
             for s in servers
         ]
 
+    def pin(self, hops: Sequence[Hop]) -> None:
+        """From now on, chain for these hops' blocks only the digests their servers announce (routing/copies.py).
+        Servers the client cannot reach are not pinned: a forged record must not decide which copy it keeps."""
+        no_vote = self.links.unreachable() | self.banned()
+        for hop in hops:
+            info = self._servers.get(hop.peer_id)
+            if info is None or hop.peer_id in no_vote or info.record.block_digests is None:
+                continue
+            for block in range(hop.start, hop.end):
+                digest = info.record.digest_of(block)
+                if digest is not None:
+                    self.pinned.setdefault(block, digest)
+
     def missing_in_other_dtypes(self, missing: Sequence[int]) -> str:
         """Why blocks may be missing although servers hold them: e.g. "servers of blocks 0:3 run float16; pass
         dtype=torch.float16" ("" when no server of another dtype holds any of ``missing``)."""
@@ -181,6 +245,27 @@ class SwarmClient:
             f"servers of blocks {format_blocks(sorted(blocks))} run {dtype}; pass dtype=torch.{dtype}"
             for dtype, blocks in sorted(by_dtype.items())
         )
+
+    def missing_in_other_copies(self, missing: Sequence[int]) -> str:
+        """Why blocks may be missing although servers hold them: e.g. "server(s) <peer> hold blocks 3:6 with other
+        weights than the ones this client chains" ("" when no rejected server holds any of ``missing``)."""
+        reasons = []
+        whys = {
+            True: "with other weights than the ones this client chains (another copy of the model)",
+            False: "but announce no digests of their weights (an older version?)",
+        }
+        for announced, why in whys.items():
+            held = {
+                peer: set(blocks) & set(missing)
+                for peer, blocks in self.rejected.items()
+                if peer in self._servers and (self._servers[peer].record.block_digests is not None) == announced
+            }
+            peers = sorted(str(peer) for peer, blocks in held.items() if blocks)
+            if peers:
+                blocks = sorted(set().union(*held.values()))
+                more = " ..." if len(peers) > 4 else ""
+                reasons.append(f"server(s) {', '.join(peers[:4])}{more} hold blocks {format_blocks(blocks)} {why}")
+        return "; ".join(reasons)
 
     def stub(self, peer_id: PeerID):
         return self.links.stub(peer_id)
@@ -203,6 +288,10 @@ class SwarmClient:
         except Exception:  # the daemon may already be gone with the DHT process
             logger.debug("P2P shutdown failed", exc_info=True)
         self.dht.shutdown()
+
+
+def _blocks(record) -> set[int]:
+    return set(range(record.start, record.end))
 
 
 def _peer_keys(rtts: dict[str, float]) -> dict[PeerID, float]:

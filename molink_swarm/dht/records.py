@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: servers announce the digests of their blocks (block_digests)
 MODELS_KEY = "_molink_swarm.models"
 SERVER_RECORD_KIND = "molink.server"
 MODEL_RECORD_KIND = "molink.model"
@@ -81,6 +81,12 @@ def check_relay_maddr(text: str) -> str:
     return text
 
 
+def _hex16(value: str) -> str:
+    if not isinstance(value, str) or len(value) != 16 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("not 16 lowercase hex chars")
+    return value
+
+
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be finite")
@@ -92,6 +98,7 @@ PeerMaddr = Annotated[str, AfterValidator(check_peer_maddr)]
 RelayMaddr = Annotated[str, AfterValidator(check_relay_maddr)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_RTT_S), AfterValidator(_finite)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+BlockDigest = Annotated[str, AfterValidator(_hex16)]
 
 
 class ServerState(str, enum.Enum):
@@ -144,6 +151,11 @@ class ServerRecord(_Record):
     wire_bytes_per_token: Optional[Annotated[float, Field(ge=0, le=MAX_BYTES_PER_TOKEN), AfterValidator(_finite)]] = Field(
         default=None, description="average bytes of hidden states it sent per token (None: nothing sent yet)"
     )
+    # Optional, so that records of older servers (and of joining ones, which have not hashed yet) still decode;
+    # clients chain only servers that announce them (see routing/copies.py).
+    block_digests: Optional[tuple[BlockDigest, ...]] = Field(
+        default=None, max_length=MAX_BLOCKS, description="digest of each block start..end-1 (models/fingerprint.py)"
+    )
 
     # Optional, so that records of servers from before placement by capacity still decode.
     batch_throughput: Optional[Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)]] = Field(
@@ -165,7 +177,15 @@ class ServerRecord(_Record):
     def _check_span(self) -> "ServerRecord":
         if self.end <= self.start:
             raise ValueError(f"empty block span {self.start}:{self.end}")
+        if self.block_digests is not None and len(self.block_digests) != self.end - self.start:
+            raise ValueError(f"{len(self.block_digests)} block digests for blocks {self.start}:{self.end}")
         return self
+
+    def digest_of(self, block: int) -> Optional[str]:
+        """The digest this server announces for ``block`` (None: it announces none)."""
+        if self.block_digests is None or not self.start <= block < self.end:
+            return None
+        return self.block_digests[block - self.start]
 
 
 class ModelRecord(_Record):

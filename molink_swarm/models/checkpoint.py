@@ -1,6 +1,9 @@
-"""Reading a Hugging Face safetensors folder lazily: tensor names from headers, and only the tensors asked for.
+"""Reading a Hugging Face safetensors folder lazily: tensor names from the shard index (or headers), and only the
+tensors asked for.
 
-A server holds a few layers; it never loads, reads or hashes the rest of the checkpoint.
+A server holds a few layers; it never loads, reads, hashes or downloads the rest of the checkpoint. A folder may
+therefore lack the shards of blocks it does not serve (a hub model is downloaded shard by shard, as needed; a
+volunteer may copy only its share): only the shards holding the tensors asked for must be there.
 """
 
 from __future__ import annotations
@@ -26,13 +29,43 @@ def tensor_names(source: ModelSource) -> list[str]:
     return sorted(tensor_files(source.path))
 
 
+def fetch_tensors(source: ModelSource, names: Iterable[str], *, progress: bool = False) -> None:
+    """Make sure the shards holding ``names`` are on disk: a hub model's missing shards are downloaded (only those);
+    in a local folder a missing shard is an error that names it."""
+    folder = source.path
+    files = tensor_files(folder)
+    needed = {files[name] for name in ([names] if isinstance(names, str) else names) if name in files}
+    missing = sorted(file for file in needed if not file.is_file())
+    if not missing:
+        return
+    if source.repo_id is None or source.revision is None:
+        check_files_present(folder, missing)
+    from molink_swarm.models import hub
+
+    names_in_repo = [file.relative_to(folder).as_posix() for file in missing]
+    hub.download_files(source.repo_id, source.revision, names_in_repo, progress=progress)
+    check_files_present(folder, missing)
+
+
+def check_files_present(folder: Path, files: Iterable[Path]) -> None:
+    """Raise :class:`ModelNotFoundError` naming the shards that are not in ``folder``."""
+    missing = sorted({file.relative_to(folder).as_posix() for file in files if not file.is_file()})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ModelNotFoundError(
+            f"{str(folder)!r} lacks shard(s) {shown}, which hold weights this peer needs; "
+            "copy them there (or download the model again)."
+        )
+
+
 def read_tensors(
     source: ModelSource, names: Iterable[str], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Read only the named tensors, memory-mapped, so a server holding a few layers never loads the rest.
 
     Returns them in the requested order, cast to ``dtype`` when given. Raises ``KeyError`` naming any tensor the
-    checkpoint does not hold before reading anything.
+    checkpoint does not hold, and :class:`ModelNotFoundError` naming any shard that holds them but is not on disk
+    (see :func:`fetch_tensors`), before reading anything.
     """
     from safetensors import safe_open
 
@@ -46,6 +79,7 @@ def read_tensors(
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(files[name], []).append(name)
+    check_files_present(source.path, by_file)
     tensors: dict[str, torch.Tensor] = {}
     for file, file_names in by_file.items():
         with safe_open(str(file), framework="pt") as handle:
@@ -55,17 +89,6 @@ def read_tensors(
                     tensor = tensor.to(dtype)
                 tensors[name] = tensor
     return {name: tensors[name] for name in wanted}
-
-
-def bytes_of(source: ModelSource, names: Iterable[str]) -> dict[str, int]:
-    """Stored size of each named tensor, from safetensors headers only (the files holding them)."""
-    files = tensor_files(source.path)
-    sizes: dict[str, int] = {}
-    for file in {files[name] for name in names if name in files}:
-        for name, entry in safetensors_header(file)[0].items():
-            start, end = entry["data_offsets"]
-            sizes[name] = end - start
-    return {name: sizes[name] for name in names if name in sizes}
 
 
 def weight_map(folder: Path) -> dict[str, str]:

@@ -73,6 +73,11 @@ class FamilyAdapter:
         prefixes = (f"{self.base_model_class.base_model_prefix}.{layer}", layer)
         return [name for name in all_names if name.startswith(prefixes)]
 
+    def is_layer_tensor(self, name: str) -> bool:
+        """A tensor of the layer list (any layer, also ones past the blocks, like multi-token prediction heads)."""
+        layers = f"{self.family.layers}."
+        return name.startswith((f"{self.base_model_class.base_model_prefix}.{layers}", layers))
+
     def client_config(self) -> PretrainedConfig:
         """The config the client's model is built with: the same model without layers (embeddings, final norm, LM
         head only)."""

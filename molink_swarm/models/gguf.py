@@ -11,12 +11,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from molink_swarm.errors import ModelNotFoundError
 from molink_swarm.models.gguf_tokenizer import repair_gguf_tokenizer
+from molink_swarm.models.progress import spinner
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def converted_folder(gguf: Path, cache_dir: Path, progress: bool) -> Path:
         message = f"Converting {gguf.name} to safetensors (once)…"
         logger.info("%s into %s", message, final)
         started = time.perf_counter()
-        with _spinner(message, enabled=progress):
+        with spinner(message, enabled=progress):
             try:
                 _convert_gguf(gguf, temp)
             except (MemoryError, KeyboardInterrupt):
@@ -94,20 +94,6 @@ def _remove_stale_temp_dirs(cache_dir: Path) -> None:
             if entry.is_dir() and now - entry.stat().st_mtime > _STALE_TEMP_AGE_S:
                 logger.info("Removing stale conversion folder %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _spinner(message: str, *, enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        bar.add_task(message, total=None)
-        yield
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -52,7 +52,9 @@ def resolve_model(
 
     ``spec`` is a local HF folder, a ``.gguf`` file (converted once into ``cache_dir``), the embedded default
     model's alias, or (when the hub is reachable) a Hugging Face Hub name ``org/name``. Existing paths win over
-    aliases, so a downloaded folder that happens to be called like the alias is used as is.
+    aliases, so a downloaded folder that happens to be called like the alias is used as is. Of a hub model only
+    the config, tokenizer and shard index are downloaded here; the shards come when a peer needs their tensors
+    (:func:`~molink_swarm.models.checkpoint.fetch_tensors`). No weights are read.
     """
     text = os.fspath(spec).strip()
     if not text:
@@ -75,9 +77,11 @@ def resolve_model(
         raise ModelNotFoundError(f"GGUF file not found: {text!r}; {_ACCEPTS}.")
     if _HUB_NAME.match(text):
         fallback = f"the hub may be unreachable; pass a local Hugging Face folder or a .gguf file, or use the alias {DEFAULT_MODEL_ALIAS}"
-        folder = hub.download(text, fallback)
+        folder, commit = hub.download(text, fallback, progress=progress)
         _check_hf_folder(folder)
-        return _source(text.rsplit("/", 1)[-1], folder)
+        return ModelSource(
+            name=text.rsplit("/", 1)[-1], path=folder, fingerprint=fingerprint(folder), repo_id=text, revision=commit
+        )
     raise ModelNotFoundError(f"Model not found: {text!r} is neither an existing path nor a known alias; {_ACCEPTS}.")
 
 
@@ -106,14 +110,8 @@ def _check_hf_folder(folder: Path) -> None:
         raise ModelNotFoundError(
             f"{str(folder)!r} is not a Hugging Face model folder: config.json is missing; {_ACCEPTS}."
         )
-    index = folder / INDEX
-    if index.is_file():
-        missing = sorted({file for file in weight_map(folder).values() if not (folder / file).is_file()})
-        if missing:
-            raise ModelNotFoundError(
-                f"{str(folder)!r} is incomplete: shard(s) {', '.join(missing)} listed in {INDEX} are missing; "
-                "download the whole model again."
-            )
+    if (folder / INDEX).is_file():
+        weight_map(folder)  # readable; its shards need to be there only for the tensors a peer reads
         return
     if any(folder.glob("*.safetensors")):
         return

@@ -43,6 +43,21 @@ def typical_throughput(servers: Iterable, exclude=None) -> Optional[float]:
     return figures[len(figures) // 2] if figures else None
 
 
+def block_bytes(config, itemsize: int, cache_tokens: int) -> int:
+    """Memory one block takes, estimated from the config alone (its files may not be downloaded yet): attention
+    and MLP weights (every expert's, for a mixture of experts) and its share of the sessions' cache."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    intermediate = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", None) or 4 * hidden
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 1
+    mlp = 3 * hidden * intermediate * experts
+    cache = cache_tokens * 2 * kv_heads * head_dim
+    return (attention + mlp + cache) * itemsize
+
+
 def blocks_that_fit(bytes_per_block: int, device: torch.device, share: float = 0.5) -> int:
     """How many blocks (weights and their share of the sessions' cache, ``bytes_per_block``) fit in ``share`` of
     this device's free memory."""

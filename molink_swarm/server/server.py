@@ -25,9 +25,8 @@ from molink_swarm.dht import (
 )
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
-from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
+from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.blocks import BlockSpan
-from molink_swarm.models.checkpoint import bytes_of
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.ports import free_port
@@ -38,7 +37,7 @@ from molink_swarm.routing.placement import Peer, best_span, block_capacity, shou
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.server.neighbours import NextServerPinger
-from molink_swarm.server.rebalancing import blocks_that_fit, placed_peers, typical_throughput
+from molink_swarm.server.rebalancing import block_bytes, blocks_that_fit, placed_peers, typical_throughput
 from molink_swarm.server.scheduler import ComputeQueue
 from molink_swarm.server.sessions import SessionTable
 
@@ -132,6 +131,7 @@ class Server:
         self.relays: Optional[RelayRegistration] = None
         self.wire_dtype = resolve_wire_dtype(config.wire_dtype, self.dtype)
         self.metrics: Optional[ServerMetrics] = None
+        self.block_digests: Optional[tuple[str, ...]] = None  # known once the blocks are loaded
 
     async def run(self, stop: asyncio.Event, on_online: Callable[["Server"], None] = lambda server: None) -> None:
         """The server's life: check reachability, join the DHT, load the blocks, announce them, serve them with a
@@ -211,13 +211,8 @@ class Server:
 
     def _blocks_that_fit(self) -> int:
         """Without --num-blocks: as many blocks as half of the free memory holds (weights and their cache)."""
-        names = tensor_names(self.source)
-        weights = sum(bytes_of(self.source, self.adapter.block_tensor_names(names, 0)).values())
-        weights = weights * self.dtype.itemsize // 4 if weights else 0  # checkpoints here are stored as float32
-        kv = 2 * (getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads)
-        head_dim = getattr(self.model_config, "head_dim", None) or self.model_config.hidden_size // self.model_config.num_attention_heads
-        cache = self.config.cache_tokens * kv * head_dim * self.dtype.itemsize
-        count = blocks_that_fit(weights + cache, self.device)
+        per_block = block_bytes(self.model_config, self.dtype.itemsize, self.config.cache_tokens)
+        count = blocks_that_fit(per_block, self.device)
         logger.info("%d blocks fit in half of this device's free memory", count)
         return count
 
@@ -244,6 +239,7 @@ class Server:
         await self._leave(dht, validator, p2p, servicer)
         servicer.compute.shutdown()
         self.start, self.end = target
+        self.block_digests = None  # computed again for the new span as it loads
         await asyncio.to_thread(self._announce, dht, validator, ServerState.JOINING, sessions=None)
         blocks = await asyncio.to_thread(self._load_blocks, old_blocks)
         servicer = await self._serve(p2p, blocks, relays, metrics, resources)
@@ -366,10 +362,14 @@ class Server:
         return runner
 
     def _load_blocks(self, held: Optional[BlockSpan] = None) -> BlockSpan:
-        """Blocks ``start..end-1``, reading only their weights; those already in ``held`` (a server that moves)
-        are kept, not read again."""
+        """Fetch (from the hub, if the model comes from there), digest and load our blocks' tensors, and only those;
+        blocks already in ``held`` (a server that moves) are kept, not read again."""
         started = time.perf_counter()
         names = tensor_names(self.source)
+        by_block = {index: self.adapter.block_tensor_names(names, index) for index in range(self.start, self.end)}
+        fetch_tensors(self.source, [name for block in by_block.values() for name in block], progress=True)
+        digests = block_digests(self.source.path, by_block, progress=True, model_name=self.source.name)
+        self.block_digests = tuple(digests[index] for index in range(self.start, self.end))
         kept = range(max(self.start, held.start), min(self.end, held.end)) if held is not None else range(0)
 
         def build(start: int, end: int) -> BlockSpan:
@@ -474,6 +474,7 @@ class Server:
             next_rtts=self.next_rtts,
             wire_dtype=self.wire_dtype,
             wire_bytes_per_token=self.metrics.bytes_per_token("out") if self.metrics is not None else None,
+            block_digests=self.block_digests,
         )
         ttl = self.config.update_period * 2.5 if state != ServerState.OFFLINE else self.config.update_period
         if declare_server(dht, validator, self.model_record, record, ttl=ttl):
