@@ -26,6 +26,9 @@ from molink_swarm.models.packed import PackedBatch, PackedStep, allowed_position
 class LayerRunner:
     """Runs layers ``first, first + 1, ...`` (global indices) on the steps of a pass."""
 
+    packed = False  # the steps' tokens in one pass through the packed attention implementation (packed.py)
+    needs_rotary = False  # built with the model's rotary embedding module
+
     def __init__(self, config: PretrainedConfig, cache_kwarg: str):
         self.config = config
         self.cache_kwarg = cache_kwarg
@@ -36,6 +39,8 @@ class LayerRunner:
 
 class PackedLayers(LayerRunner):
     """Steps packed end to end (packed.py); subclasses say what the layers learn about positions."""
+
+    packed = True
 
     def position_kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Callable[[int], dict]:
         """The position keywords of layer ``index`` (global) for this pack."""
@@ -66,6 +71,8 @@ class PlainLayers(PackedLayers):
 
 class RotaryLayers(PackedLayers):
     """Rotary embeddings computed once per pass from each token's position (Llama and most families)."""
+
+    needs_rotary = True
 
     def __init__(self, config: PretrainedConfig, cache_kwarg: str, rotary: nn.Module):
         super().__init__(config, cache_kwarg)
@@ -118,6 +125,8 @@ class StepwiseLayers(LayerRunner):
 class RotaryStepwiseLayers(StepwiseLayers):
     """Rotary families whose cache holds something else than the keys and values attention reads (DeepSeek V3 keeps
     the compressed latents and expands them after reading): one step at a time."""
+
+    needs_rotary = True
 
     def __init__(self, config: PretrainedConfig, cache_kwarg: str, rotary: nn.Module):
         super().__init__(config, cache_kwarg)

@@ -26,7 +26,6 @@ from molink_swarm.models.blocks import (
     BloomLayers,
     FalconLayers,
     LayerRunner,
-    PackedLayers,
     PlainLayers,
     RotaryByLayerTypeLayers,
     RotaryLayers,
@@ -107,7 +106,7 @@ class FamilyAdapter:
         all_names = list(all_names)
         runner_class = _RUNNERS[self.family.blocks]
         block_config = copy.deepcopy(self.config)
-        if issubclass(runner_class, PackedLayers):
+        if runner_class.packed:
             # The blocks attend through the packed implementation, which runs this family's own attention per step.
             block_config._attn_implementation = packed_attention(self.config._attn_implementation)
         with torch.device("meta"):
@@ -129,9 +128,7 @@ class FamilyAdapter:
             if problems:
                 raise ValueError(f"Block {index}: " + "; ".join(problems))
         layers = nn.ModuleList(layer.eval() for layer in all_layers[start:end])
-        extra = {}
-        if issubclass(runner_class, (RotaryLayers, RotaryStepwiseLayers)):
-            extra["rotary"] = type(skeleton.rotary_emb)(config=self.config).to(device)
+        extra = {"rotary": type(skeleton.rotary_emb)(config=self.config).to(device)} if runner_class.needs_rotary else {}
         runner = runner_class(block_config, self.family.cache_kwarg, **extra)
         return BlockSpan(block_config, start, layers, runner).eval()
 
