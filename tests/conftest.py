@@ -127,6 +127,24 @@ def smollm2_web(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Iterator[s
         yield url
 
 
+@pytest.fixture(scope="module")
+def web_url(smollm2_web) -> str:
+    return smollm2_web
+
+
+@pytest.fixture(scope="module")
+def client(web_url):
+    """The official OpenAI client, pointed at the web app's API."""
+    import openai
+
+    return openai.OpenAI(base_url=web_url + "v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_name(smollm2) -> str:
+    return smollm2[0].name
+
+
 @pytest.fixture
 def lab(request: pytest.FixtureRequest) -> Iterator[NatLab]:
     """An empty NAT lab (network namespaces) named after the module's ``LAB_PREFIX``; removed at teardown.

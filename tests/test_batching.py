@@ -130,11 +130,8 @@ def test_cache_grows_in_place_and_rolls_back(blocks):
     torch.testing.assert_close(redo, fresh[:, 30:32], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_sliding_windows_in_packed_steps(model_type):
-    """Families with sliding-window attention: the window is applied per step (a window of 5 over 12 tokens)."""
-    torch.manual_seed(5)
-    options = dict(use_sliding_window=True, max_window_layers=0) if model_type == "qwen2" else {}
+def tiny_model(model_type: str, **options):
+    """A 2-layer random model of ``model_type`` (seed it before), attending with sdpa."""
     config = AutoConfig.for_model(
         model_type,
         vocab_size=64,
@@ -143,11 +140,18 @@ def test_sliding_windows_in_packed_steps(model_type):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        sliding_window=5,
         **options,
     )
     config._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_sliding_windows_in_packed_steps(model_type):
+    """Families with sliding-window attention: the window is applied per step (a window of 5 over 12 tokens)."""
+    torch.manual_seed(5)
+    options = dict(use_sliding_window=True, max_window_layers=0) if model_type == "qwen2" else {}
+    model = tiny_model(model_type, sliding_window=5, **options)
     spans = build_blocks(model)
     hidden = torch.randn(1, 12, HIDDEN)
     expected = _last_layer_output(model, hidden)
@@ -172,18 +176,7 @@ def test_blocks_load_checkpoints_through_the_familys_conversions(model_type, tmp
     """MoE checkpoints store each expert's weights apart, transformers runs them fused: blocks built from the saved
     checkpoint, as a server reads it, compute what the model computes."""
     torch.manual_seed(6)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=64,
-        hidden_size=HIDDEN,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **_MOE_OPTIONS[model_type],
-    )
-    config._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_model(model_type, **_MOE_OPTIONS[model_type])
     model.save_pretrained(tmp_path)
     source = resolve_model(tmp_path)
     names = tensor_names(source)

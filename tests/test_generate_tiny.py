@@ -197,14 +197,9 @@ def test_long_prompts_computed_in_chunks_match_local(distributed, tiny_llama_loc
     assert torch.equal(distributed.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), expected)
 
 
-def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
-    """The web app's engine: generations of different lengths at once, each equal to local greedy decoding, with
-    the client's LM head run once per step for all of them, and no failover on the way."""
-    from molink_swarm.client.batched import BatchedDecoder
+def generate_like_local(decoder, jobs: list[tuple[list[int], int]], local) -> None:
+    """Run every (prompt ids, new tokens) job on ``decoder`` at once; each must equal local greedy decoding."""
     from molink_swarm.client.loop import run_sync
-
-    decoder = BatchedDecoder(distributed, max_groups=1)  # one micro-batch: every generation's head runs together
-    jobs = [(prompt(2 + 4 * i, seed=60 + i)[0].tolist(), 5 + 2 * i) for i in range(6)]
 
     async def generate(ids, new_tokens):
         return [token async for token in decoder.generate(ids, new_tokens)]
@@ -214,8 +209,18 @@ def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
 
     outputs = run_sync(generate_all())
     for (ids, new_tokens), tokens in zip(jobs, outputs):
-        want = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+        want = local.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
         assert tokens == want[0, len(ids) :].tolist()
+
+
+def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
+    """The web app's engine: generations of different lengths at once, each equal to local greedy decoding, with
+    the client's LM head run once per step for all of them, and no failover on the way."""
+    from molink_swarm.client.batched import BatchedDecoder
+
+    decoder = BatchedDecoder(distributed, max_groups=1)  # one micro-batch: every generation's head runs together
+    jobs = [(prompt(2 + 4 * i, seed=60 + i)[0].tolist(), 5 + 2 * i) for i in range(6)]
+    generate_like_local(decoder, jobs, tiny_llama_local)
     assert decoder.failovers == 0 and not decoder.active
     assert max(decoder.head_batches) > 1, "the LM head never ran for two generations at once"
 
@@ -223,7 +228,6 @@ def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
 def test_engine_groups_merge_and_split_between_steps(distributed, tiny_llama_local):
     """Generations move between micro-batches as the group count changes, and each still equals local decoding."""
     from molink_swarm.client.batched import BatchedDecoder, GroupCount
-    from molink_swarm.client.loop import run_sync
 
     class Flipping(GroupCount):  # a count that keeps changing: 1, 1, 1, 3, 3, 3, 1, ...
         calls = 0
@@ -235,17 +239,7 @@ def test_engine_groups_merge_and_split_between_steps(distributed, tiny_llama_loc
     decoder = BatchedDecoder(distributed)
     decoder.group_count = Flipping()
     jobs = [(prompt(3 + 2 * i, seed=80 + i)[0].tolist(), 12) for i in range(5)]
-
-    async def generate(ids, new_tokens):
-        return [token async for token in decoder.generate(ids, new_tokens)]
-
-    async def generate_all():
-        return await asyncio.gather(*(generate(*job) for job in jobs))
-
-    outputs = run_sync(generate_all())
-    for (ids, new_tokens), tokens in zip(jobs, outputs):
-        want = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
-        assert tokens == want[0, len(ids) :].tolist()
+    generate_like_local(decoder, jobs, tiny_llama_local)
     assert decoder.regroups >= 2 and decoder.failovers == 0 and not decoder.active and not decoder.groups
 
 

@@ -22,21 +22,6 @@ MAX_NEW_TOKENS = WEB_MAX_NEW_TOKENS
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-@pytest.fixture(scope="module")
-def web_url(smollm2_web) -> str:
-    return smollm2_web
-
-
-@pytest.fixture(scope="module")
-def client(web_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=web_url + "v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model_name(smollm2) -> str:
-    return smollm2[0].name
-
-
 def test_models_list_names_the_served_model(client, model_name):
     assert [m.id for m in client.models.list()] == [model_name]
 

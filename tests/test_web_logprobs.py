@@ -17,21 +17,6 @@ TEXT = "The capital of France is Paris. Un café ☕ à Tōkyō costs 500 yen."
 CONTINUATION = " The Eiffel Tower is in Paris."
 
 
-@pytest.fixture(scope="module")
-def web_url(smollm2_web) -> str:
-    return smollm2_web
-
-
-@pytest.fixture(scope="module")
-def client(web_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=web_url + "v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model_name(smollm2) -> str:
-    return smollm2[0].name
-
-
 def local_logprobs(local, ids: list[int]) -> torch.Tensor:
     """log_softmax of plain transformers' logits at every position of ``ids``: [len(ids), vocab]."""
     with torch.inference_mode():
