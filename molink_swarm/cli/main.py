@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from molink_swarm import __version__
 from molink_swarm.errors import UserError
+from molink_swarm.models import families  # the registry alone: no torch, so --help stays quick
 
 logger = logging.getLogger("molink_swarm")
 
@@ -305,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     swarm_key(p)
     p.set_defaults(func=cmd_dht)
 
-    p = sub.add_parser("join", help="serve blocks of a model to the swarm")
-    p.add_argument("--model", required=True, help="a local HF folder, a .gguf file, or smollm2-135m-instruct")
+    p = sub.add_parser(
+        "join",
+        help="serve blocks of a model to the swarm",
+        epilog=f"Supported model families (transformers model types): {families.names()}.",
+    )
+    p.add_argument("--model", required=True,
+                   help="a local HF folder, a .gguf file, or smollm2-135m-instruct (of a family listed below)")
     p.add_argument("--blocks", default=None, metavar="A:B", help="serve blocks A..B-1 (half-open, like Python slices)")
     p.add_argument("--num-blocks", type=int, default=None, metavar="N",
                    help="without --blocks: serve N blocks (default: as many as half the free memory holds), placed "

@@ -347,7 +347,7 @@ class BatchedDecoder:
 
     async def _step(self, member: _Generation) -> torch.Tensor:
         with torch.inference_mode():
-            embeddings = self.model.embed_inputs(member.inputs)
+            embeddings = self.model.embed_inputs(member.inputs, member.session.position)
         return await member.session.astep(embeddings)
 
     @torch.inference_mode()

@@ -9,7 +9,6 @@ servers keep the attention caches across ``generate()`` calls, so a chat continu
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import threading
@@ -25,7 +24,8 @@ from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import InferenceSession, SwarmError, forward_through_chain
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.models import ModelSource, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
-from molink_swarm.models.family import FamilyAdapter, UnsupportedModelError, adapter_for
+from molink_swarm.models.families import Family, UnsupportedModelError, family_for
+from molink_swarm.models.family import FamilyAdapter, adapter_for
 from molink_swarm.protocol.tensors import WIRE_DTYPES, WireDtype
 from molink_swarm.swarm_key import SwarmKey, load_swarm_key
 
@@ -88,8 +88,14 @@ class DistributedCausalLMMixin:
 
     def _setup_swarm(self, swarm: SwarmClient, source: ModelSource, full_config: PretrainedConfig, wait_s: float):
         self.swarm, self.source, self.full_config = swarm, source, full_config
+        self.num_blocks = full_config.num_hidden_layers
         self.wait_for_blocks_s = wait_s
         self._thread_state = threading.local()
+
+    @property
+    def family(self) -> Family:
+        """What this model's family runs around the blocks (families.py)."""
+        return family_for(self.config)
 
     @property
     def _active_session(self) -> Optional[InferenceSession]:
@@ -104,15 +110,18 @@ class DistributedCausalLMMixin:
         """Within this block, generate() calls continue one conversation and the cache stays on the servers."""
         if self._active_session is not None:
             raise SwarmError("An inference session is already active on this model")
-        session = InferenceSession(
-            self.swarm, max_length=max_length, model_name=self.source.name, wait_for_blocks_s=self.wait_for_blocks_s, **kwargs
-        )
+        session = self._open_session(max_length, **kwargs)
         self._active_session = session
         try:
             yield session
         finally:
             self._active_session = None
             session.close()
+
+    def _open_session(self, max_length: int, **kwargs) -> InferenceSession:
+        return InferenceSession(
+            self.swarm, max_length=max_length, model_name=self.source.name, wait_for_blocks_s=self.wait_for_blocks_s, **kwargs
+        )
 
     def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
         session = self._active_session
@@ -134,7 +143,7 @@ class DistributedCausalLMMixin:
         if inputs is not None:
             # Unpadded (checked above): saying so spares transformers a guess and its warning about the guess.
             kwargs["attention_mask"] = torch.ones_like(inputs)
-        kwargs["cache"] = RemoteCache(session, self.swarm.num_blocks)
+        kwargs["cache"] = RemoteCache(session, self.num_blocks)
         kwargs.setdefault("use_cache", True)
         output = super().generate(inputs, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -155,21 +164,18 @@ class DistributedCausalLMMixin:
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids)
-        session = self._active_session
-        if isinstance(cache, RemoteCache) or (session is not None and cache is not None):
-            session = cache.session if isinstance(cache, RemoteCache) else session
-            if position_ids is not None and int(position_ids.reshape(-1)[0]) != session.position:
+        session = cache.session if isinstance(cache, RemoteCache) else self._active_session
+        if session is not None and cache is not None and position_ids is not None:
+            if int(position_ids.reshape(-1)[0]) != session.position:
                 raise SwarmError(
                     f"generate() asked for position {int(position_ids.reshape(-1)[0])}, "
                     f"the session holds {session.position} tokens"
                 )
-            hidden = session.step(inputs_embeds)
-        elif session is not None:
-            hidden = session.step(inputs_embeds)
+        hidden = self.embed_inputs(input_ids, 0 if session is None else session.position, inputs_embeds=inputs_embeds)
+        if session is not None:
+            hidden = session.step(hidden)
         else:
-            hidden = run_sync(forward_through_chain(self.swarm, inputs_embeds, self.source.name, self.wait_for_blocks_s))
+            hidden = run_sync(forward_through_chain(self.swarm, hidden, self.source.name, self.wait_for_blocks_s))
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.head_logits(hidden)
@@ -178,32 +184,18 @@ class DistributedCausalLMMixin:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """What the first block takes for these tokens."""
-        return self.get_input_embeddings()(input_ids)
+    def embed_inputs(
+        self, input_ids: Optional[torch.Tensor], position: int = 0, *, inputs_embeds: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """What the first block takes for these tokens (or token embeddings), the first at ``position`` (the number of
+        tokens the servers already hold): the family's embeddings, scales and learned positions (families.py)."""
+        return self.family.embed_inputs(self, input_ids, position, inputs_embeds=inputs_embeds)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits for the last block's output: the final norm, the LM head, then what the family's own forward() does
-        to the head's output (Gemma's soft cap, Cohere's and Granite's scales; none of them changes the greedy token,
-        all of them change probabilities)."""
-        logits = self.get_output_embeddings()(self._final_norm()(hidden))
-        scale = getattr(self, "logit_scale", None)  # Cohere keeps it on the model, from its config
-        if scale is not None:
-            logits = logits * scale
-        divisor = getattr(self.config, "logits_scaling", None)  # Granite
-        if divisor is not None:
-            logits = logits / divisor
-        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2, Gemma 3
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def _final_norm(self) -> torch.nn.Module:
-        base = getattr(self, self.base_model_prefix)
-        for name in ("norm", "final_layernorm", "ln_f", "norm_f"):
-            if hasattr(base, name):
-                return getattr(base, name)
-        raise UnsupportedModelError(f"Cannot find the final norm of {type(base).__name__}")
+        """Logits for the last block's output, as the family's own forward() computes them: the final norm, the LM
+        head, then the family's last touches (Gemma's soft cap, Cohere's and Granite's scales; none of them changes
+        the greedy token, all of them change probabilities)."""
+        return self.family.logits(self, hidden)
 
     def shutdown(self) -> None:
         """Stop the client's DHT peer (also happens at interpreter exit)."""
@@ -253,26 +245,8 @@ class AutoDistributedModelForCausalLM:
         dtype = _client_dtype(dtype if dtype is not None else torch_dtype)
         source = resolve_model(model, progress=True)  # bars (stderr) while a hub download or GGUF conversion runs
         config = load_config(source)
-        adapter = adapter_for(config)  # fails early for families we cannot split
-        try:
-            causal_lm_class = AutoModelForCausalLM._model_mapping[type(config)]
-        except KeyError:
-            raise UnsupportedModelError(f"{config.model_type!r} is not a causal LM family transformers knows") from None
-        head_config = copy.deepcopy(config)
-        head_config.num_hidden_layers = 0
-        if getattr(head_config, "layer_types", None) is not None:
-            head_config.layer_types = []
-        state_dict = _client_tensors(source, adapter, progress=True)
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # "weights not used": e.g. buffers older checkpoints saved
-        try:
-            client_model = _distributed_class(causal_lm_class).from_pretrained(
-                None, config=head_config, state_dict=state_dict, dtype=dtype, **kwargs
-            )
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        if (source.path / GENERATION_CONFIG).is_file():
-            client_model.generation_config = GenerationConfig.from_pretrained(source.path)
+        adapter = adapter_for(config)  # fails early, in one line, for families we cannot serve
+        client_model = load_client_model(source, adapter, dtype, progress=True, **kwargs)
         swarm = SwarmClient(
             initial_peers,
             source.model_id,
@@ -287,6 +261,32 @@ class AutoDistributedModelForCausalLM:
         return client_model.eval()
 
 
+def load_client_model(
+    source: ModelSource, adapter: FamilyAdapter, dtype: torch.dtype, *, progress: bool = False, **kwargs
+) -> DistributedCausalLMMixin:
+    """The family's ``*ForCausalLM`` without layers, with this checkpoint's embeddings, final norm and LM head (its
+    swarm is set up by the caller)."""
+    try:
+        causal_lm_class = AutoModelForCausalLM._model_mapping[type(adapter.config)]
+    except KeyError:
+        raise UnsupportedModelError(f"{adapter.config.model_type!r} is not a causal LM family transformers knows") from None
+    state_dict = _client_tensors(source, adapter, progress=progress)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "weights not used": e.g. buffers older checkpoints saved
+    try:
+        # Loaded by the family's own class: transformers applies its checkpoint conversions (GPT-NeoX's embed_out is
+        # its lm_head) to its own classes only, not to subclasses defined elsewhere.
+        model = causal_lm_class.from_pretrained(
+            None, config=adapter.client_config(), state_dict=state_dict, dtype=dtype, **kwargs
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.__class__ = _distributed_class(causal_lm_class)
+    if (source.path / GENERATION_CONFIG).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source.path)
+    return model
+
+
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -294,7 +294,7 @@ def _client_tensors(source: ModelSource, adapter: FamilyAdapter, *, progress: bo
     """What the client holds (embeddings, final norm, LM head: every tensor outside the layer list), fetched from
     the hub if needed and memory-mapped; the blocks' shards are never read nor downloaded (nor extra layers' such
     as multi-token prediction heads, which the client has no use for)."""
-    wanted = [name for name in tensor_names(source) if not name.startswith(adapter.layer_prefix)]
+    wanted = [name for name in tensor_names(source) if not adapter.is_layer_tensor(name)]
     fetch_tensors(source, wanted, progress=progress)
     return read_tensors(source, wanted)
 

@@ -3,11 +3,12 @@ and adapt each family's blocks."""
 
 from molink_swarm.models.checkpoint import fetch_tensors, read_tensors, tensor_names
 from molink_swarm.models.fingerprint import block_digests
-from molink_swarm.models.resolve import DEFAULT_MODEL_ALIAS, load_config, resolve_model
+from molink_swarm.models.resolve import DEFAULT_MODEL_ALIAS, GEMMA3_ALIAS, load_config, resolve_model
 from molink_swarm.models.source import ModelSource
 
 __all__ = [
     "DEFAULT_MODEL_ALIAS",
+    "GEMMA3_ALIAS",
     "ModelSource",
     "block_digests",
     "fetch_tensors",

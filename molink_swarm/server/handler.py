@@ -19,8 +19,8 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import __version__
+from molink_swarm.models.blocks import BlockSpan
 from molink_swarm.models.cache import SpanCache
-from molink_swarm.models.family import BlockSpan
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.push import PushChannel
 from molink_swarm.protocol import messages

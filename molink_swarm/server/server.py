@@ -26,7 +26,8 @@ from molink_swarm.dht import (
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
 from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
-from molink_swarm.models.family import BlockSpan, adapter_for
+from molink_swarm.models.blocks import BlockSpan
+from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
