@@ -28,6 +28,7 @@ from molink_swarm.errors import UserError
 from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.models.packed import PackedStep
+from molink_swarm.models.quant import QuantMode, bytes_per_weight, log_report, quantize_blocks, quantized_digest
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
 from molink_swarm.protocol.messages import relay_peer_id
@@ -60,6 +61,7 @@ class ServerConfig(BaseModel):
     initial_peers: tuple[str, ...] = ()
     device: str = "cpu"
     dtype: str = "float32"
+    quant: QuantMode = "none"  # how the weights of the blocks are kept in memory (models/quant.py)
     wire_dtype: WireDtype = "auto"  # how this server sends hidden states (replies and pushes); auto: as computed
     host: str = "0.0.0.0"
     port: int = 0
@@ -210,7 +212,8 @@ class Server:
 
     def _blocks_that_fit(self) -> int:
         """Without --num-blocks: as many blocks as half of the free memory holds (weights and their cache)."""
-        per_block = block_bytes(self.model_config, self.dtype.itemsize, self.config.cache_tokens)
+        weight_bytes = bytes_per_weight(self.config.quant, self.dtype.itemsize)
+        per_block = block_bytes(self.model_config, self.dtype.itemsize, self.config.cache_tokens, weight_bytes)
         count = blocks_that_fit(per_block, self.device)
         logger.info("%d blocks fit in half of this device's free memory", count)
         return count
@@ -334,6 +337,7 @@ class Server:
             chunk_tokens=chunk_tokens,
             metrics=metrics,
             wire_dtype=self.wire_dtype,
+            quant=cfg.quant,
         )
         servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
         await servicer.add_p2p_handlers(p2p)
@@ -368,13 +372,26 @@ class Server:
         by_block = {index: self.adapter.block_tensor_names(names, index) for index in range(self.start, self.end)}
         fetch_tensors(self.source, [name for block in by_block.values() for name in block], progress=True)
         digests = block_digests(self.source.path, by_block, progress=True, model_name=self.source.name)
-        self.block_digests = tuple(digests[index] for index in range(self.start, self.end))
+        # A quantized block computes other numbers: it announces another digest, so no client mixes it with others.
+        self.block_digests = tuple(quantized_digest(digests[i], self.config.quant) for i in range(self.start, self.end))
         kept = range(max(self.start, held.start), min(self.end, held.end)) if held is not None else range(0)
 
         def build(start: int, end: int) -> BlockSpan:
-            return self.adapter.build_blocks(
-                start, end, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
-            )
+            def build_span(first: int, last: int) -> BlockSpan:
+                return self.adapter.build_blocks(
+                    first, last, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
+                )
+
+            if self.config.quant == "none":
+                return build_span(start, end)
+            # One block at a time, quantized as soon as it is built: the span never sits in memory at full precision.
+            parts, report = [], None
+            for index in range(start, end):
+                parts.append(build_span(index, index + 1))
+                part_report = quantize_blocks(parts[-1], self.config.quant)
+                report = part_report if report is None else report.merge(part_report)
+            log_report(report, f"blocks {start}:{end}")
+            return BlockSpan.join(parts)
 
         if not kept:
             blocks = build(self.start, self.end)
@@ -470,6 +487,7 @@ class Server:
             software_version=__version__,
             public_name=self.config.public_name,
             torch_dtype=self.config.dtype,
+            quant=self.config.quant,
             next_rtts=self.next_rtts,
             wire_dtype=self.wire_dtype,
             wire_bytes_per_token=self.metrics.bytes_per_token("out") if self.metrics is not None else None,
