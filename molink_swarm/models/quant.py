@@ -12,9 +12,11 @@ experts must not flip.
   x86 CPUs only its bfloat16 path is vectorized, so activations pass through it in bfloat16 (the other paths are
   scalar loops, several times slower than a float32 matmul). On CUDA, torch's kernel computes in float32. Larger
   batches (prompts), and devices without the kernel, dequantize the weight on the fly and use the dense matmul.
-- ``nf4``: 4-bit NormalFloat (QLoRA): two codes per byte, one float32 absmax per block of 64 weights, so 4.5 bits
-  per weight. Dequantized on the fly before each matmul (no fused kernel: slower than float32 on a CPU, memory is
-  what it saves).
+- ``nf4``: 4-bit NormalFloat (QLoRA): two codes per byte, one float16 absmax per block of 32 weights, so 4.5 bits
+  per weight, as QLoRA's blocks of 64 with float32 absmax, but closer to the weights: on the embedded SmolLM2 (a
+  GGUF Q4_1 model, whose blocks are 32 weights) blocks of 64 double the logits' error and garble its answers.
+  Dequantized on the fly before each matmul (no fused kernel: slower than float32 on a CPU; memory is what it
+  saves).
 
 A quantized block computes other numbers than the original one, so the quantization is part of the block's identity:
 :func:`quantized_digest` derives the digest a server announces (routing/copies.py never chains two copies of a block
@@ -29,11 +31,14 @@ import hashlib
 import logging
 import platform
 import re
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from molink_swarm.models.family import BlockSpan
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +46,9 @@ QuantMode = Literal["none", "int8", "nf4"]
 QUANT_MODES: tuple[str, ...] = ("none", "int8", "nf4")
 
 # What the digest of a quantized block commits to: change the string when a scheme computes other numbers.
-_SCHEMES = {"int8": "int8/absmax-per-row/v1", "nf4": "nf4/absmax-per-64/v1"}
+_SCHEMES = {"int8": "int8/absmax-per-row/v1", "nf4": "nf4/float16-absmax-per-32/v1"}
 
-NF4_BLOCK = 64
+NF4_BLOCK = 32
 # The 16 levels of 4-bit NormalFloat (Dettmers et al., QLoRA, 2023): quantiles of a standard normal, scaled to [-1, 1].
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334,
@@ -75,7 +80,7 @@ def quantized_digest(digest: str, mode: str) -> str:
 
 def bytes_per_weight(mode: str, itemsize: int) -> float:
     """Memory per weight of a linear layer (scales included, for the usual sizes): to estimate how many blocks fit."""
-    return {"none": float(itemsize), "int8": 1.0 + 4 / 512, "nf4": 0.5 + 4 / NF4_BLOCK}[check_quant_mode(mode)]
+    return {"none": float(itemsize), "int8": 1.0 + 4 / 512, "nf4": 0.5 + 2 / NF4_BLOCK}[check_quant_mode(mode)]
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -149,7 +154,7 @@ class Int8Weight(QuantizedWeight):
 
 
 class Nf4Weight(QuantizedWeight):
-    """4-bit NormalFloat codes, two per byte, and one float32 absmax per block of 64 values. Each slice along the
+    """4-bit NormalFloat codes, two per byte, and one float16 absmax per block of 32 values. Each slice along the
     first dimension of a 3-D weight (an expert) is quantized on its own, so that an expert is dequantized alone."""
 
     def __init__(self, weight: torch.Tensor):
@@ -158,9 +163,11 @@ class Nf4Weight(QuantizedWeight):
         size = groups.shape[1]
         padded = -(-size // NF4_BLOCK) * NF4_BLOCK
         blocks = F.pad(groups, (0, padded - size)).reshape(groups.shape[0], -1, NF4_BLOCK)
-        absmax = blocks.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+        # float16 from the start, so that codes are chosen for the scale they will be multiplied by (a block whose
+        # largest weight is below float16's smallest normal number is all but zero anyway).
+        absmax = blocks.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
         levels = torch.tensor(NF4_LEVELS, device=weight.device)
-        codes = torch.bucketize(blocks / absmax.unsqueeze(-1), (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
+        codes = torch.bucketize(blocks / absmax.float().unsqueeze(-1), (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
         codes = codes.reshape(groups.shape[0], -1)
         self.register_buffer("packed", (codes[:, 0::2] << 4) | codes[:, 1::2])
         self.register_buffer("absmax", absmax)
@@ -173,7 +180,7 @@ class Nf4Weight(QuantizedWeight):
         return self._dequantize(packed, absmax).reshape(*packed.shape[:-1], *self.shape[1:])
 
     def _dequantize(self, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-        """[groups, size] in ``dtype`` from their codes [..., padded / 2] and absmax [..., padded / 64]: one lookup
+        """[groups, size] in ``dtype`` from their codes [..., padded / 2] and absmax [..., padded / 32]: one lookup
         of both values of each byte, then one multiplication by the blocks' absmax."""
         values = torch.empty(packed.numel(), 2, device=packed.device, dtype=self.dtype)
         torch.index_select(_nf4_pairs(packed.device, self.dtype), 0, packed.reshape(-1).to(torch.int32), out=values)
@@ -248,6 +255,23 @@ class QuantReport:
             self.mode, self.linears + other.linears, self.experts + other.experts, self.kept + other.kept,
             self.bytes_before + other.bytes_before, self.bytes_after + other.bytes_after,
         )
+
+
+def build_quantized(
+    build: Callable[[int, int], "BlockSpan"], start: int, end: int, mode: str, *, blocks_at_once: int = 1
+) -> "BlockSpan":
+    """Blocks ``start..end-1``, built by ``build(first, last)`` a few at a time and quantized as soon as they are:
+    the span never sits in memory at full precision, only ``blocks_at_once`` blocks of it."""
+    from molink_swarm.models.family import BlockSpan
+
+    if check_quant_mode(mode) == "none":
+        return build(start, end)
+    parts, report = [], QuantReport(mode)
+    for first in range(start, end, max(1, blocks_at_once)):
+        parts.append(build(first, min(end, first + max(1, blocks_at_once))))
+        report = report.merge(quantize_blocks(parts[-1], mode))
+    log_report(report, f"blocks {start}:{end}")
+    return parts[0] if len(parts) == 1 else BlockSpan.join(parts)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from molink_swarm.errors import UserError
 from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import BlockSpan, adapter_for
 from molink_swarm.models.packed import PackedStep
-from molink_swarm.models.quant import QuantMode, bytes_per_weight, log_report, quantize_blocks, quantized_digest
+from molink_swarm.models.quant import QuantMode, build_quantized, bytes_per_weight, quantized_digest
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
 from molink_swarm.protocol.messages import relay_peer_id
@@ -44,6 +44,7 @@ from molink_swarm.server.sessions import SessionTable
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANT_BUILD_BYTES = 512 << 20  # --quant: blocks are built (at full precision) and quantized this much at a time
 
 
 class BadBlockRangeError(UserError):
@@ -376,22 +377,14 @@ class Server:
         self.block_digests = tuple(quantized_digest(digests[i], self.config.quant) for i in range(self.start, self.end))
         kept = range(max(self.start, held.start), min(self.end, held.end)) if held is not None else range(0)
 
-        def build(start: int, end: int) -> BlockSpan:
-            def build_span(first: int, last: int) -> BlockSpan:
-                return self.adapter.build_blocks(
-                    first, last, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
-                )
+        def build_span(first: int, last: int) -> BlockSpan:
+            return self.adapter.build_blocks(
+                first, last, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
+            )
 
-            if self.config.quant == "none":
-                return build_span(start, end)
-            # One block at a time, quantized as soon as it is built: the span never sits in memory at full precision.
-            parts, report = [], None
-            for index in range(start, end):
-                parts.append(build_span(index, index + 1))
-                part_report = quantize_blocks(parts[-1], self.config.quant)
-                report = part_report if report is None else report.merge(part_report)
-            log_report(report, f"blocks {start}:{end}")
-            return BlockSpan.join(parts)
+        def build(start: int, end: int) -> BlockSpan:
+            at_once = QUANT_BUILD_BYTES // max(1, block_bytes(self.model_config, self.dtype.itemsize, 0))
+            return build_quantized(build_span, start, end, self.config.quant, blocks_at_once=at_once)
 
         if not kept:
             blocks = build(self.start, self.end)
