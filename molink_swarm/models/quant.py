@@ -58,7 +58,7 @@ NF4_LEVELS = (
 
 # Batches of up to this many rows (tokens) go through the int8 kernel; it reads the weights once per few rows, so a
 # dense matmul on the dequantized weight is faster for prompts (benchmarks/bench_quant.py measures both).
-INT8_KERNEL_MAX_ROWS = 16
+INT8_KERNEL_MAX_ROWS = 32
 
 # Linear layers that stay as they are: routers (a flipped expert choice costs more than their few bytes save).
 _KEPT = re.compile(r"(^|\.)(gate|router|shared_expert_gate)$")
@@ -139,8 +139,11 @@ class Int8Weight(QuantizedWeight):
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows, features = x.numel() // x.shape[-1], x.shape[-1]
         kernel_dtype = _int8_kernel_dtype(x.device) if rows <= INT8_KERNEL_MAX_ROWS and features % 16 == 0 else None
-        if kernel_dtype is None:
+        if kernel_dtype is None and x.dtype == torch.float16:  # int8 * activations could overflow float16
             return F.linear(x, self[:].to(x.dtype), bias)
+        if kernel_dtype is None:  # the scales multiply the output: one pass over the weight less than dequantizing
+            out = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+            return out + bias if bias is not None else out
         if kernel_dtype not in self._kernel_scale:
             self._kernel_scale[kernel_dtype] = self.scale.to(kernel_dtype)
         flat = x.reshape(rows, features).to(kernel_dtype).contiguous()
