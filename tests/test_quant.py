@@ -117,6 +117,17 @@ def test_int8_kernel_for_decode_steps_agrees_with_the_dense_path_for_prompts():
     assert (dense - linear(x)).abs().max() < 0.02 * linear(x).abs().max()
 
 
+def test_int8_takes_activations_at_any_address():
+    # torch's CPU kernel loads rows with aligned vector loads: a misaligned bfloat16 tensor (as one read from the wire
+    # may be) would crash the process.
+    torch.manual_seed(0)
+    layer = QuantizedLinear(torch.randn(64, 576), None, "int8")
+    misaligned = torch.randn(2000).bfloat16()[1:577].reshape(1, 576)
+
+    assert misaligned.data_ptr() % 16
+    torch.testing.assert_close(layer(misaligned), layer(misaligned.clone()))
+
+
 def test_int8_keeps_one_scale_per_row_and_nf4_picks_the_nearest_level():
     torch.manual_seed(0)
     weight = torch.randn(8, 96)

@@ -11,7 +11,7 @@ experts must not flip.
   through torch's weight-only int8 kernel (``aten._weight_int8pack_mm``), which reads the int8 weights directly; on
   x86 CPUs only its bfloat16 path is vectorized, so activations pass through it in bfloat16 (the other paths are
   scalar loops, several times slower than a float32 matmul). On CUDA, torch's kernel computes in float32. Larger
-  batches (prompts), and devices without the kernel, dequantize the weight on the fly and use the dense matmul.
+  batches (prompts), and devices without the kernel, convert the weight on the fly for the dense matmul.
 - ``nf4``: 4-bit NormalFloat (QLoRA): two codes per byte, one float16 absmax per block of 32 weights, so 4.5 bits
   per weight, as QLoRA's blocks of 64 with float32 absmax, but closer to the weights: on the embedded SmolLM2 (a
   GGUF Q4_1 model, whose blocks are 32 weights) blocks of 64 double the logits' error and garble its answers.
@@ -84,7 +84,7 @@ def bytes_per_weight(mode: str, itemsize: int) -> float:
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (each storage counted once)."""
+    """Bytes of a module's parameters and buffers (a tensor shared by several modules counted once)."""
     seen, total = set(), 0
     for tensor in [*module.parameters(), *module.buffers()]:
         key = (tensor.data_ptr(), tensor.device, tensor.shape)
@@ -147,6 +147,8 @@ class Int8Weight(QuantizedWeight):
         if kernel_dtype not in self._kernel_scale:
             self._kernel_scale[kernel_dtype] = self.scale.to(kernel_dtype)
         flat = x.reshape(rows, features).to(kernel_dtype).contiguous()
+        if flat.data_ptr() % 64:  # the CPU kernel loads rows with aligned vector loads (a tensor read from the wire)
+            flat = flat.clone()
         out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self._kernel_scale[kernel_dtype]).to(x.dtype)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out + bias if bias is not None else out
