@@ -47,6 +47,11 @@ def test_join_with_unreachable_peers(tiny_llama_path):
     assert_one_line_error(result, "Could not reach any of the initial peers")
 
 
+def test_join_with_an_unknown_quantization(tiny_llama_path):
+    result = run_cli("join", "--model", str(tiny_llama_path), "--blocks", "0:2", "--quant", "int4", "--initial-peers", UNREACHABLE_PEER)
+    assert_one_line_error(result, "--quant", "'int4'", "'none', 'int8', 'nf4'")
+
+
 def test_join_on_a_taken_port(tiny_llama_path):
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))

@@ -140,3 +140,78 @@ def test_live_servers_outnumbered_on_every_block_they_announce_never_displace_th
         choice = choose_copy([*honest, *hostile])
 
         assert choice.chainable == {s.peer_id for s in honest}, (honest, hostile)
+
+
+# --- quantization: one per chain ---------------------------------------------------------------------------------
+
+
+def quantized(name: str, start: int, end: int, quant: str, *, votes: bool = True) -> AnnouncedServer:
+    """A server of copy A quantized as ``quant``: its block digests differ from copy A's (models/quant.py)."""
+    digests = tuple(A if quant == "none" else quant[0] * 16 for _ in range(start, end))
+    return AnnouncedServer(name, start, end, digests, votes=votes, quant=quant)
+
+
+def test_of_one_unquantized_and_one_int8_server_of_the_same_blocks_the_unquantized_one_is_chained():
+    servers = [quantized("q", 0, 6, "int8"), quantized("plain", 0, 6, "none")]
+
+    for order in (servers, servers[::-1]):  # every client decides alike
+        choice = choose_copy(order)
+        assert choice.chainable == {"plain"} and choice.quant == "none"
+        assert choice.rejected == {"q": (0, 1, 2, 3, 4, 5)}
+
+
+def test_a_chain_never_mixes_quantizations_even_on_different_blocks():
+    # Nothing overlaps, so the digests cannot tell; the announced quantization does.
+    choice = choose_copy([quantized("plain", 0, 3, "none"), quantized("q", 3, 6, "int8")])
+
+    assert choice.chainable == {"plain"}
+    assert choice.rejected == {"q": (3, 4, 5)}
+
+
+def test_the_quantization_most_servers_announce_wins():
+    servers = [quantized("q1", 0, 6, "int8"), quantized("q2", 0, 3, "int8"), quantized("q3", 3, 6, "int8"), quantized("plain", 0, 6, "none")]
+
+    choice = choose_copy(servers)
+
+    assert choice.chainable == {"q1", "q2", "q3"} and choice.quant == "int8"
+
+
+def test_a_pinned_quantization_wins_whatever_the_vote():
+    servers = [quantized("q1", 0, 6, "int8"), quantized("q2", 0, 6, "int8"), quantized("plain", 3, 6, "none")]
+
+    choice = choose_copy(servers, pinned_quant="none")
+
+    assert choice.chainable == {"plain"} and choice.quant == "none"
+    assert choice.rejected == {"q1": (0, 1, 2, 3, 4, 5), "q2": (0, 1, 2, 3, 4, 5)}
+
+
+def test_servers_of_another_quantization_that_cannot_vote_are_not_taken_to_fill_a_gap():
+    choice = choose_copy([quantized("plain", 0, 3, "none"), quantized("quiet", 3, 6, "nf4", votes=False)])
+
+    assert choice.chainable == {"plain"}
+
+
+def test_chainable_servers_never_mix_quantizations_nor_disagree_on_a_block():
+    rng = random.Random(2)
+    for _ in range(300):
+        servers = []
+        for i in range(rng.randint(1, 12)):
+            start = rng.randrange(8)
+            servers.append(quantized(f"s{i}", start, rng.randint(start + 1, 8), rng.choice(["none", "none", "int8", "nf4"]), votes=rng.random() < 0.8))
+
+        choice = choose_copy(servers, pinned_quant=rng.choice([None, None, "int8"]))
+
+        taken = [s for s in servers if s.peer_id in choice.chainable]
+        assert len({s.quant for s in taken}) <= 1 and all(s.quant == choice.quant for s in taken)
+        seen: dict[int, str] = {}
+        for s in taken:
+            for block, digest in s.pairs():
+                assert seen.setdefault(block, digest) == digest
+
+
+def test_a_hostile_minority_of_another_quantization_cannot_take_over_even_when_more_numerous():
+    # Outnumbered on every block it announces (2 to 1), yet more servers in all (3 to 2) than the honest ones.
+    honest = [quantized("a1", 0, 6, "none"), quantized("a2", 0, 6, "none")]
+    hostile = [quantized(f"h{i}", 2 * i, 2 * i + 2, "int8") for i in range(3)]
+
+    assert chosen(*honest, *hostile) == {"a1", "a2"}

@@ -22,6 +22,7 @@ from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.records import (
     MAX_THROUGHPUT,
     MODELS_KEY,
+    RECORD_VERSION,
     InvalidRecordError,
     ModelRecord,
     Reachability,
@@ -99,13 +100,13 @@ def test_the_wire_format_is_plain_data():
 
 
 def test_unknown_fields_from_a_newer_version_are_ignored():
-    wire = {**server_record().to_wire(), "version": 3, "gpu": "H100", "supports_speculation": True}
+    wire = {**server_record().to_wire(), "version": RECORD_VERSION + 1, "gpu": "H100", "supports_speculation": True}
 
     record = parse_record(wire)
 
     assert isinstance(record, ServerRecord)
     assert record.start == 0 and record.end == 4
-    assert record.version == 3
+    assert record.version == RECORD_VERSION + 1
 
 
 def test_a_record_of_an_older_version_without_block_digests_decodes():
@@ -115,6 +116,18 @@ def test_a_record_of_an_older_version_without_block_digests_decodes():
     record = parse_record({**wire, "version": 1})
 
     assert isinstance(record, ServerRecord) and record.block_digests is None and record.digest_of(0) is None
+
+
+def test_a_record_from_before_quantization_decodes_as_not_quantized():
+    wire = server_record().to_wire()
+    del wire["quant"]
+
+    record = parse_record({**wire, "version": 2})
+
+    assert isinstance(record, ServerRecord) and record.quant is None and record.quant_mode == "none"
+    assert parse_record({**wire, "quant": "int8"}).quant_mode == "int8"
+    with pytest.raises(InvalidRecordError, match="quant"):
+        validate_record({**wire, "quant": "<script>"})
 
 
 @pytest.mark.parametrize(

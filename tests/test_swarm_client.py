@@ -366,3 +366,43 @@ def test_a_server_that_announces_no_digests_is_never_chained(scripted):
     script.reads = [[server("old", 0, 6, block_digests=None), server("new", 0, 3)]]
 
     assert online(client) == {server("new").peer_id}
+
+
+# --- quantization (join --quant): one per chain -----------------------------------------------------------------
+
+
+def quantized(name: str, start: int = 0, end: int = 6, quant: str = "int8", **fields) -> ServerInfo:
+    digests = tuple(f"{ord(quant[0]):02x}{b:014x}" for b in range(start, end))  # a quantized block: another digest
+    return server(name, start, end, quant=quant, block_digests=digests, **fields)
+
+
+def test_of_an_unquantized_and_an_int8_server_of_the_same_blocks_one_is_chained_and_the_other_named(scripted, caplog):
+    client, script = scripted
+    plain, q = server("plain", 0, 6), quantized("q", 0, 6)
+    script.reads = [[q, plain]]
+
+    with caplog.at_level(logging.WARNING, logger=swarm_module.__name__):
+        for _ in range(3):
+            assert online(client) == {plain.peer_id}
+            assert [hop.peer_id for hop in run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))] == [plain.peer_id]
+
+    [warning] = [r.getMessage() for r in caplog.records if "Not chaining" in r.getMessage()]
+    assert f"server {q.peer_id} (blocks 0:6)" in warning
+    assert "int8-quantized" in warning and "chains unquantized servers" in warning
+    assert client.pinned_quant == "none"
+
+
+def test_a_client_never_switches_its_chain_to_another_quantization(scripted):
+    client, script = scripted
+    q1, q2 = quantized("q1", 0, 3), quantized("q2", 3, 6)
+    plain = [server(f"plain{i}", 0, 6) for i in range(3)]
+    script.reads = [[q1, q2], [q1, q2, *plain], [q1, quantized("q2", 3, 6, state=ServerState.OFFLINE), *plain]]
+    run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))  # an int8 chain: the quantization is pinned
+
+    assert online(client) == {q1.peer_id, q2.peer_id}  # three unquantized servers outnumber them, in vain
+    with pytest.raises(SwarmError) as error:  # q2 left: blocks 3:6 go missing rather than come unquantized
+        run_sync(plan_with_wait(client, 0.0, "Tiny", refresh=True))
+
+    message = str(error.value)
+    assert "No server in the swarm holds blocks 3:6 of Tiny" in message
+    assert "hold blocks 3:6 unquantized, and this client chains int8-quantized servers" in message

@@ -119,6 +119,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         initial_peers=tuple(args.initial_peers),
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         wire_dtype=args.wire_dtype,
         host=args.host,
         port=args.port,
@@ -142,9 +143,10 @@ def cmd_join(args: argparse.Namespace) -> None:
         reach = s.reachability.value
         if s.relays is not None:
             reach += " via " + ", ".join(sorted(s.relays.active))
+        quant = f"{s.config.quant} weights; " if s.config.quant != "none" else ""
         print(
             f"Server {s.peer_id} online: blocks {s.start}:{s.end} of {s.source.name} "
-            f"({s.throughput:.0f} tokens/s per block; {reach})"
+            f"({quant}{s.throughput:.0f} tokens/s per block; {reach})"
             + (f"; metrics at {s.metrics_url}" if s.metrics_url else ""),
             flush=True,
         )
@@ -322,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     peers(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    # models.quant.QUANT_MODES, written out: importing it loads torch, which --help should not wait for.
+    p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                   help="keep the blocks' weights compact in memory: int8 (about 1/4 of float32, per-row scales) or nf4 "
+                   "(4-bit NormalFloat, about 1/7); clients chain servers of one quantization only (default: none)")
     wire_dtype(p, "how this server sends hidden states (replies, pushes to the next server)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")

@@ -35,7 +35,7 @@ def print_status(
     for m in view.models:
         # Names come from peers' records: shown as plain text, never parsed as rich markup ("[/x]" would raise).
         table = Table(title=Text(f"{m.name}  ({m.model_id}, {m.num_blocks} blocks, {m.model_type})"))
-        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "link tokens/s", "sessions", "free cache", "wire", "path", "RTT"):
+        for column in ("peer", "name", "blocks", "state", "tokens/s/block", "link tokens/s", "sessions", "free cache", "weights", "wire", "path", "RTT"):
             table.add_column(column)
         for s in m.servers:
             state_style = {ServerState.ONLINE.value: "green", ServerState.JOINING.value: "yellow"}.get(s.state, "red")
@@ -48,6 +48,7 @@ def print_status(
                 f"{s.network_throughput:.0f}" if s.network_throughput is not None else "",
                 f"{s.active_sessions}/{s.max_sessions}",
                 str(s.free_cache_tokens),
+                Text(describe_weights(s)),
                 Text(describe_wire(s)),
                 Text(describe_path(s)),
                 f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else Text("unreachable", style="red"),
@@ -64,6 +65,11 @@ def describe_throughput(server: ServerView) -> str:
     if server.batch_throughput is None:
         return f"{server.throughput:.0f}"
     return f"{server.throughput:.0f} ({server.batch_throughput:.0f} batched)"
+
+
+def describe_weights(server: ServerView) -> str:
+    """How the server holds its weights: "float32", or "int8 (float32)" when quantized (computing in float32)."""
+    return server.dtype if server.quant == "none" else f"{server.quant} ({server.dtype})"
 
 
 def describe_wire(server: ServerView) -> str:

@@ -33,6 +33,7 @@ class ServerView(BaseModel):
     path: str  # from here: direct | hole-punched | relayed
     version: str
     dtype: str
+    quant: str = "none"  # how its weights are quantized: none, int8, nf4
     rtt_ms: Optional[float] = None
     wire_dtype: Optional[str] = None  # how it sends hidden states (None: a server from before --wire-dtype)
     wire_bytes_per_token: Optional[float] = None  # measured average (None: it has sent nothing yet)
@@ -92,6 +93,7 @@ async def swarm_snapshot(dht, p2p: P2P, model: Optional[str] = None) -> SwarmVie
                 path=links.path_kind(s.peer_id),
                 version=s.record.software_version,
                 dtype=s.record.torch_dtype,
+                quant=s.record.quant_mode,
                 rtt_ms=links.rtts[s.peer_id] * 1000 if s.peer_id in links.rtts else None,
                 wire_dtype=s.record.wire_dtype,
                 wire_bytes_per_token=s.record.wire_bytes_per_token,

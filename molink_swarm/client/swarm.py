@@ -38,8 +38,8 @@ class SwarmClient:
     Only servers with the same fingerprint *and* dtype as this client are chained: a model with another config, or
     the same weights computed in another precision, would change the output. Among those, servers whose block
     digests disagree hold different copies (other weights, storage dtype or quantization), and only one copy is
-    chained, block by block (routing/copies.py): once it has chained a block, the client keeps its digest, so a
-    session never switches copy, failovers included.
+    chained, block by block, with one quantization for the whole chain (routing/copies.py): once it has chained a
+    block, the client keeps its digest and the quantization, so a session never switches copy, failovers included.
     """
 
     def __init__(
@@ -76,6 +76,8 @@ class SwarmClient:
         self._refreshing: Optional[asyncio.Future] = None
         self._bans: dict[PeerID, tuple[int, float]] = {}  # peer -> (times banned, banned until)
         self.pinned: dict[int, str] = {}  # block -> the digest this client chains for it, since it first chained it
+        self.pinned_quant: Optional[str] = None  # the quantization of its chains, since it first chained a server
+        self.quant: Optional[str] = None  # the quantization of the servers it chains now
         self.rejected: dict[PeerID, tuple[int, ...]] = {}  # online servers of another copy -> blocks that differ
         self._warned: set[tuple[PeerID, Optional[tuple[str, ...]]]] = set()
         self._closed = False
@@ -103,11 +105,13 @@ class SwarmClient:
         reach or has banned do not vote."""
         no_vote = self.links.unreachable() | self.banned()
         announced = [
-            AnnouncedServer(peer, s.record.start, s.record.end, s.record.block_digests, votes=peer not in no_vote)
+            AnnouncedServer(
+                peer, s.record.start, s.record.end, s.record.block_digests, votes=peer not in no_vote, quant=s.record.quant_mode
+            )
             for peer, s in self._servers.items()
         ]
-        choice = choose_copy(announced, self.pinned)
-        self.rejected = dict(choice.rejected)
+        choice = choose_copy(announced, self.pinned, self.pinned_quant)
+        self.rejected, self.quant = dict(choice.rejected), choice.quant
         for peer, blocks in choice.rejected.items():
             self._warn_rejected(peer, blocks, choice)
         return choice
@@ -121,6 +125,12 @@ class SwarmClient:
         span = f"server {peer} (blocks {record.start}:{record.end}) of {self.model_id}"
         if record.block_digests is None:
             logger.warning("Not chaining %s: it announces no digests of its blocks (an older version?)", span)
+            return
+        if choice.quant is not None and record.quant_mode != choice.quant:
+            logger.warning(
+                "Not chaining %s: its weights are %s, and this client chains %s servers (one quantization per chain)",
+                span, describe_quant(record.quant_mode), describe_quant(choice.quant),
+            )
             return
         others = sorted(
             str(other)
@@ -230,6 +240,8 @@ class SwarmClient:
             info = self._servers.get(hop.peer_id)
             if info is None or hop.peer_id in no_vote or info.record.block_digests is None:
                 continue
+            if self.pinned_quant is None:
+                self.pinned_quant = info.record.quant_mode
             for block in range(hop.start, hop.end):
                 digest = info.record.digest_of(block)
                 if digest is not None:
@@ -252,21 +264,33 @@ class SwarmClient:
         """Why blocks may be missing although servers hold them: e.g. "server(s) <peer> hold blocks 3:6 with other
         weights than the ones this client chains" ("" when no rejected server holds any of ``missing``)."""
         reasons = []
+        chained = self.pinned_quant or self.quant
         whys = {
-            True: "with other weights than the ones this client chains (another copy of the model)",
-            False: "but announce no digests of their weights (an older version?)",
+            "weights": "with other weights than the ones this client chains (another copy of the model)",
+            "digests": "but announce no digests of their weights (an older version?)",
+            **{
+                quant: f"{describe_quant(quant)}, and this client chains {describe_quant(chained)} servers "
+                "(one quantization per chain)"
+                for quant in sorted({s.record.quant_mode for s in self._servers.values()} - {chained})
+            },
         }
-        for announced, why in whys.items():
+
+        def why(record) -> str:
+            if record.block_digests is None:
+                return "digests"
+            return record.quant_mode if chained is not None and record.quant_mode != chained else "weights"
+
+        for kind, why_text in whys.items():
             held = {
                 peer: set(blocks) & set(missing)
                 for peer, blocks in self.rejected.items()
-                if peer in self._servers and (self._servers[peer].record.block_digests is not None) == announced
+                if peer in self._servers and why(self._servers[peer].record) == kind
             }
             peers = sorted(str(peer) for peer, blocks in held.items() if blocks)
             if peers:
                 blocks = sorted(set().union(*held.values()))
                 more = " ..." if len(peers) > 4 else ""
-                reasons.append(f"server(s) {', '.join(peers[:4])}{more} hold blocks {format_blocks(blocks)} {why}")
+                reasons.append(f"server(s) {', '.join(peers[:4])}{more} hold blocks {format_blocks(blocks)} {why_text}")
         return "; ".join(reasons)
 
     def stub(self, peer_id: PeerID):
@@ -305,3 +329,8 @@ def _peer_keys(rtts: dict[str, float]) -> dict[PeerID, float]:
         except Exception:  # a malformed id in someone's record: ignore that entry
             continue
     return parsed
+
+
+def describe_quant(quant: Optional[str]) -> str:
+    """How a server keeps its weights, in words: "int8-quantized", "unquantized"."""
+    return "unquantized" if quant in (None, "none") else f"{quant}-quantized"

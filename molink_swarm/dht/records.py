@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RECORD_VERSION = 2  # 2: servers announce the digests of their blocks (block_digests)
+RECORD_VERSION = 3  # 2: servers announce the digests of their blocks (block_digests); 3: their quantization (quant)
 MODELS_KEY = "_molink_swarm.models"
 SERVER_RECORD_KIND = "molink.server"
 MODEL_RECORD_KIND = "molink.model"
@@ -156,6 +156,11 @@ class ServerRecord(_Record):
     block_digests: Optional[tuple[BlockDigest, ...]] = Field(
         default=None, max_length=MAX_BLOCKS, description="digest of each block start..end-1 (models/fingerprint.py)"
     )
+    # Optional, so that records of servers from before --quant still decode (None: not quantized). Clients chain
+    # servers of one quantization only (routing/copies.py); the block digests differ between quantizations too.
+    quant: Optional[str] = Field(
+        default=None, pattern=r"^[a-z0-9_]{1,16}$", description="how its weights are quantized: none, int8, nf4"
+    )
 
     # Optional, so that records of servers from before placement by capacity still decode.
     batch_throughput: Optional[Annotated[float, Field(ge=0, le=MAX_THROUGHPUT), AfterValidator(_finite)]] = Field(
@@ -180,6 +185,11 @@ class ServerRecord(_Record):
         if self.block_digests is not None and len(self.block_digests) != self.end - self.start:
             raise ValueError(f"{len(self.block_digests)} block digests for blocks {self.start}:{self.end}")
         return self
+
+    @property
+    def quant_mode(self) -> str:
+        """How its weights are quantized ("none" for servers from before --quant)."""
+        return self.quant or "none"
 
     def digest_of(self, block: int) -> Optional[str]:
         """The digest this server announces for ``block`` (None: it announces none)."""

@@ -63,7 +63,10 @@ def converted_folder(gguf: Path, cache_dir: Path, progress: bool) -> Path:
                 raise ModelNotFoundError(
                     f"Cannot convert {str(gguf)!r} to safetensors ({reason}); pass a Hugging Face folder instead."
                 ) from e
-        logger.info("Converted %s in %.1f s", gguf.name, time.perf_counter() - started)
+        logger.info(
+            "Converted %s in %.1f s: its weights are float32 now (the GGUF's quantized blocks are not kept; "
+            "`molink-swarm join --quant int8|nf4` serves blocks compact again)", gguf.name, time.perf_counter() - started,
+        )
         _make_readable(temp)
         try:
             os.rename(temp, final)

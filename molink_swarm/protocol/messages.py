@@ -137,6 +137,7 @@ class ServerStatus(_Message):
     version: str
     protocol: int = PROTOCOL_VERSION
     torch_dtype: str
+    quant: str = "none"  # how its weights are quantized (join --quant)
     active_sessions: int
     free_cache_tokens: int
     max_length: int

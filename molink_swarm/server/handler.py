@@ -76,8 +76,10 @@ class BlockServicer(BlockRPC):
         max_forwards: int = 8,
         metrics: ServerMetrics | None = None,
         wire_dtype: WireDtype = "auto",
+        quant: str = "none",
     ):
         self.blocks = blocks
+        self.quant = quant
         self.compute = compute
         self.sessions = sessions
         self.model_id = model_id
@@ -336,6 +338,7 @@ class BlockServicer(BlockRPC):
             end=self.blocks.end,
             version=__version__,
             torch_dtype=str(self.dtype).removeprefix("torch."),
+            quant=self.quant,
             active_sessions=len(self.sessions),
             free_cache_tokens=self.sessions.free_cache_tokens,
             max_length=self.sessions.max_length,

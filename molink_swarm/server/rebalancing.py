@@ -43,9 +43,10 @@ def typical_throughput(servers: Iterable, exclude=None) -> Optional[float]:
     return figures[len(figures) // 2] if figures else None
 
 
-def block_bytes(config, itemsize: int, cache_tokens: int) -> int:
+def block_bytes(config, itemsize: int, cache_tokens: int, weight_bytes: Optional[float] = None) -> int:
     """Memory one block takes, estimated from the config alone (its files may not be downloaded yet): attention
-    and MLP weights (every expert's, for a mixture of experts) and its share of the sessions' cache."""
+    and MLP weights (every expert's, for a mixture of experts) and its share of the sessions' cache. Weights take
+    ``weight_bytes`` each (quantized: less than ``itemsize``, see models/quant.bytes_per_weight)."""
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -55,7 +56,7 @@ def block_bytes(config, itemsize: int, cache_tokens: int) -> int:
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 1
     mlp = 3 * hidden * intermediate * experts
     cache = cache_tokens * 2 * kv_heads * head_dim
-    return (attention + mlp + cache) * itemsize
+    return int((attention + mlp) * (itemsize if weight_bytes is None else weight_bytes) + cache * itemsize)
 
 
 def blocks_that_fit(bytes_per_block: int, device: torch.device, share: float = 0.5) -> int:

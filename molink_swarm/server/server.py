@@ -29,6 +29,7 @@ from molink_swarm.models import block_digests, fetch_tensors, load_config, read_
 from molink_swarm.models.blocks import BlockSpan
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
+from molink_swarm.models.quant import QuantMode, build_quantized, bytes_per_weight, quantized_digest
 from molink_swarm.net.ports import free_port
 from molink_swarm.net.reachability import RelayRegistration, check_reachability
 from molink_swarm.protocol.messages import relay_peer_id
@@ -45,6 +46,7 @@ from molink_swarm.swarm_key import load_swarm_key
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANT_BUILD_BYTES = 512 << 20  # --quant: blocks are built (at full precision) and quantized this much at a time
 
 
 class BadBlockRangeError(UserError):
@@ -62,6 +64,7 @@ class ServerConfig(BaseModel):
     initial_peers: tuple[str, ...] = ()
     device: str = "cpu"
     dtype: str = "float32"
+    quant: QuantMode = "none"  # how the weights of the blocks are kept in memory (models/quant.py)
     wire_dtype: WireDtype = "auto"  # how this server sends hidden states (replies and pushes); auto: as computed
     host: str = "0.0.0.0"
     port: int = 0
@@ -214,7 +217,8 @@ class Server:
 
     def _blocks_that_fit(self) -> int:
         """Without --num-blocks: as many blocks as half of the free memory holds (weights and their cache)."""
-        per_block = block_bytes(self.model_config, self.dtype.itemsize, self.config.cache_tokens)
+        weight_bytes = bytes_per_weight(self.config.quant, self.dtype.itemsize)
+        per_block = block_bytes(self.model_config, self.dtype.itemsize, self.config.cache_tokens, weight_bytes)
         count = blocks_that_fit(per_block, self.device)
         logger.info("%d blocks fit in half of this device's free memory", count)
         return count
@@ -339,6 +343,7 @@ class Server:
             chunk_tokens=chunk_tokens,
             metrics=metrics,
             wire_dtype=self.wire_dtype,
+            quant=cfg.quant,
         )
         servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
         await servicer.add_p2p_handlers(p2p)
@@ -373,13 +378,18 @@ class Server:
         by_block = {index: self.adapter.block_tensor_names(names, index) for index in range(self.start, self.end)}
         fetch_tensors(self.source, [name for block in by_block.values() for name in block], progress=True)
         digests = block_digests(self.source.path, by_block, progress=True, model_name=self.source.name)
-        self.block_digests = tuple(digests[index] for index in range(self.start, self.end))
+        # A quantized block computes other numbers: it announces another digest, so no client mixes it with others.
+        self.block_digests = tuple(quantized_digest(digests[i], self.config.quant) for i in range(self.start, self.end))
         kept = range(max(self.start, held.start), min(self.end, held.end)) if held is not None else range(0)
 
-        def build(start: int, end: int) -> BlockSpan:
+        def build_span(first: int, last: int) -> BlockSpan:
             return self.adapter.build_blocks(
-                start, end, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
+                first, last, names, lambda wanted: read_tensors(self.source, wanted), dtype=self.dtype, device=self.device
             )
+
+        def build(start: int, end: int) -> BlockSpan:
+            at_once = QUANT_BUILD_BYTES // max(1, block_bytes(self.model_config, self.dtype.itemsize, 0))
+            return build_quantized(build_span, start, end, self.config.quant, blocks_at_once=at_once)
 
         if not kept:
             blocks = build(self.start, self.end)
@@ -475,6 +485,7 @@ class Server:
             software_version=__version__,
             public_name=self.config.public_name,
             torch_dtype=self.config.dtype,
+            quant=self.config.quant,
             next_rtts=self.next_rtts,
             wire_dtype=self.wire_dtype,
             wire_bytes_per_token=self.metrics.bytes_per_token("out") if self.metrics is not None else None,

@@ -24,6 +24,12 @@ function describePath(server) {
   return path === "relayed" && server.relay ? `relayed via …${server.relay.slice(-8)}` : path;
 }
 
+function describeWeights(server) {
+  // How the server holds its weights: "float32", or "int8 (float32)" when quantized (cli/status.py describe_weights).
+  const quant = server.quant || "none";
+  return quant === "none" ? server.dtype : `${quant} (${server.dtype})`;
+}
+
 function describeWire(server) {
   // How the server sends hidden states, and what that measured per token (cli/status.py describe_wire).
   if (server.wire_dtype == null) return "?";
@@ -43,7 +49,7 @@ function modelSection(model, peers) {
     : el("p", { class: "all-covered" }, `All ${model.num_blocks} blocks are served.`);
   section.append(summary);
   const table = el("table", {},
-    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Link tokens/s", "Sessions", "Free cache", "Wire", "Path", "RTT"]
+    el("thead", {}, el("tr", {}, ...["Server", "Blocks", "", "State", "Tokens/s/block", "Link tokens/s", "Sessions", "Free cache", "Weights", "Wire", "Path", "RTT"]
       .map((h) => el("th", {}, h)))));
   const body = el("tbody");
   for (const s of model.servers) {
@@ -57,6 +63,7 @@ function modelSection(model, peers) {
       el("td", { class: "link" }, s.network_throughput == null ? "" : s.network_throughput.toFixed(0)),
       el("td", {}, `${s.active_sessions}/${s.max_sessions}`),
       el("td", {}, s.free_cache_tokens),
+      el("td", { class: "weights" }, describeWeights(s)),
       el("td", { class: "wire" }, describeWire(s)),
       el("td", {}, describePath(s)),
       el("td", {}, s.rtt_ms == null ? "unreachable" : `${s.rtt_ms.toFixed(1)} ms`)));
