@@ -6,7 +6,8 @@ opened stays up, and the relay opens streams to the server over it. Callers reac
 relay (capped at 128 KiB per connection), it carries whole inference sessions.
 
 Every ``molink-swarm dht`` peer runs :class:`RelayService`. It relays only to servers registered with it and
-only our own RPCs, so it is not an open proxy.
+only our own RPCs, so it is not an open proxy. What it pipes of a stream is sealed end to end between the caller
+and the server (protocol/e2e.py): it reads the route in the first message, and nothing else.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from molink_swarm.protocol import messages
-from molink_swarm.protocol.rpc import STREAM_RPCS, UNARY_RPCS, block_stub
+from molink_swarm.protocol.rpc import RELAYED_UNARY_RPCS, STREAM_RPCS, block_stub
 from molink_swarm.protocol.streams import GuardedServicer
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class RelayService(GuardedServicer):
         return runtime_pb2.ExpertResponse(metadata=messages.encode_metadata(load))
 
     async def rpc_relay_call(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        target, method = self._route(request, UNARY_RPCS, context)
+        target, method = self._route(request, RELAYED_UNARY_RPCS, context)
         return await getattr(block_stub(self.p2p, target), method)(request, timeout=30.0)
 
     def _route(
