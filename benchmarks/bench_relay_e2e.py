@@ -18,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # processes share the cores (see bench_generate.py)
 
@@ -80,7 +81,7 @@ def main() -> None:
     ids = torch.tensor([[1, 504, 1345, 2306, 9081, 2739, 359, 260, 3458, 30]])
 
     results = {True: [], False: []}
-    with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=logs) as swarm:
+    with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
         swarm.start_bootstrap()
         swarm.start_server(f"0:{blocks}", "--force-relay")
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers, hole_punching=False)

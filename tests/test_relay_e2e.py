@@ -5,6 +5,7 @@ finishes token-identical."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ from molink_swarm import AutoDistributedModelForCausalLM
 from molink_swarm.client.loop import run_sync
 from molink_swarm.lab import LocalSwarm
 from molink_swarm.net import paths
+from molink_swarm.net.push import PushChannel
 from molink_swarm.net.relay import TESTING_FAULTS_ENV, RelayService
 from molink_swarm.protocol import messages
+from molink_swarm.protocol.tensors import serialize_tensor
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,22 @@ def test_a_logging_relay_carries_no_plaintext_activations(relayed, tiny_llama_pa
         assert torch.equal(got, expected)
         assert canary in carried and len(carried) > rows.nbytes
         assert not [i for i, row in enumerate(rows) if row.tobytes()[:64] in carried]
+
+        # A push (server to server, or the client's fallback copy) through the relay is sealed too.
+        pushed = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
+
+        async def push() -> PushChannel:
+            channel = PushChannel(model.swarm.p2p, server, "some-session-id", model.swarm.links.relay_for(server))
+            channel.push(0, serialize_tensor(pushed, "float32"))
+            channel.close()  # the stream ends once the push went
+            await asyncio.wait_for(channel._task, 30)
+            return channel
+
+        channel = run_sync(push())
+        after_push = (faults / f"{used}.carried").read_bytes()[len(carried) :]
+        assert channel._failures == 0 and len(after_push) > pushed.numel() * 4  # the handshake and the push went
+        assert pushed.numpy().tobytes()[:64] not in after_push
+        carried += after_push
 
         # The control: the same session without the end-to-end channel puts them in the relay's log.
         paths.END_TO_END = False
