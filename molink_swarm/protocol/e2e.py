@@ -20,8 +20,9 @@ stream the caller and the server therefore run their own channel, inside the mes
 
 The channel costs one round trip when a relayed stream opens (plus about 0.8 KB of handshake and an RSA signature
 on the server, 1-3 ms), and 19 bytes per message (the 16-byte tag and a protobuf field header): 0.8% more bytes
-per SmolLM2 decode token in float32, and tens of microseconds (benchmarks/bench_relay_e2e.py). Direct streams never use it. Errors a server answers with still travel
-as plain RPC errors (they carry no activations; a relay could forge one, as it could drop the stream).
+per SmolLM2 decode token in float32, and tens of microseconds (benchmarks/bench_relay_e2e.py). Direct streams
+never use it. Errors a server answers with still travel as plain RPC errors (they carry no activations; a relay
+could forge one, as it could drop the stream).
 """
 
 from __future__ import annotations
