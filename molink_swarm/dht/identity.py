@@ -63,6 +63,13 @@ def peer_id_of_owner_key(owner_key: bytes) -> Optional[PeerID]:
     return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256")))
 
 
+def identity_key_of(validator: RSASignatureValidator, peer_id: PeerID) -> Optional[RSAPrivateKey]:
+    """The RSA key that signs our records, if it is also the key of our peer id (as load_or_create_identity makes
+    it): servers sign their end-to-end handshakes with it (protocol/e2e.py). hivemind offers no accessor."""
+    key = validator._private_key
+    return key if peer_id_of_owner_key(key.get_public_key().to_bytes()) == peer_id else None
+
+
 def owner_key_in(subkey: bytes) -> Optional[bytes]:
     match = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey)
     return match.group(1) if match else None

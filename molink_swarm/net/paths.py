@@ -3,6 +3,9 @@
 A server behind a NAT announces relays (reachability.py); a caller picks the least loaded one
 (:func:`choose_relay`) and wraps its calls in the route the relay reads (:class:`RelayedStub`). Meanwhile it
 tries to punch a hole to the server (:func:`hole_punch`); once it holds a direct connection, calls go direct.
+
+A relay sees what it pipes, so relayed streams (the ones that carry activations) run an end-to-end channel keyed
+to the server's peer identity (protocol/e2e.py): the relay reads the route and nothing else.
 """
 
 from __future__ import annotations
@@ -17,26 +20,37 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from molink_swarm.net.relay import ROUTE_PREFIX, RelayService
-from molink_swarm.protocol import messages
-from molink_swarm.protocol.rpc import STREAM_RPCS, UNARY_RPCS, block_stub
+from molink_swarm.protocol import e2e, messages
+from molink_swarm.protocol.rpc import RELAYED_UNARY_RPCS, STREAM_RPCS, block_stub
 
 logger = logging.getLogger(__name__)
 
 
+# Benchmarks only (benchmarks/bench_relay_e2e.py compares both): False sends relayed streams in clear.
+END_TO_END = True
+
+
 class RelayedStub:
-    """Has the methods of a :class:`BlockRPC` stub, but every call goes through ``relay``."""
+    """Has the methods of a :class:`BlockRPC` stub, but every call goes through ``relay``. Its streams are sealed
+    end to end (protocol/e2e.py); its unary calls (ping, info: no activations) go as they are."""
 
     def __init__(self, p2p: P2P, relay: PeerID, target: PeerID):
         self._relay = RelayService.get_stub(p2p, relay)
         self._route = f"{ROUTE_PREFIX}{target.to_base58()}:"
+        self._caller, self._target = p2p.peer_id, target
 
     def __getattr__(self, method: str):
         if method in STREAM_RPCS:
 
             async def call(requests: AsyncIterator[runtime_pb2.ExpertRequest]):
-                return await self._relay.rpc_relay_stream(self._tagged_stream(requests, method))
+                def open_stream(sent: AsyncIterator[runtime_pb2.ExpertRequest]):
+                    return self._relay.rpc_relay_stream(self._tagged_stream(sent, method))
 
-        elif method in UNARY_RPCS:
+                if not END_TO_END:
+                    return await open_stream(requests)
+                return await e2e.call_sealed(open_stream, requests, method=method, caller=self._caller, server=self._target)
+
+        elif method in RELAYED_UNARY_RPCS:
 
             async def call(request: runtime_pb2.ExpertRequest, timeout: Optional[float] = None):
                 return await self._relay.rpc_relay_call(self._tagged(request, method), timeout=timeout)

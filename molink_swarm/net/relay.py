@@ -6,7 +6,8 @@ opened stays up, and the relay opens streams to the server over it. Callers reac
 relay (capped at 128 KiB per connection), it carries whole inference sessions.
 
 Every ``molink-swarm dht`` peer runs :class:`RelayService`. It relays only to servers registered with it and
-only our own RPCs, so it is not an open proxy.
+only our own RPCs, so it is not an open proxy. What it pipes of a stream is sealed end to end between the caller
+and the server (protocol/e2e.py): it reads the route in the first message, and nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 from typing import AsyncIterator, Optional
 
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -22,13 +24,14 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from molink_swarm.protocol import messages
-from molink_swarm.protocol.rpc import STREAM_RPCS, UNARY_RPCS, block_stub
+from molink_swarm.protocol.rpc import RELAYED_UNARY_RPCS, STREAM_RPCS, block_stub
 from molink_swarm.protocol.streams import GuardedServicer
 
 logger = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "relay-to:"  # in ExpertRequest.uid of the first message: "relay-to:<peer id>:<method>"
 DIAL_BACK_TIMEOUT = 3.0
+TESTING_FAULTS_ENV = "MOLINK_SWARM_TESTING_RELAY_FAULTS"  # testing only: see _TestingFaults
 
 
 class RelayService(GuardedServicer):
@@ -43,6 +46,7 @@ class RelayService(GuardedServicer):
         self.max_streams = max_streams
         self.registered: dict[PeerID, int] = {}  # server -> open registration streams
         self._streams: dict[PeerID, int] = {}  # server -> streams piped to it now
+        self._faults = _TestingFaults.from_env(p2p.peer_id)
 
     async def rpc_dial_back(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Try to open a TCP connection to the caller's observed IP on each port it names."""
@@ -86,16 +90,24 @@ class RelayService(GuardedServicer):
         if self.open_streams >= self.max_streams:
             raise messages.ProtocolError("This relay is busy; try another one")
 
+        faults = self._faults
+
         async def forward() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-            yield first
+            yield faults.carried(first) if faults else first
+            previous = first
             async for item in requests:
-                yield item
+                if faults:
+                    for request in faults.requests(method, previous, item):
+                        yield request
+                else:
+                    yield item
+                previous = item
 
         self._streams[target] = self._streams.get(target, 0) + 1
         try:
             replies = await getattr(block_stub(self.p2p, target), method)(forward())
             async for reply in replies:
-                yield reply
+                yield faults.reply(method, reply) if faults else reply
         finally:
             self._streams[target] -= 1
             if not self._streams[target]:
@@ -111,8 +123,11 @@ class RelayService(GuardedServicer):
         return runtime_pb2.ExpertResponse(metadata=messages.encode_metadata(load))
 
     async def rpc_relay_call(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        target, method = self._route(request, UNARY_RPCS, context)
-        return await getattr(block_stub(self.p2p, target), method)(request, timeout=30.0)
+        target, method = self._route(request, RELAYED_UNARY_RPCS, context)
+        if self._faults:
+            self._faults.carried(request)
+        reply = await getattr(block_stub(self.p2p, target), method)(request, timeout=30.0)
+        return self._faults.carried(reply) if self._faults else reply
 
     def _route(
         self, request: runtime_pb2.ExpertRequest, allowed: frozenset[str], context: P2PContext
@@ -132,6 +147,58 @@ class RelayService(GuardedServicer):
             raise messages.ProtocolError(f"{peer_text} is not registered with this relay")
         request.uid = messages.RELAYED_FROM + context.remote_id.to_base58()
         return target, method
+
+
+class _TestingFaults:
+    """TESTING ONLY (tests/test_relay_e2e.py): a relay that logs what it carries, or misbehaves on purpose.
+
+    Inert unless the environment variable TESTING_FAULTS_ENV names a folder. Then, for each message it pipes,
+    the relay looks there for files named after its peer id:
+    - ``<peer id>.log`` exists: it appends the bytes of every message it carries (both ways) to ``<peer id>.carried``;
+    - ``<peer id>.fault`` says ``flip``: it flips one bit of the next reply of an inference stream; ``replay``: it
+      sends the previous request of an inference stream again before the next one. Either fires once, then the
+      file is renamed ``<peer id>.fired``."""
+
+    def __init__(self, folder: str, peer_id: PeerID):
+        base = os.path.join(folder, peer_id.to_base58())
+        self._log, self._carried, self._fault, self._fired = base + ".log", base + ".carried", base + ".fault", base + ".fired"
+
+    @classmethod
+    def from_env(cls, peer_id: PeerID) -> Optional["_TestingFaults"]:
+        folder = os.environ.get(TESTING_FAULTS_ENV)
+        if not folder:
+            return None
+        logger.warning("TESTING ONLY: this relay logs or alters what it carries when told to (%s)", TESTING_FAULTS_ENV)
+        return cls(folder, peer_id)
+
+    def carried(self, message):
+        if os.path.exists(self._log):
+            with open(self._carried, "ab") as f:
+                f.write(message.SerializeToString())
+        return message
+
+    def requests(self, method: str, previous, request) -> list:
+        if method == "rpc_inference" and self._fire("replay"):
+            return [self.carried(previous), self.carried(request)]
+        return [self.carried(request)]
+
+    def reply(self, method: str, reply):
+        if method == "rpc_inference" and reply.metadata and self._fire("flip"):
+            data = bytearray(reply.metadata)
+            data[len(data) // 2] ^= 0x01
+            reply = runtime_pb2.ExpertResponse(metadata=bytes(data), tensors=reply.tensors)
+        return self.carried(reply)
+
+    def _fire(self, mode: str) -> bool:
+        try:
+            with open(self._fault) as f:
+                if f.read().strip() != mode:
+                    return False
+            os.replace(self._fault, self._fired)
+        except OSError:
+            return False
+        logger.warning("TESTING ONLY: %s a message on purpose", {"flip": "flipped a bit of", "replay": "replayed"}[mode])
+        return True
 
 
 async def observed_ip(p2p: P2P, peer: PeerID) -> Optional[str]:

@@ -10,15 +10,33 @@ from typing import AsyncIterator, Optional
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 
-from molink_swarm.protocol.streams import GuardedServicer
+from molink_swarm.protocol import e2e
+from molink_swarm.protocol.messages import RELAYED_FROM
+from molink_swarm.protocol.streams import GuardedServicer, StreamLimits
 
 STREAM_RPCS = frozenset({"rpc_inference", "rpc_forward", "rpc_push_stream"})
 UNARY_RPCS = frozenset({"rpc_info", "rpc_ping", "rpc_push"})
+# What a relay pipes: the streams (sealed end to end, see protocol/e2e.py) and the unary calls that carry no
+# activations (a unary call cannot run a handshake; rpc_push has a stream form).
+RELAYED_UNARY_RPCS = frozenset({"rpc_info", "rpc_ping"})
 
 
 class BlockRPC(GuardedServicer):
-    """A server of transformer blocks, as seen on the wire."""
+    """A server of transformer blocks, as seen on the wire.
+
+    Its streams also take calls sealed end to end (protocol/e2e.py: what callers send through relays), which
+    needs ``identity``, the RSA key of the server's peer id."""
+
+    identity: Optional[RSAPrivateKey] = None
+
+    def _stream_handler(
+        self, name: str, method, request_type, limits: StreamLimits, p2p: P2P, auth=None
+    ):
+        method_name = name.rsplit(".", 1)[-1]
+        sealed = e2e.sealed_handler(method, method_name, p2p.peer_id, lambda: self.identity, RELAYED_FROM)
+        return super()._stream_handler(name, sealed, request_type, limits, p2p, auth)
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:

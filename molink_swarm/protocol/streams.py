@@ -34,6 +34,7 @@ from molink_swarm.protocol.auth import (
     nonce_of,
     split_proof,
 )
+from molink_swarm.protocol.e2e import ChannelBroken
 from molink_swarm.protocol.errors import ProtocolError, ServerBusy
 
 logger = logging.getLogger(__name__)
@@ -277,8 +278,9 @@ class GuardedServicer(ServicerBase):
                     self.refusals.refused(peer, method_name, e)
                     with contextlib.suppress(Exception):
                         await write_frame(writer, RPCError(message=str(e)))
-                        if isinstance(e, SwarmKeyRefused):  # closing on its unread request would reset the stream
-                            await _read_past(reader, max_bytes=1 << 20, timeout=2.0)  # before it reads why
+                        # Closing on its unread requests would reset the stream before the caller reads why.
+                        if isinstance(e, (SwarmKeyRefused, ChannelBroken)):
+                            await _read_past(reader, max_bytes=1 << 20, timeout=2.0)
                 except (ConnectionError, OSError) as e:  # the caller went away
                     logger.debug("%s stream from %s broke: %r", method_name, peer, e)
                 except Exception as e:

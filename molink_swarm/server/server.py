@@ -23,6 +23,7 @@ from molink_swarm.dht import (
     fetch_servers,
     start_dht,
 )
+from molink_swarm.dht.identity import identity_key_of
 from molink_swarm.dht.records import is_peer_maddr
 from molink_swarm.errors import UserError
 from molink_swarm.models import block_digests, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
@@ -126,6 +127,7 @@ class Server:
         self.start: int = -1
         self.end: int = -1
         self.peer_id = None
+        self.identity = None  # the RSA key of our peer id (dht/identity.py)
         self.visible_maddrs: list[str] = []
         self.throughput = 0.0  # lone decode, block-tokens/s
         self.batch_throughput: Optional[float] = None  # decode steps of several sessions in one pass
@@ -291,6 +293,9 @@ class Server:
             **(dict(use_auto_relay=True, trusted_relays=relays, force_reachability="private") if relays else {}),
         )
         self.peer_id = dht.peer_id
+        self.identity = identity_key_of(validator, dht.peer_id)  # signs our end of channels through relays
+        if self.identity is None:
+            logger.warning("The identity key is not our peer id's: callers through relays will not reach us")
         self.visible_maddrs = [str(m) for m in dht.get_visible_maddrs()]
         return dht, validator
 
@@ -346,6 +351,7 @@ class Server:
             quant=cfg.quant,
         )
         servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
+        servicer.identity = self.identity
         await servicer.add_p2p_handlers(p2p)
         servicer.p2p = p2p
         return servicer
