@@ -133,3 +133,22 @@ def test_fault_injection_on_a_fraction_of_steps():
     changed = sum(not torch.equal(fault.apply(x), x) for _ in range(400))
     assert changed == fault.faulty_steps
     assert 60 < changed < 140
+
+
+def test_web_metrics_export_the_checks():
+    """The web app's /metrics reads its clients' spot-check figures at each scrape."""
+    from types import SimpleNamespace
+
+    from molink_swarm.client.spot_check import SpotCheckStats
+    from molink_swarm.web.metrics import WebMetrics
+
+    stats = SpotCheckStats(rate=0.05, checks=7, disagreements=1, compute_s=0.5, caught={"QmLiar": "wrong outputs"})
+    engine = SimpleNamespace(name="tiny", model=SimpleNamespace(swarm=SimpleNamespace(spot_checks=stats)))
+    metrics = WebMetrics()
+    metrics.watch_spot_checks([engine])
+    text = metrics.response().body.decode()
+    assert 'molink_web_spot_checks_total{model="tiny",outcome="agreed"} 6.0' in text
+    assert 'molink_web_spot_checks_total{model="tiny",outcome="disagreed"} 1.0' in text
+    assert 'molink_web_spot_check_caught_servers_total{model="tiny"} 1.0' in text
+    stats.checks += 1
+    assert 'outcome="agreed"} 7.0' in metrics.response().body.decode()
