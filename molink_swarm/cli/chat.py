@@ -70,14 +70,14 @@ def _is_prefix(prefix: torch.Tensor, full: torch.Tensor) -> bool:
     return prefix.shape[1] <= full.shape[1] and torch.equal(prefix, full[:, : prefix.shape[1]])
 
 
-def load_chat_model(model: str, initial_peers: Sequence[str], wire_dtype: str = "auto", swarm_key=None):
+def load_chat_model(model: str, initial_peers: Sequence[str], wire_dtype: str = "auto", swarm_key=None, spot_check: float = 0.0):
     """The distributed model and its tokenizer."""
     from transformers import AutoTokenizer
 
     from molink_swarm.client.model import AutoDistributedModelForCausalLM
 
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
-        model, initial_peers=initial_peers, wire_dtype=wire_dtype, swarm_key=swarm_key
+        model, initial_peers=initial_peers, wire_dtype=wire_dtype, swarm_key=swarm_key, spot_check=spot_check
     )
     tokenizer = AutoTokenizer.from_pretrained(distributed.source.path)
     return distributed, tokenizer
@@ -85,14 +85,14 @@ def load_chat_model(model: str, initial_peers: Sequence[str], wire_dtype: str = 
 
 def run_terminal_chat(
     model: str, initial_peers: Sequence[str], *, max_new_tokens: int = 256, temperature: float = 0.0, wire_dtype: str = "auto",
-    swarm_key=None,
+    swarm_key=None, spot_check: float = 0.0,
 ) -> None:
     from rich.console import Console
     from transformers import TextStreamer
 
     console = Console()
     with console.status(f"Connecting to the swarm and loading {model}…"):
-        distributed, tokenizer = load_chat_model(model, initial_peers, wire_dtype, swarm_key)
+        distributed, tokenizer = load_chat_model(model, initial_peers, wire_dtype, swarm_key, spot_check)
     chat = ChatSession(distributed, tokenizer)
     messages: list[dict[str, str]] = []
     console.print("Chat with the swarm. Empty line or Ctrl-D to quit, /new for a new conversation.")

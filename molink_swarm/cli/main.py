@@ -18,6 +18,17 @@ from molink_swarm.models import families  # the registry alone: no torch, so --h
 logger = logging.getLogger("molink_swarm")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_SPOT_CHECK_RATE = 0.05  # client.spot_check's, written out: importing it loads torch, which --help should not wait for
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return value
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -136,6 +147,8 @@ def cmd_join(args: argparse.Namespace) -> None:
         chunk_tokens=args.chunk_tokens,
         max_batch_size=args.max_batch_size,
         rebalance_margin=args.rebalance_margin,
+        debug_fault_noise=args.debug_fault_noise,
+        debug_fault_rate=args.debug_fault_rate,
     )
     server = Server(config)
 
@@ -177,7 +190,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     run_terminal_chat(
         args.model, args.initial_peers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        wire_dtype=args.wire_dtype, swarm_key=load_swarm_key(args.swarm_key),
+        wire_dtype=args.wire_dtype, swarm_key=load_swarm_key(args.swarm_key), spot_check=args.spot_check,
     )
 
 
@@ -197,7 +210,7 @@ def _web_limits(args: argparse.Namespace):
 
 def _serve_web(
     models: Sequence[str], initial_peers: Sequence[str], host: str, port: int, limits, max_concurrent: int, wait_for_blocks_s: float = 10.0,
-    wire_dtype: str = "auto", swarm_key=None,
+    wire_dtype: str = "auto", swarm_key=None, spot_check: float = DEFAULT_SPOT_CHECK_RATE,
 ) -> None:
     from molink_swarm.web import run_web
 
@@ -208,7 +221,7 @@ def _serve_web(
         await run_web(
             models, initial_peers, host=host, port=port, limits=limits, max_concurrent=max_concurrent,
             wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, swarm_key=swarm_key, stop=_stop_event_on_signals(),
-            on_ready=ready,
+            on_ready=ready, spot_check=spot_check,
         )
 
     asyncio.run(run())
@@ -219,7 +232,7 @@ def cmd_web(args: argparse.Namespace) -> None:
 
     _serve_web(
         args.model, args.initial_peers, args.host, args.port, _web_limits(args), args.max_concurrent, args.wait_for_blocks,
-        wire_dtype=args.wire_dtype, swarm_key=load_swarm_key(args.swarm_key),
+        wire_dtype=args.wire_dtype, swarm_key=load_swarm_key(args.swarm_key), spot_check=args.spot_check,
     )
 
 
@@ -298,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what}: auto = as computed (exact), float16/bfloat16 = half the bytes of float32, "
                        "int8 = a quarter (per-row absmax); peers decode whatever arrives (default: auto)")
 
+    def spot_check(p: argparse.ArgumentParser, default: float) -> None:
+        p.add_argument("--spot-check", type=_fraction, default=default, metavar="RATE",
+                       help="re-run this fraction of the steps (and each server's first) on a second server holding the "
+                       "same blocks, and ban servers whose outputs are wrong; 0: off (default: %(default)s)")
+
     p = sub.add_parser("dht", help="run a bootstrap peer (prints the multiaddrs to give others)")
     p.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/31337"], metavar="MADDR",
                    help="where to listen (default: /ip4/0.0.0.0/tcp/31337)")
@@ -347,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics at http://HOST:P/metrics (0: any free port; default: off)")
+    # Testing only, hidden from --help: a deliberately faulty server for the spot checks' tests (server/faults.py).
+    p.add_argument("--debug-fault-noise", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-fault-rate", type=float, default=1.0, help=argparse.SUPPRESS)
     swarm_key(p)
     p.set_defaults(func=cmd_join)
 
@@ -362,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     wire_dtype(p, "how this client sends hidden states to the servers")
+    spot_check(p, 0.0)
     swarm_key(p)
     p.set_defaults(func=cmd_chat)
 
@@ -378,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-blocks", type=float, default=10.0, metavar="S",
                    help="how long a request waits for missing blocks to appear before failing")
     wire_dtype(p, "how this client sends hidden states to the servers")
+    spot_check(p, DEFAULT_SPOT_CHECK_RATE)
     swarm_key(p)
     p.set_defaults(func=cmd_web)
 

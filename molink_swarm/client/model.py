@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import InferenceSession, SwarmError, forward_through_chain
+from molink_swarm.client.spot_check import spot_check_rate
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.models import ModelSource, fetch_tensors, load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.families import Family, UnsupportedModelError, family_for
@@ -228,6 +229,7 @@ class AutoDistributedModelForCausalLM:
         hole_punching: bool = True,
         wire_dtype: WireDtype = "auto",
         swarm_key: Optional[str | os.PathLike | SwarmKey] = None,
+        spot_check: bool | float = False,
         **kwargs,
     ):
         """``dtype`` (default float32; ``torch_dtype`` is its old name) is the precision of this client's layers,
@@ -236,8 +238,14 @@ class AutoDistributedModelForCausalLM:
         ``wire_dtype`` is how this client sends hidden states to servers: ``auto`` (its dtype, exact), ``float16``,
         ``bfloat16`` or ``int8`` (per-row absmax, about a quarter of float32's bytes); servers choose theirs with
         ``join --wire-dtype``, and every peer decodes whatever arrives. ``swarm_key`` (the path of a key file, as
-        ``--swarm-key``) joins a private swarm."""
+        ``--swarm-key``) joins a private swarm. ``spot_check`` re-runs a fraction of the steps (``True``: 5%, plus
+        the first step on each server) on a second server holding the same blocks, and bans a server whose outputs
+        are wrong (client/spot_check.py)."""
         key = load_swarm_key(swarm_key)  # a bad key file fails before anything loads
+        try:
+            spot_check_fraction = spot_check_rate(spot_check)
+        except ValueError as e:
+            raise SwarmError(str(e)) from None
         if not initial_peers:
             raise SwarmError("Pass initial_peers=[...]: the multiaddrs printed by `molink-swarm dht`")
         if wire_dtype not in WIRE_DTYPES:
@@ -256,6 +264,7 @@ class AutoDistributedModelForCausalLM:
             wire_dtype=wire_dtype,
             hole_punching=hole_punching,
             swarm_key=key,
+            spot_check=spot_check_fraction,
         )
         client_model._setup_swarm(swarm, source, config, wait_for_blocks_s)
         return client_model.eval()

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import random
 import time
 import uuid
 from typing import AsyncIterator, Callable, Optional
@@ -28,12 +29,21 @@ from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.chunking import ChunkPolicy
 from molink_swarm.client.loop import run_sync
+from molink_swarm.client.spot_check import (
+    Verdict,
+    WrongOutputs,
+    choose_verifier,
+    disagreement,
+    judge,
+    sample_step,
+    spot_check_rate,
+)
 from molink_swarm.client.swarm import SwarmClient
 from molink_swarm.errors import UserError
 from molink_swarm.net.push import PushChannel
 from molink_swarm.protocol import messages
 from molink_swarm.protocol.streams import queued
-from molink_swarm.protocol.tensors import deserialize_tensor
+from molink_swarm.protocol.tensors import deserialize_tensor, wire_dtype_of
 from molink_swarm.routing.planner import Hop, MissingBlocksError, Mode, format_blocks, plan_chain
 
 logger = logging.getLogger(__name__)
@@ -41,6 +51,7 @@ logger = logging.getLogger(__name__)
 # Steps up to this size go server to server (decode steps); larger ones (prefills) are relayed by the client,
 # since they are bandwidth-bound anyway and hivemind caps unary messages (pushes) at 4 MiB.
 FORWARD_MAX_BYTES = 1 << 20
+NO_VERIFIER_RETRY_S = 5.0  # a span no second server holds is looked up again after this long
 
 # What a failing server looks like from here; anything else is a bug and propagates.
 SERVER_FAILURES = (
@@ -110,6 +121,7 @@ class _HopStream:
         self.push_channel: Optional[PushChannel] = None  # the client's fallback copies of pushed inputs
         self.fallback_push: Optional[asyncio.TimerHandle] = None  # a copy due unless this hop answers first
         self.fallback_sent = False  # the copy went for the pending step: its time includes our wait
+        self.verified = False  # a spot check has compared one of its answers with another server's
 
     @property
     def peer_id(self):
@@ -122,6 +134,17 @@ class _HopStream:
             self._inputs = [self.history()[:, :position]]
         self._inputs.append(hidden)
         self._held = position + hidden.shape[1]
+
+    @property
+    def held(self) -> int:
+        """Positions of the session this server holds (as far as the client knows)."""
+        return self._held
+
+    def truncate(self, position: int) -> None:
+        """Forget the inputs kept from ``position`` on (a step being redone elsewhere)."""
+        if position < self._held:
+            self._inputs = [self.history()[:, :position]]
+            self._held = position
 
     def history(self) -> Optional[torch.Tensor]:
         """Inputs of every position this hop holds, [batch, positions, hidden] (None before the first step)."""
@@ -237,9 +260,12 @@ class InferenceSession:
         forwarding: bool = True,
         prefill_chunking: bool = True,
         chunk_policy: ChunkPolicy = ChunkPolicy(),
+        spot_check: Optional[bool | float] = None,
     ):
         """``prefill_chunking=False`` sends a prompt as one step (as servers still compute it in chunks), which
-        stalls other sessions' decode steps on slow links while it crosses them; ``chunk_policy`` sizes chunks."""
+        stalls other sessions' decode steps on slow links while it crosses them; ``chunk_policy`` sizes chunks.
+        ``spot_check``: the fraction of steps re-run on a second server (None: the swarm client's setting; see
+        client/spot_check.py)."""
         self.swarm = swarm
         self.max_length = max_length
         self.model_name = model_name
@@ -254,6 +280,12 @@ class InferenceSession:
         self.failovers = 0
         self.prefill_chunks = 0  # prompt chunks sent (steps of a prefill)
         self.replay_compute_s = 0.0
+        self.compute_s = 0.0  # the chain's servers' compute time for this session's steps, as they measured it
+        self.spot_check_rate = swarm.spot_checks.rate if spot_check is None else spot_check_rate(spot_check)
+        self.spot_checks = 0  # hop-steps compared with a second server
+        self.spot_check_compute_s = 0.0  # the second (and third) servers' compute time for those
+        self._spot_rng = random.Random()
+        self._verifiers: dict[_HopStream, _HopStream] = {}  # a hop of the chain -> its verifier's stream
         self._hops: list[_HopStream] = []
         self._batch_size: Optional[int] = None
         self._leave_check: Optional[asyncio.Task] = None
@@ -319,16 +351,23 @@ class InferenceSession:
             output = await self._prefill(hidden)
         else:
             output = await self._step(hidden)
+        if self.spot_check_rate > 0.0:
+            output = await self._spot_check(hidden.shape[1], output)
         self.position += hidden.shape[1]
         return output
 
-    async def _step(self, hidden: torch.Tensor, answered: Callable[[PeerID], None] = lambda _: None) -> torch.Tensor:
-        """One step through the whole chain: forwarded server to server where it is small enough, else relayed.
-        ``answered(peer)`` is called as each server answers."""
-        forwarded = self.forwarding and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
+    async def _step(
+        self, hidden: torch.Tensor, answered: Callable[[PeerID], None] = lambda _: None, first: int = 0
+    ) -> torch.Tensor:
+        """One step through the chain: forwarded server to server where it is small enough, else relayed.
+        ``answered(peer)`` is called as each server answers. ``first``: redo the step from that hop on (relayed),
+        ``hidden`` being that hop's input; the hops before it keep what they computed."""
+        forwarded = (
+            self.forwarding and first == 0 and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
+        )
         if forwarded:
             await self._send_forwarded(hidden)
-        index, upstream_s, upstream_done = 0, 0.0, None
+        index, upstream_s, upstream_done = first, 0.0, None
         while index < len(self._hops):
             hop = self._hops[index]
             try:
@@ -340,6 +379,7 @@ class InferenceSession:
                 await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}", e)
                 continue
             answered(hop.peer_id)
+            self.compute_s += hop.last_result.compute_s
             upstream_s += hop.timer.timeout(hidden.shape[1])
             upstream_done = time.perf_counter()
             hop.remember(hidden, self.position)
@@ -436,6 +476,7 @@ class InferenceSession:
                 hop.last_result.compute_s,
                 self.swarm.links.rtts.get(hop.peer_id, 0.0),
             )
+            self.compute_s += hop.last_result.compute_s
             hop.remember(hidden, position)
             hidden = output
             index += 1
@@ -480,6 +521,171 @@ class InferenceSession:
     def _send_copy(hop: _HopStream, position: int, hidden: runtime_pb2.Tensor) -> None:
         hop.fallback_sent = True
         hop.push_channel.push(position, hidden)
+
+    # ---- spot checks (the judging is client/spot_check.py)
+
+    async def _spot_check(self, tokens: int, output: torch.Tensor) -> torch.Tensor:
+        """Check the step just taken (``tokens`` positions from ``self.position``; ``output``: the chain's) on a
+        sample of hops, each against a second server. A hop whose server turns out wrong is replaced (banned, its
+        cache rebuilt elsewhere from its kept inputs, as in a failover) and the step redone from there, so no wrong
+        output leaves: generate() cannot take a token back, so a checked step waits for its checks, which run at
+        once, one per hop. Returns the step's output (redone if it had to be)."""
+        sampled = sample_step(self._spot_rng, self.spot_check_rate)
+        first = 0
+        while True:
+            self._drop_stale_verifiers()
+            checked = [(i, hop) for i, hop in enumerate(self._hops) if i >= first and (sampled or not hop.verified)]
+            if not checked:
+                return output
+            wrong = await asyncio.gather(*(self._check_hop(i, hop, tokens, output) for i, hop in checked))
+            liar = next((i for (i, _hop), caught in zip(checked, wrong) if caught), None)
+            if liar is None:
+                return output
+            output = await self._redo_from(liar, tokens)
+            first = liar
+
+    async def _check_hop(self, index: int, hop: _HopStream, tokens: int, output: torch.Tensor) -> bool:
+        """Re-run ``hop``'s part of the last step on its verifier and compare; True if ``hop``'s server is wrong."""
+        position, stats = self.position, self.swarm.spot_checks
+        inputs = hop.history()[:, : position + tokens]
+        following = self._hops[index + 1] if index + 1 < len(self._hops) else None
+        claimed = output if following is None else following.history()[:, position : position + tokens]
+        claimed_wire = wire_dtype_of(hop.last_output)
+        verifier = await self._verifier_for(hop)
+        if verifier is None:
+            stats.skipped += 1
+            return False
+        try:
+            second = await self._run_check(verifier, inputs, tokens)
+        except SERVER_FAILURES as e:
+            logger.info("Spot check on %s failed (%r); skipping it", verifier.peer_id, e)
+            self._drop_verifier(hop)
+            await self.swarm.report_failure(verifier.peer_id, e)
+            stats.skipped += 1
+            return False
+        second_wire = wire_dtype_of(verifier.last_output)
+        self.spot_checks += 1
+        stats.checks += 1
+        excess = disagreement(claimed, second, claimed_wire, second_wire, self.swarm.dtype)
+        if excess <= 1.0:
+            hop.verified = True
+            return False
+        stats.disagreements += 1
+        where = f"blocks {hop.hop.start}:{hop.hop.end}, positions {position}:{position + tokens}"
+        logger.warning(
+            "Spot check: servers %s and %s disagree on %s (%.3g times the tolerance); asking a third",
+            hop.peer_id, verifier.peer_id, where, excess,
+        )
+        verdict, third = await self._third_opinion(hop, verifier, inputs, tokens, (claimed, claimed_wire), (second, second_wire))
+        if verdict is Verdict.PRIMARY_WRONG:
+            return True  # _spot_check replaces it and redoes the step
+        self._drop_verifier(hop)
+        if verdict is Verdict.VERIFIER_WRONG:
+            await self.swarm.report_failure(verifier.peer_id, WrongOutputs(f"wrong outputs for {where}"))
+            self._verifiers[hop] = third  # it holds the session's inputs so far: the next verifier
+            hop.verified = True
+        else:
+            stats.undecided += 1
+            logger.warning(
+                "Spot check: cannot tell whether %s or %s is wrong on %s (%s); keeping the chain's answer",
+                hop.peer_id, verifier.peer_id, where,
+                "the third server agrees with neither" if third is not None else "no third server could answer",
+            )
+            if third is not None:
+                asyncio.create_task(third.close())
+        return False
+
+    async def _run_check(self, stream: _HopStream, inputs: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``stream``'s outputs for the last ``tokens`` of ``inputs`` (every position so far), sending only what it does
+        not hold yet: from the first position where its kept inputs differ from ``inputs`` (a step redone after a
+        wrong answer) or the step's first, whichever comes first."""
+        start = min(stream.held, inputs.shape[1] - tokens)
+        kept = stream.history()
+        if start > 0 and not torch.equal(kept[:, :start], inputs[:, :start]):
+            start = int((kept[:, :start] != inputs[:, :start]).any(-1).any(0).nonzero()[0])
+        outputs = await stream.step(inputs[:, start:], start)
+        stream.remember(inputs[:, start:], start)
+        compute_s = stream.last_result.compute_s
+        self.spot_check_compute_s += compute_s
+        self.swarm.spot_checks.compute_s += compute_s
+        return outputs[:, -tokens:]
+
+    async def _verifier_for(self, hop: _HopStream) -> Optional[_HopStream]:
+        """The stream to the second server that checks ``hop`` (opened on first use, kept for the session)."""
+        verifier = self._verifiers.get(hop)
+        if verifier is not None:
+            return verifier
+        span = (hop.hop.start, hop.hop.end)
+        looked = self.swarm.unchecked_spans.get(span)
+        if looked is not None and time.monotonic() - looked < NO_VERIFIER_RETRY_S:
+            return None
+        candidates = await self.swarm.candidates()
+        chosen = choose_verifier(candidates, *span, exclude={hop.peer_id} | self.swarm.banned(), rng=self._spot_rng)
+        if chosen is None:
+            if looked is None:
+                logger.warning("No second server holds blocks %d:%d: they are not spot-checked", *span)
+            self.swarm.unchecked_spans[span] = time.monotonic()
+            return None
+        self.swarm.unchecked_spans.pop(span, None)
+        verifier = self._verifiers[hop] = self._stream(Hop(chosen.peer_id, *span), hop.timer)
+        return verifier
+
+    async def _third_opinion(
+        self,
+        hop: _HopStream,
+        verifier: _HopStream,
+        inputs: torch.Tensor,
+        tokens: int,
+        first: tuple[torch.Tensor, str],
+        second: tuple[torch.Tensor, str],
+    ) -> tuple[Verdict, Optional[_HopStream]]:
+        """Who of ``hop``'s server (answer ``first``) and ``verifier`` (``second``) is wrong, by a third server's
+        answer; also its stream (None if none could answer)."""
+        exclude = {hop.peer_id, verifier.peer_id} | self.swarm.banned()
+        chosen = choose_verifier(await self.swarm.candidates(), hop.hop.start, hop.hop.end, exclude, rng=self._spot_rng)
+        if chosen is None:
+            return judge(None, None), None
+        stream = self._stream(Hop(chosen.peer_id, hop.hop.start, hop.hop.end), hop.timer)
+        try:
+            third = await self._run_check(stream, inputs, tokens)
+        except SERVER_FAILURES as e:
+            asyncio.create_task(stream.close())
+            await self.swarm.report_failure(chosen.peer_id, e)
+            return judge(None, None), None
+        third_wire, dtype = wire_dtype_of(stream.last_output), self.swarm.dtype
+        verdict = judge(disagreement(first[0], third, first[1], third_wire, dtype), disagreement(second[0], third, second[1], third_wire, dtype))
+        if verdict is not Verdict.VERIFIER_WRONG:
+            asyncio.create_task(stream.close())
+        return verdict, stream
+
+    async def _redo_from(self, index: int, tokens: int) -> torch.Tensor:
+        """Hop ``index`` answered the last step wrong: ban its server, rebuild its blocks elsewhere from the inputs
+        kept before this step (as a failover does), and redo the step from there on. The hops after it get the
+        step again at the same position, so their servers roll their caches back (and so do their verifiers, at
+        their next check). Returns the step's new output."""
+        hop, position = self._hops[index], self.position
+        inputs = hop.history()[:, position : position + tokens]
+        hop.truncate(position)
+        verifier = self._verifiers.pop(hop, None)
+        what = f"wrong outputs for blocks {hop.hop.start}:{hop.hop.end} at positions {position}:{position + tokens}"
+        await self._replace(index, f"server {hop.peer_id} answered {what} (spot check)", WrongOutputs(what))
+        replacement = self._hops[index]
+        if verifier is not None:
+            if (replacement.hop.start, replacement.hop.end) == (hop.hop.start, hop.hop.end) and replacement.peer_id != verifier.peer_id:
+                self._verifiers[replacement] = verifier  # it holds this session's inputs: no need to start over
+            else:
+                asyncio.create_task(verifier.close())
+        return await self._step(inputs, first=index)
+
+    def _drop_verifier(self, hop: _HopStream) -> None:
+        verifier = self._verifiers.pop(hop, None)
+        if verifier is not None:
+            asyncio.create_task(verifier.close())
+
+    def _drop_stale_verifiers(self) -> None:
+        """Close the verifiers of hops that left the chain (failovers)."""
+        for hop in [hop for hop in self._verifiers if hop not in self._hops]:
+            self._drop_verifier(hop)
 
     def _schedule_leave_check(self) -> None:
         """Refresh the server list in the background so that servers that announced leaving are moved off early."""
@@ -541,7 +747,9 @@ class InferenceSession:
         asyncio.create_task(failed.close())  # never wait on a dead or hung peer
         # The replacement starts with the failed hop's step times: a replica that hangs during the replay is
         # then detected as fast as the original would have been.
-        replacement = await self._open_hops(failed.hop.start, failed.hop.end, failed.history(), failed.timer)
+        history = failed.history()
+        replay = history if history is not None and history.shape[1] > 0 else None
+        replacement = await self._open_hops(failed.hop.start, failed.hop.end, replay, failed.timer)
         self.failovers += 1
         return replacement
 
@@ -559,8 +767,9 @@ class InferenceSession:
     async def _close_hops(self) -> None:
         if self._leave_check is not None:
             self._leave_check.cancel()
-        await asyncio.gather(*(hop.close() for hop in self._hops), return_exceptions=True)
-        self._hops = []
+        streams = [*self._hops, *self._verifiers.values()]
+        await asyncio.gather(*(stream.close() for stream in streams), return_exceptions=True)
+        self._hops, self._verifiers = [], {}
 
 
 async def plan_with_wait(

@@ -16,6 +16,7 @@ from hivemind.utils import get_dht_time
 from molink_swarm.client.chunking import LinkThroughput
 from molink_swarm.client.link_gate import LinkGate
 from molink_swarm.client.loop import run_sync
+from molink_swarm.client.spot_check import SpotCheckStats, WrongOutputs
 from molink_swarm.dht import ServerInfo, ServerState, fetch_servers, start_dht
 from molink_swarm.net.links import PeerLinks
 from molink_swarm.protocol.errors import is_busy
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 BUSY_AVOID_S = 2.0  # a server that said it has no room now is left alone this long (not banned)
-MISSED_READS_TO_LEAVE = 2  # one DHT read can miss a healthy server; only a second miss in a row means it left
+MISSED_READS_TO_LEAVE = 2
+CONVICTED_BAN_S = 3600.0  # a server caught computing wrong outputs (doubling each time it is caught again)  # one DHT read can miss a healthy server; only a second miss in a row means it left
 
 
 class SwarmClient:
@@ -54,7 +56,9 @@ class SwarmClient:
         refresh_period: float = 5.0,
         hole_punching: bool = True,
         swarm_key: Optional[SwarmKey] = None,
+        spot_check: float = 0.0,
     ):
+        """``spot_check``: the fraction of steps its sessions re-run on a second server (client/spot_check.py)."""
         self.model_id, self.fingerprint, self.num_blocks = model_id, fingerprint, num_blocks
         self.torch_dtype = torch_dtype
         self.dtype: torch.dtype = getattr(torch, torch_dtype)  # what replies are decoded to
@@ -80,6 +84,8 @@ class SwarmClient:
         self.quant: Optional[str] = None  # the quantization of the servers it chains now
         self.rejected: dict[PeerID, tuple[int, ...]] = {}  # online servers of another copy -> blocks that differ
         self._warned: set[tuple[PeerID, Optional[tuple[str, ...]]]] = set()
+        self.spot_checks = SpotCheckStats(rate=spot_check)
+        self.unchecked_spans: dict[tuple[int, int], float] = {}  # span no second server held -> when (monotonic)
         self._closed = False
         atexit.register(self.shutdown)  # users forget; a clean exit beats "Task was destroyed" noise
 
@@ -169,6 +175,9 @@ class SwarmClient:
         """A call to ``peer_id`` failed: a server that said it is busy is avoided for a moment (not a failure);
         one behind a relay that announced another is reached through that one next (the relay may be what failed);
         otherwise the server is banned."""
+        if isinstance(error, WrongOutputs):
+            self.convict(peer_id, str(error))
+            return
         if error is not None and is_busy(error):
             self._bans.setdefault(peer_id, (0, 0.0))
             count = self._bans[peer_id][0]  # its failure count stays as it was
@@ -206,6 +215,13 @@ class SwarmClient:
         count = self._bans.get(peer_id, (0, 0.0))[0] + 1
         self._bans[peer_id] = (count, time.monotonic() + min(max_s, base_s * 2 ** (count - 1)))
         logger.info("Banned %s for %.0f s", peer_id, self._bans[peer_id][1] - time.monotonic())
+
+    def convict(self, peer_id: PeerID, reason: str) -> None:
+        """A server answered wrong outputs (a spot check caught it): banned for an hour (more if caught again), not
+        first retried through another relay as after a failure, and reported in the logs and the client's stats."""
+        self.spot_checks.caught[str(peer_id)] = reason
+        logger.warning("Spot check caught server %s: %s; banning it", peer_id, reason)
+        self.ban(peer_id, base_s=CONVICTED_BAN_S, max_s=24 * 3600.0)
 
     def banned(self) -> set[PeerID]:
         now = time.monotonic()

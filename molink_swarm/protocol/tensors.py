@@ -173,3 +173,10 @@ def check_tensor(proto: runtime_pb2.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES
 def wire_bytes(tensor: runtime_pb2.Tensor) -> tuple[int, int]:
     """(payload bytes, tokens) of serialized hidden states (tokens: every position of every sequence)."""
     return len(tensor.buffer), math.prod(tensor.size[:-1])
+
+
+def wire_dtype_of(tensor: runtime_pb2.Tensor) -> str:
+    """The wire dtype a (checked) tensor was sent as: float32, float16, bfloat16 or int8."""
+    if tensor.compression == _FLOAT16:
+        return "float16"
+    return tensor.dtype

@@ -48,6 +48,7 @@ from molink_swarm.protocol.tensors import (
     serialize_tensor,
     wire_bytes,
 )
+from molink_swarm.server.faults import FaultInjection
 from molink_swarm.server.metrics import ServerMetrics
 from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority
 from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
@@ -77,8 +78,10 @@ class BlockServicer(BlockRPC):
         metrics: ServerMetrics | None = None,
         wire_dtype: WireDtype = "auto",
         quant: str = "none",
+        fault: FaultInjection | None = None,
     ):
         self.blocks = blocks
+        self.fault = fault  # testing only: wrong outputs on purpose (server/faults.py)
         self.quant = quant
         self.compute = compute
         self.sessions = sessions
@@ -151,6 +154,8 @@ class BlockServicer(BlockRPC):
         started = time.perf_counter()
         span = (session.spec.start, session.spec.end)
         output = await self._compute(span, session.cache, step.position, hidden, Priority.PREFILL)
+        if self.fault is not None:
+            output = self.fault.apply(output)
         session.stepped(step.position, hidden.shape[1])
         elapsed = time.perf_counter() - started
         self._count(hidden, elapsed, kind="decode" if is_decode(hidden.shape[1]) else "prefill")
@@ -291,6 +296,8 @@ class BlockServicer(BlockRPC):
                 cache = self.blocks.new_cache(spec.start, spec.end)  # chunks of one pass see the earlier ones
                 started = time.perf_counter()
                 output = await self._compute((spec.start, spec.end), cache, 0, hidden, Priority.FORWARD)
+                if self.fault is not None:
+                    output = self.fault.apply(output)
                 self._count(hidden, time.perf_counter() - started, kind="forward")
             yield response(None, await self._serialize(output))
             # Let the client end the stream: closing it from here first can break the client's pending write.

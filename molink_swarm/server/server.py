@@ -36,6 +36,7 @@ from molink_swarm.net.reachability import RelayRegistration, check_reachability
 from molink_swarm.protocol.messages import relay_peer_id
 from molink_swarm.protocol.tensors import WireDtype, resolve_wire_dtype
 from molink_swarm.routing.placement import Peer, best_span, block_capacity, should_move
+from molink_swarm.server.faults import FaultInjection
 from molink_swarm.server.handler import BlockServicer
 from molink_swarm.server.metrics import ServerMetrics, start_metrics_server
 from molink_swarm.server.neighbours import NextServerPinger
@@ -86,6 +87,9 @@ class ServerConfig(BaseModel):
     max_batch_size: int = Field(default=32, gt=0)  # sessions' steps computed in one pass; 1: no batching
     # Without --blocks: move when the blocks elsewhere are weaker than ours would be without us by this much.
     rebalance_margin: float = Field(default=0.05, ge=0)
+    # Testing only (hidden flags): noise of this many times the RMS on a fraction of the outputs (server/faults.py).
+    debug_fault_noise: float = Field(default=0.0, ge=0)
+    debug_fault_rate: float = Field(default=1.0, gt=0, le=1)
 
 
 def parse_block_range(text: str) -> tuple[int, int]:
@@ -349,6 +353,7 @@ class Server:
             metrics=metrics,
             wire_dtype=self.wire_dtype,
             quant=cfg.quant,
+            fault=FaultInjection(cfg.debug_fault_noise, cfg.debug_fault_rate) if cfg.debug_fault_noise > 0 else None,
         )
         servicer.trusted_relays = {relay_peer_id(relay) for relay in relays}
         servicer.identity = self.identity

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -38,6 +39,7 @@ class WebApp:
         self.limits = limits
         self.initial_peers = list(initial_peers)
         self.metrics = metrics or WebMetrics()
+        self.metrics.watch_spot_checks(self.engines)
         self.api = OpenAIApi(self.engines, limits, self.client_slot)
         self._per_client: collections.Counter[str] = collections.Counter()
         self._snapshot: Optional[SwarmView] = None
@@ -75,6 +77,7 @@ class WebApp:
                     {"name": e.name, "model_id": e.model.source.model_id, "num_blocks": e.model.swarm.num_blocks} for e in self.engines
                 ],
                 "initial_peers": self.initial_peers,
+                "spot_checks": {e.name: dataclasses.asdict(e.model.swarm.spot_checks) for e in self.engines},
                 "taken_at": view.taken_at,
             }
         )
@@ -174,7 +177,7 @@ def _check_port(host: str, port: int) -> None:
 
 def load_engine(
     model: str, initial_peers: Sequence[str], *, metrics: WebMetrics, max_concurrent: int, wait_for_blocks_s: float,
-    wire_dtype: str = "auto", swarm_key=None,
+    wire_dtype: str = "auto", swarm_key=None, spot_check: float = 0.0,
 ) -> ChatEngine:
     """Connect to the swarm for ``model`` (loading only its embeddings and head) and wrap it for the web."""
     from transformers import AutoTokenizer
@@ -182,7 +185,8 @@ def load_engine(
     from molink_swarm.client.model import AutoDistributedModelForCausalLM
 
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
-        model, initial_peers=initial_peers, wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, swarm_key=swarm_key
+        model, initial_peers=initial_peers, wait_for_blocks_s=wait_for_blocks_s, wire_dtype=wire_dtype, swarm_key=swarm_key,
+        spot_check=spot_check,
     )
     tokenizer = AutoTokenizer.from_pretrained(distributed.source.path)
     if tokenizer.chat_template is None:
@@ -216,6 +220,7 @@ async def run_web(
     wait_for_blocks_s: float = 10.0,
     wire_dtype: str = "auto",
     swarm_key=None,
+    spot_check: float = 0.0,
     stop: Optional[asyncio.Event] = None,
     on_ready=None,
 ) -> None:
@@ -226,7 +231,7 @@ async def run_web(
     engines = [
         await asyncio.to_thread(
             load_engine, m, initial_peers, metrics=metrics, max_concurrent=max_concurrent, wait_for_blocks_s=wait_for_blocks_s,
-            wire_dtype=wire_dtype, swarm_key=swarm_key,
+            wire_dtype=wire_dtype, swarm_key=swarm_key, spot_check=spot_check,
         )
         for m in models
     ]

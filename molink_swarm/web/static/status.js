@@ -73,6 +73,17 @@ function modelSection(model, peers) {
   return section;
 }
 
+// What this app's spot checks found: servers caught answering wrong outputs (banned by this app).
+function spotChecks(byModel) {
+  return Object.entries(byModel).filter(([, s]) => s.rate > 0).map(([name, s]) => {
+    const caught = Object.entries(s.caught);
+    const line = `Spot checks of ${name} (${(100 * s.rate).toFixed(0)}% of steps): ${s.checks} checked, `
+      + `${s.disagreements} disagreed, ${caught.length} server(s) caught and banned`;
+    return el("div", { class: "spot-checks" }, el("p", {}, line),
+      ...caught.map(([peer, why]) => el("p", { class: "missing-blocks" }, `${peer}: ${why}`)));
+  });
+}
+
 async function refresh() {
   const root = document.getElementById("swarm");
   try {
@@ -80,7 +91,8 @@ async function refresh() {
     const peers = swarm.initial_peers.length ? swarm.initial_peers[0] : "ADDR";
     root.replaceChildren(...(swarm.models.length
       ? swarm.models.map((m) => modelSection(m, peers))
-      : [el("p", { class: "missing-blocks" }, "No model is announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers " + peers)]));
+      : [el("p", { class: "missing-blocks" }, "No model is announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers " + peers)]),
+      ...spotChecks(swarm.spot_checks || {}));
     document.getElementById("updated").textContent = new Date(swarm.taken_at * 1000).toLocaleTimeString();
   } catch (e) {
     root.replaceChildren(el("p", { class: "error" }, `Could not read the swarm: ${e.message}`));
