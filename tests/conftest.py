@@ -8,6 +8,7 @@ import os
 # small op of this process (clients, reference models) many times slower while swarm processes share the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -50,6 +51,20 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded 6-block random Llama saved as a Hugging Face folder."""
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     make_tiny_llama().save_pretrained(path)
+    return path
+
+
+def with_word_tokenizer(model_path: Path, path: Path) -> Path:
+    """A copy of the tiny Llama at ``model_path`` with a word-level tokenizer (t0..t127), so that `molink-swarm web`
+    and `chat` can serve it too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(model_path, path)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2")
+    tokenizer.save_pretrained(path)
     return path
 
 

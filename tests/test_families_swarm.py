@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from molink_swarm import AutoDistributedModelForCausalLM
 from tests.conftest import _swarm_factory
 from tests.test_families import prompt, saved
-from tests.test_generate_tiny import batch_counts
+from tests.test_generate_tiny import assert_batched_since, batch_totals
 
 FAMILIES = ["gemma2", "gemma3_text", "falcon-alibi", "bloom", "gpt2", "qwen3_moe", "deepseek_v3"]
 
@@ -73,7 +73,7 @@ def test_concurrent_sessions_are_batched_and_equal_alone(family):
     name, swarm, distributed, local = family
     if name not in ("gemma2", "bloom"):  # a sliding-window family and an ALiBi one; the rest do it in-process
         pytest.skip("checked in-process for this family (tests/test_families.py)")
-    before = [batch_counts(server) for server in swarm.servers]
+    before = batch_totals(swarm.servers)
     jobs = [(prompt(3 + 4 * i, seed=20 + i), 8 + 2 * (i % 3)) for i in range(6)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         outputs = list(pool.map(lambda job: greedy(distributed, *job), jobs))
@@ -81,7 +81,4 @@ def test_concurrent_sessions_are_batched_and_equal_alone(family):
         want = greedy(local, ids, new_tokens)
         assert torch.equal(got.sequences, want.sequences)
         torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=0)
-    after = [batch_counts(server) for server in swarm.servers]
-    passes = sum(a[0] - b[0] for a, b in zip(after, before))
-    steps = sum(a[1] - b[1] for a, b in zip(after, before))
-    assert steps > passes, "no pass of any server computed the steps of two sessions together"
+    assert_batched_since(swarm.servers, before)

@@ -127,7 +127,7 @@ def test_relayed_mode_gives_the_same_tokens(distributed, tiny_llama_local):
 def test_threads_generate_at_once_each_in_its_own_session(tiny_swarm, distributed, tiny_llama_local):
     """Sessions of different lengths that start and end at different times share the servers' passes (continuous
     batching), and each gets what it would get alone: identical tokens, logits within 1e-4."""
-    before = [batch_counts(server) for server in tiny_swarm.servers]
+    before = batch_totals(tiny_swarm.servers)
     jobs = [(prompt(3 + 5 * i, seed=20 + i), 6 + 3 * (i % 4)) for i in range(10)]
 
     def run(job):
@@ -144,16 +144,25 @@ def test_threads_generate_at_once_each_in_its_own_session(tiny_swarm, distribute
         )
         assert torch.equal(got.sequences, want.sequences)
         torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=0)
-    after = [batch_counts(server) for server in tiny_swarm.servers]
-    passes = sum(a[0] - b[0] for a, b in zip(after, before))
-    steps = sum(a[1] - b[1] for a, b in zip(after, before))
-    assert steps > passes, "no pass of any server computed the steps of two sessions together"
+    assert_batched_since(tiny_swarm.servers, before)
 
 
 def batch_counts(server) -> tuple[float, float]:
     """(passes, steps) a server has computed: more steps than passes means steps of sessions were batched."""
     values = server_metrics(server)
     return float(values["molink_server_batch_steps_count"]), float(values["molink_server_batch_steps_sum"])
+
+
+def batch_totals(servers) -> tuple[float, float]:
+    """(passes, steps) of all ``servers`` together."""
+    counts = [batch_counts(server) for server in servers]
+    return sum(passes for passes, _ in counts), sum(steps for _, steps in counts)
+
+
+def assert_batched_since(servers, before: tuple[float, float]) -> None:
+    """Some pass of ``servers`` since ``before`` (from :func:`batch_totals`) computed steps of two sessions."""
+    passes, steps = (now - then for now, then in zip(batch_totals(servers), before))
+    assert steps > passes, "no pass of any server computed the steps of two sessions together"
 
 
 def server_metrics(server) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -42,6 +41,7 @@ from molink_swarm.dht.validation import owner_subkey_bytes
 from molink_swarm.models import resolve_model
 from molink_swarm.net.ports import free_port
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S
+from tests.conftest import with_word_tokenizer
 
 NUM_BLOCKS = 6
 TTL_S = 600.0
@@ -50,16 +50,7 @@ TTL_S = 600.0
 @pytest.fixture(scope="module")
 def model_dir(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama plus a word-level tokenizer (t0..t127), so that `molink-swarm web` can serve it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama-chat"
-    shutil.copytree(tiny_llama_path, path)
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2")
-    tokenizer.save_pretrained(path)
-    return path
+    return with_word_tokenizer(tiny_llama_path, tmp_path_factory.mktemp("models") / "tiny-llama-chat")
 
 
 @pytest.fixture(scope="module")

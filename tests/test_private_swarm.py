@@ -4,7 +4,6 @@ another key, can neither join it, nor see it, nor use its servers and relays."""
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 
 import pytest
@@ -23,6 +22,7 @@ from molink_swarm.net.relay import RelayService
 from molink_swarm.protocol import messages
 from molink_swarm.protocol.rpc import block_stub
 from molink_swarm.swarm_key import SwarmKey, bind_daemon
+from tests.conftest import with_word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,7 @@ def wrong_key_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tiny_llama_path, tmp_path_factory):
     """The tiny Llama plus a word-level tokenizer (t0..t127), so that `molink-swarm web` can serve it too."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama-words"
-    shutil.copytree(tiny_llama_path, path)
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0", bos_token="t1", eos_token="t2")
-    tokenizer.save_pretrained(path)
-    return path
+    return with_word_tokenizer(tiny_llama_path, tmp_path_factory.mktemp("models") / "tiny-llama-words")
 
 
 @pytest.fixture(scope="module")
