@@ -138,7 +138,9 @@ def test_records_of_a_peer_without_the_key_are_not_stored(private_swarm, distrib
 def test_the_web_app_serves_a_private_swarm(private_swarm, distributed):
     _web, url = private_swarm.start_web("--wait-for-blocks", "10")  # with the swarm's --swarm-key
     with urllib.request.urlopen(url + "api/v1/swarm", timeout=120) as reply:
-        [model] = json.loads(reply.read())["models"]
+        swarm = json.loads(reply.read())
+    [model] = swarm["models"]
+    assert swarm["join_args"] == f"--initial-peers {private_swarm.initial_peers[0]} --swarm-key SWARM_KEY_FILE"
     assert model["missing"] == "" and {s["peer_id"] for s in model["servers"]} == {s.peer_id for s in private_swarm.servers}
     body = json.dumps({"model": model["name"], "prompt": "t5 t6 t7", "max_tokens": 4, "temperature": 0}).encode()
     request = urllib.request.Request(url + "v1/completions", body, {"Content-Type": "application/json"})

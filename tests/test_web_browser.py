@@ -130,7 +130,7 @@ def test_missing_blocks_show_a_banner_and_a_clear_api_error(page, half_swarm_web
     page.goto(half_swarm_web)
     page.wait_for_selector("#banner:not([hidden])", timeout=30_000)
     banner = page.inner_text("#banner")
-    assert "lacks blocks 15:30" in banner and "molink-swarm join --model" in banner and "--blocks 15:30" in banner
+    assert "lacks blocks 15:30" in banner and "molink-swarm join --model" in banner and "--blocks 15:30 --initial-peers /ip4/" in banner
     ask(page, "Hello?")
     page.wait_for_selector(".msg.assistant[data-state=error]", timeout=60_000)
     assert "molink-swarm join" in page.inner_text(".msg.assistant .error")

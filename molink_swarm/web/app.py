@@ -32,12 +32,21 @@ SNAPSHOT_TTL_S = 3.0
 
 
 class WebApp:
-    def __init__(self, engines: Sequence[ChatEngine], *, limits: Limits = Limits(), initial_peers: Sequence[str] = (), metrics: Optional[WebMetrics] = None):
+    def __init__(
+        self,
+        engines: Sequence[ChatEngine],
+        *,
+        limits: Limits = Limits(),
+        initial_peers: Sequence[str] = (),
+        metrics: Optional[WebMetrics] = None,
+        private: bool = False,
+    ):
         if not engines:
             raise ValueError("The web app needs at least one model")
         self.engines = list(engines)
         self.limits = limits
         self.initial_peers = list(initial_peers)
+        self.private = private  # a private swarm: volunteers need its key file to join
         self.metrics = metrics or WebMetrics()
         self.metrics.watch_spot_checks(self.engines)
         self.api = OpenAIApi(self.engines, limits, self.client_slot)
@@ -77,10 +86,16 @@ class WebApp:
                     {"name": e.name, "model_id": e.model.source.model_id, "num_blocks": e.model.swarm.num_blocks} for e in self.engines
                 ],
                 "initial_peers": self.initial_peers,
+                "join_args": self.join_args(),
                 "spot_checks": {e.name: dataclasses.asdict(e.model.swarm.spot_checks) for e in self.engines},
                 "taken_at": view.taken_at,
             }
         )
+
+    def join_args(self) -> str:
+        """What a volunteer adds to `molink-swarm join --model M --blocks A:B` to join this swarm (pages show it)."""
+        args = f"--initial-peers {self.initial_peers[0] if self.initial_peers else 'ADDR'}"
+        return args + " --swarm-key SWARM_KEY_FILE" if self.private else args
 
     async def snapshot(self) -> SwarmView:
         async with self._snapshot_lock:
@@ -236,7 +251,7 @@ async def run_web(
         for m in models
     ]
     try:
-        app = WebApp(engines, limits=limits, initial_peers=initial_peers, metrics=metrics).build()
+        app = WebApp(engines, limits=limits, initial_peers=initial_peers, metrics=metrics, private=swarm_key is not None).build()
         runner = await serve(app, host, port)
         try:
             bound_port = runner.addresses[0][1]

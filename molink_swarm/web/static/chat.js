@@ -166,16 +166,15 @@ async function checkCoverage() {
     const model = swarm.models.find((m) => m.served_here_as === chosen);
     listOtherModels(swarm);
     const banner = $("banner");
-    const peers = swarm.initial_peers.length ? swarm.initial_peers[0] : "ADDR";
     if (!model) {
       const served = swarm.served_models.find((m) => m.name === chosen);
       banner.textContent = `No server holds ${chosen} yet. Connect your GPU: molink-swarm join --model ${chosen} ` +
-        `--blocks 0:${served ? served.num_blocks : "N"} --initial-peers ${peers}`;
+        `--blocks 0:${served ? served.num_blocks : "N"} ${swarm.join_args}`;
       banner.hidden = false;
     } else if (model.missing) {
       const first = model.missing.split(",")[0].trim();
       banner.textContent = `The swarm lacks blocks ${model.missing} of ${chosen}, so answers cannot be computed. ` +
-        `Connect your GPU: molink-swarm join --model ${chosen} --blocks ${first} --initial-peers ${peers}`;
+        `Connect your GPU: molink-swarm join --model ${chosen} --blocks ${first} ${swarm.join_args}`;
       banner.hidden = false;
     } else {
       banner.hidden = true;

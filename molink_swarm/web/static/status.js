@@ -37,7 +37,7 @@ function describeWire(server) {
   return `${server.wire_dtype}, ${server.wire_bytes_per_token.toFixed(0)} B/token`;
 }
 
-function modelSection(model, peers) {
+function modelSection(model, joinArgs) {
   const section = el("section", { class: "model", "data-model": model.model_id });
   section.append(el("h2", {}, `${model.name} `, el("small", {}, `${model.model_type}, ${model.num_blocks} blocks`)));
   section.append(el("div", { class: "coverage-label" }, "Coverage (online servers per block)"));
@@ -45,7 +45,7 @@ function modelSection(model, peers) {
     "coverage"));
   const summary = model.missing
     ? el("p", { class: "missing-blocks" }, `Missing blocks: ${model.missing}. Connect your GPU: molink-swarm join --model ${model.name} ` +
-        `--blocks ${model.missing.split(",")[0].trim()} --initial-peers ${peers}`)
+        `--blocks ${model.missing.split(",")[0].trim()} ${joinArgs}`)
     : el("p", { class: "all-covered" }, `All ${model.num_blocks} blocks are served.`);
   section.append(summary);
   const table = el("table", {},
@@ -88,10 +88,9 @@ async function refresh() {
   const root = document.getElementById("swarm");
   try {
     const swarm = await (await fetch("/api/v1/swarm")).json();
-    const peers = swarm.initial_peers.length ? swarm.initial_peers[0] : "ADDR";
     root.replaceChildren(...(swarm.models.length
-      ? swarm.models.map((m) => modelSection(m, peers))
-      : [el("p", { class: "missing-blocks" }, "No model is announced in this swarm yet. Start a server: molink-swarm join --model M --initial-peers " + peers)]),
+      ? swarm.models.map((m) => modelSection(m, swarm.join_args))
+      : [el("p", { class: "missing-blocks" }, "No model is announced in this swarm yet. Start a server: molink-swarm join --model M " + swarm.join_args)]),
       ...spotChecks(swarm.spot_checks || {}));
     document.getElementById("updated").textContent = new Date(swarm.taken_at * 1000).toLocaleTimeString();
   } catch (e) {
