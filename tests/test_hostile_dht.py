@@ -35,11 +35,11 @@ from molink_swarm.cli.status import print_status
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.session import SwarmError
 from molink_swarm.dht import ModelRecord, Reachability, ServerRecord, ServerState, block_key, fetch_servers, start_dht
-from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.records import MAX_THROUGHPUT, MODELS_KEY
 from molink_swarm.dht.validation import owner_subkey_bytes
 from molink_swarm.models import resolve_model
 from molink_swarm.net.ports import free_port
+from molink_swarm.peer_keys import peer_id_of_owner_key
 from molink_swarm.routing.planner import UNREACHABLE_RTT_S
 from tests.conftest import with_word_tokenizer
 

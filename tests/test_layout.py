@@ -10,7 +10,7 @@ import sys
 
 import molink_swarm
 
-# What each part may load besides itself (molink_swarm, .errors and .swarm_key are shared by all).
+# What each part may load besides itself (molink_swarm, .errors, .swarm_key and .peer_keys are shared by all).
 ALLOWED = {
     "protocol": set(),
     "net": {"protocol"},
@@ -22,7 +22,7 @@ ALLOWED = {
     "web": {"client", "dht", "protocol", "net", "models", "routing"},
     "cli": {"web", "client", "server", "dht", "protocol", "net", "models", "routing"},
 }
-SHARED = {"", "errors", "swarm_key", "__main__"}
+SHARED = {"", "errors", "swarm_key", "peer_keys", "__main__"}
 
 # Each module is imported in its own forked child of a fresh interpreter, side by side.
 PROBE = r"""

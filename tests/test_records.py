@@ -18,7 +18,6 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from molink_swarm.dht import swarm_dht
-from molink_swarm.dht.identity import peer_id_of_owner_key
 from molink_swarm.dht.records import (
     MAX_THROUGHPUT,
     MODELS_KEY,
@@ -34,6 +33,7 @@ from molink_swarm.dht.records import (
 )
 from molink_swarm.dht.swarm_dht import declare_server, fetch_models, fetch_servers, owner_subkey, start_dht
 from molink_swarm.dht.validation import owner_subkey_bytes
+from molink_swarm.peer_keys import peer_id_of_owner_key
 
 ED25519_PEER = "12D3KooWF1kLNYQEAjgEPfH8vr35o7tQNXBdAnvHeqwkdP6gh7Nk"  # how a `molink-swarm dht` peer looks
 RSA_PEER = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # how a server (RSA identity) looks

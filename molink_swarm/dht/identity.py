@@ -8,21 +8,18 @@ record claims really belongs to the key that signed it: no peer can announce rec
 from __future__ import annotations
 
 import atexit
-import functools
-import hashlib
 import os
 import shutil
 import tempfile
 from typing import Optional
 
-import multihash
-from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from hivemind.utils.crypto import RSAPrivateKey
 
 from molink_swarm.errors import UserError
+from molink_swarm.peer_keys import peer_id_of_owner_key
 
 
 class BadIdentityError(UserError):
@@ -49,18 +46,6 @@ def load_or_create_identity(path: Optional[str]) -> tuple[str, RSAPrivateKey]:
             f"--identity {path}: cannot use this key file ({e}); delete it to let molink-swarm create a new one"
         ) from None
     return path, key
-
-
-@functools.lru_cache(maxsize=4096)
-def peer_id_of_owner_key(owner_key: bytes) -> Optional[PeerID]:
-    """The libp2p peer id of an RSA public key in OpenSSH form (as found in "[owner:...]"), or None if invalid."""
-    try:
-        public = RSAPublicKey.from_bytes(owner_key)._public_key
-    except Exception:  # junk from the network
-        return None
-    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
-    return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256")))
 
 
 def identity_key_of(validator: RSASignatureValidator, peer_id: PeerID) -> Optional[RSAPrivateKey]:

@@ -20,8 +20,9 @@ from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
-from molink_swarm.dht.identity import owner_key_in, peer_id_of_owner_key
+from molink_swarm.dht.identity import owner_key_in
 from molink_swarm.dht.records import parse_record
+from molink_swarm.peer_keys import peer_id_of_owner_key
 
 logger = logging.getLogger(__name__)
 

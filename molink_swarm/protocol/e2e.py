@@ -41,7 +41,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from molink_swarm.dht.identity import peer_id_of_owner_key
+from molink_swarm.peer_keys import peer_id_of_owner_key
 from molink_swarm.protocol.errors import ProtocolError
 
 HELLO = b"\x00mle2e1c"  # metadata of the caller's first message (JSON metadata never starts with a zero byte)
