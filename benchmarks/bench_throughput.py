@@ -14,7 +14,7 @@ a prompt's compute then slows every decode step whatever the links do. To see th
 the same width with almost no compute, e.g. a 2-block random Llama of hidden size 576 with `--blocks 0:1 1:2`.
 
 Usage: python benchmarks/bench_throughput.py [--only p3|p5] [--model smollm2-135m-instruct] [--rounds 2]
-    [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N]
+    [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N] [--server-threads N]
 Prints one line per measurement, e.g.
 `P3 speedup16=<16 generations' aggregate / 1 generation's> batching_gain=<on / off, 16 generations> ...`
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
@@ -90,6 +90,7 @@ def p5(args) -> str:
     with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
         swarm.start_bootstrap()
         extra = ["--chunk-tokens", str(args.server_chunk_tokens)] if args.server_chunk_tokens else []
+        extra += server_threads(args)
         servers = [swarm.start_server(blocks, *extra, wait=False, link_bandwidth_mbit=args.mbit) for blocks in args.blocks]
         for server in servers:
             server.wait_online()
@@ -141,12 +142,16 @@ def p5(args) -> str:
     )
 
 
+def server_threads(args) -> list[str]:
+    return ["--threads", str(args.server_threads)] if args.server_threads else []
+
+
 def p3(args) -> str:
     """1, 4 and 16 generations at once, batching on, then the same with batching off (a fresh swarm each)."""
     rates = {}
     for batching in (True, False):
         with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
-            swarm.start(args.blocks, "--max-batch-size", "32" if batching else "1")
+            swarm.start(args.blocks, "--max-batch-size", "32" if batching else "1", *server_threads(args))
             model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
             try:
                 decoder = BatchedDecoder(model, micro_batches=batching)
@@ -198,6 +203,7 @@ def main() -> None:
     parser.add_argument("--p3-sessions", type=int, nargs="+", default=[1, 4, 16], help="P3: generations at once")
     parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
+    parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (join --threads)")
     args = parser.parse_args()
     for name in args.only or sorted(MEASUREMENTS):
         print(MEASUREMENTS[name](args), flush=True)

@@ -1,6 +1,6 @@
 """Load test of the web app: N concurrent chat requests through `molink-swarm web` over a 2-server swarm.
 
-Usage: python benchmarks/bench_web.py [--concurrency 20] [--max-tokens 32]
+Usage: python benchmarks/bench_web.py [--concurrency 20] [--max-tokens 32] [--server-threads N]
 Runs one request alone, then N at once (each from its own OpenAI client), all in the same run, and prints:
 `WEB n=<N> ok=<completed>/<N> p50_s=... p95_s=... single_s=... p50_vs_single=... aggregate_tok_s=...`
 """
@@ -38,11 +38,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (join --threads)")
     args = parser.parse_args()
 
     source = resolve_model(args.model, progress=True)
     with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
-        swarm.start(["0:15", "15:30"])
+        swarm.start(["0:15", "15:30"], *(["--threads", str(args.server_threads)] if args.server_threads else []))
         _web, url = swarm.start_web(
             "--max-concurrent", str(args.concurrency), "--max-sessions-per-client", str(args.concurrency)
         )

@@ -47,6 +47,11 @@ def test_join_with_unreachable_peers(tiny_llama_path):
     assert_one_line_error(result, "Could not reach any of the initial peers")
 
 
+def test_join_with_a_bad_thread_count(tiny_llama_path):
+    result = run_cli("join", "--model", str(tiny_llama_path), "--blocks", "0:2", "--threads", "0", "--initial-peers", UNREACHABLE_PEER)
+    assert_one_line_error(result, "--threads", "'0' is not a whole number of at least 1")
+
+
 def test_join_with_an_unknown_quantization(tiny_llama_path):
     result = run_cli("join", "--model", str(tiny_llama_path), "--blocks", "0:2", "--quant", "int4", "--initial-peers", UNREACHABLE_PEER)
     assert_one_line_error(result, "--quant", "'int4'", "'none', 'int8', 'nf4'")
@@ -94,8 +99,9 @@ def test_status_shows_every_server_and_missing_blocks(swarm, tiny_llama_path):
 
 
 def test_join_leaves_cleanly_on_sigterm(swarm, tiny_llama_path):
-    local = swarm(tiny_llama_path, ["0:6"])
+    local = swarm(tiny_llama_path, ["0:6"], "--threads", "1")
     server = local.servers[0]
+    assert server.wait_for(r"computing with (\d+) torch threads", 5).group(1) == "1"
     assert server.stop() == 0
     assert any("offline" in line for line in server.lines), server.output()
 

@@ -31,6 +31,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _setup_logging(verbose: bool) -> None:
     """Our lines for the user; libraries' notices meant for developers only with --verbose."""
     level = logging.DEBUG if verbose else logging.INFO
@@ -146,6 +156,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         force_relay=args.force_relay,
         chunk_tokens=args.chunk_tokens,
         max_batch_size=args.max_batch_size,
+        threads=args.threads,
         rebalance_margin=args.rebalance_margin,
         debug_fault_noise=args.debug_fault_noise,
         debug_fault_rate=args.debug_fault_rate,
@@ -360,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split long prompts and forward passes into chunks of N tokens (default: measured, ~0.25 s each)")
     p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
                    help="steps of up to N sessions computed in one pass (continuous batching; 1: off)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch threads computing the blocks (default: torch's, one per core); several servers on one "
+                   "machine are faster with a share of the cores each")
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget, in tokens, over all sessions")
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT heartbeats")
     p.add_argument("--identity", default=None, metavar="PATH", help="private key file: keeps the peer id stable")

@@ -85,6 +85,7 @@ class ServerConfig(BaseModel):
     force_relay: bool = False
     chunk_tokens: Optional[int] = Field(default=None, gt=0)  # None: measured (see _measure_chunk_tokens)
     max_batch_size: int = Field(default=32, gt=0)  # sessions' steps computed in one pass; 1: no batching
+    threads: Optional[int] = Field(default=None, gt=0)  # torch threads for the blocks (None: torch's default)
     # Without --blocks: move when the blocks elsewhere are weaker than ours would be without us by this much.
     rebalance_margin: float = Field(default=0.05, ge=0)
     # Testing only (hidden flags): noise of this many times the RMS on a fraction of the outputs (server/faults.py).
@@ -110,6 +111,8 @@ class Server:
         self.swarm_key = load_swarm_key(config.swarm_key)  # a bad key file fails before the model loads
         self.dtype = DTYPES[config.dtype]
         self.device = torch.device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)  # before the compute thread starts: it takes the count when it does
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda was given but no CUDA GPU is available; use --device cpu")
         self.source = resolve_model(config.model, progress=True)
@@ -411,8 +414,8 @@ class Server:
                 parts.append(build(kept.stop, self.end))
             blocks = BlockSpan.join(parts)
         logger.info(
-            "Loaded blocks %d:%d in %.1f s%s", self.start, self.end, time.perf_counter() - started,
-            f" (kept {kept.start}:{kept.stop})" if kept else "",
+            "Loaded blocks %d:%d in %.1f s%s; computing with %d torch threads", self.start, self.end,
+            time.perf_counter() - started, f" (kept {kept.start}:{kept.stop})" if kept else "", torch.get_num_threads(),
         )
         return blocks
 
