@@ -50,7 +50,10 @@ def greedy(model, ids, new_tokens):
 def test_greedy_generation_over_two_servers_equals_local(family):
     _name, _swarm, distributed, local = family
     ids = prompt(11, seed=3)
-    got, want = greedy(distributed, ids, 16), greedy(local, ids, 16)
+    with distributed.inference_session(max_length=ids.shape[1] + 16) as session:
+        got = greedy(distributed, ids, 16)
+        assert session.failovers == 0
+    want = greedy(local, ids, 16)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=0)
 

@@ -36,7 +36,9 @@ def test_greedy_answer_is_token_identical(distributed, gemma3):
     ids = text_ids(tokenizer, "The Eiffel Tower is located in the city of")
     kwargs = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
     expected = local.generate(ids, **kwargs)
-    got = distributed.generate(ids, **kwargs)
+    with distributed.inference_session(max_length=ids.shape[1] + 24) as session:
+        got = distributed.generate(ids, **kwargs)
+        assert session.failovers == 0
     assert torch.equal(got.sequences, expected.sequences), (
         tokenizer.decode(got.sequences[0]), tokenizer.decode(expected.sequences[0])
     )
@@ -52,6 +54,9 @@ def test_a_prompt_longer_than_the_sliding_window_matches_local(distributed, gemm
     ids = text_ids(tokenizer, text)
     assert ids.shape[1] > window
     kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    expected, got = local.generate(ids, **kwargs), distributed.generate(ids, **kwargs)
+    expected = local.generate(ids, **kwargs)
+    with distributed.inference_session(max_length=ids.shape[1] + 6) as session:
+        got = distributed.generate(ids, **kwargs)
+        assert session.failovers == 0
     assert torch.equal(got.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-3, rtol=1e-4)

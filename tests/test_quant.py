@@ -279,6 +279,7 @@ def test_an_int8_swarm_matches_local_and_is_never_mixed_with_unquantized_servers
         with model.inference_session(max_length=32) as session:
             assert torch.equal(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), expected_tokens)
             assert plain.peer_id not in {str(hop.peer_id) for hop in session.chain}
+            assert session.failovers == 0
 
         rows = run_sync(swarm_snapshot(model.swarm.dht, model.swarm.p2p)).models[0].servers
         assert sorted(describe_weights(row) for row in rows) == ["float32", "int8 (float32)", "int8 (float32)"]
