@@ -333,3 +333,63 @@ def test_sampling_at_a_tiny_temperature_is_greedy_not_an_error():
     assert Sampling(temperature=0.0).choose(logits, None) == 1
     generator = torch.Generator().manual_seed(0)
     assert Sampling(temperature=1.0, top_p=0.3).choose(logits, generator) == 1  # the top token alone reaches 0.3
+
+
+class Member:
+    """Stands for a session: decode steps carry their session as ``member``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+async def test_steps_that_ran_together_wait_for_each_other_and_a_lone_step_never_waits():
+    """Steps of one pass arrive a few messages apart next time: the first waits for its partners instead of going
+    alone, so they run in one pass again. A session that ran alone, or whose partners are all there, never waits."""
+    queue, passes, run = queue_recorder()
+    queue.hold_share = 500.0  # of a ~20 ms pass: a wait of ~10 s, far longer than the test may take
+    a, b, c, lone = (Member(name) for name in "abcl")
+
+    def step(member: Member, key: str = "span") -> asyncio.Future:
+        work = BatchWork(key, 1, member.name, run, decode=True, member=member)
+        return asyncio.ensure_future(queue.run_batched(work, Priority.DECODE))
+
+    try:
+        blocker = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "x", run, decode=True), Priority.DECODE))
+        await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(blocker, step(a), step(b), step(c)), 5)
+        assert passes[-1] == ["a", "b", "c"]
+        for _ in range(2):  # they arrive 10 ms apart, each pass takes 20 ms: without the wait a would go alone
+            first = step(a)
+            await asyncio.sleep(0.01)
+            second = step(b)
+            await asyncio.sleep(0.01)
+            await asyncio.wait_for(asyncio.gather(first, second, step(c)), 5)
+            assert passes[-1] == ["a", "b", "c"]
+        await asyncio.wait_for(step(lone), 5)  # never ran with anyone: no wait
+        await asyncio.wait_for(step(lone), 5)  # ran alone: still no wait
+        assert passes[-2:] == [["l"], ["l"]]
+        await asyncio.wait_for(asyncio.gather(step(a), step(b), step(c)), 5)  # all there at once: no wait either
+        assert passes[-1] == ["a", "b", "c"]
+    finally:
+        queue.shutdown()
+
+
+async def test_a_partner_that_does_not_come_is_waited_for_once_and_only_briefly():
+    queue, passes, run = queue_recorder()
+    a, b, c = (Member(name) for name in "abc")
+
+    def step(member: Member) -> asyncio.Future:
+        return asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, member.name, run, decode=True, member=member), Priority.DECODE))
+
+    try:
+        blocker = asyncio.ensure_future(queue.run_batched(BatchWork("span", 1, "x", run, decode=True), Priority.DECODE))
+        await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(blocker, step(a), step(b), step(c)), 5)
+        queue.hold_share = 5.0  # c has left: a and b wait for it about 5 passes (~0.1 s), then go together
+        await asyncio.wait_for(asyncio.gather(step(a), step(b)), 5)
+        assert passes[-1] == ["a", "b"]
+        queue.hold_share = 500.0  # now they expect only each other: no wait of ~10 s for c again
+        await asyncio.wait_for(asyncio.gather(step(a), step(b)), 5)
+        assert passes[-1] == ["a", "b"]
+    finally:
+        queue.shutdown()

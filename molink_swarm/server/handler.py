@@ -257,7 +257,9 @@ class BlockServicer(BlockRPC):
 
     def _work(self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor) -> BatchWork:
         tokens = hidden.shape[0] * hidden.shape[1]
-        return BatchWork(span, tokens, (cache, position, hidden), run=self._run_pass, decode=is_decode(hidden.shape[1]))
+        # The session's cache stands for the session (by id: the queue must not keep a closed session's cache).
+        decode = is_decode(hidden.shape[1])
+        return BatchWork(span, tokens, (cache, position, hidden), run=self._run_pass, decode=decode, member=id(cache))
 
     def _run_pass(self, works: list[BatchWork]) -> list[torch.Tensor]:
         """One pass of the blocks over the steps of several sessions (on the compute thread)."""

@@ -10,7 +10,9 @@ decode steps: a steady stream of decode steps cannot starve it (strict prioritie
 Continuous batching: when the worker takes a task of :class:`BatchWork`, it takes with it every queued task with
 the same key (the same blocks) that fits the batch (:func:`select_batch`), and runs them as one pass. Nothing
 waits for a batch to fill: a task that arrives while a pass computes joins the next one, so a lone session runs
-as soon as the worker is free. Long work is handed in as chunks (see handler.py), so no pass is long.
+as soon as the worker is free. The one wait: decode steps that ran in one pass expect each other in the next,
+and the first to arrive waits (briefly, see :meth:`ComputeQueue._hold_s`) for the others, which come a few
+messages behind it. Long work is handed in as chunks (see handler.py), so no pass is long.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class BatchWork:
     payload: Any
     run: Callable[[list["BatchWork"]], list[Any]]
     decode: bool = False  # a decode step (always joins a pass), else a chunk of a prompt or forward pass
+    member: Hashable = None  # whose step it is (its session): decode steps that ran together wait for each other
 
 
 @dataclasses.dataclass(order=True)
@@ -137,6 +140,9 @@ class ComputeQueue:
         self.busy_s = 0.0
         self.on_batch: Optional[Callable[[int, int], None]] = None  # (items, tokens) of each batched pass
         self.pass_times = PassTimes(prompt_token_s=0.25 / max_batch_tokens)  # chunks are sized for ~0.25 s
+        self.hold_share = 0.25  # of a decode pass's time: how long a pass may wait for the steps that ran with it
+        self._partners: dict[Hashable, tuple[int, frozenset]] = {}  # member -> (pass number, its last decode pass)
+        self._passes = 0
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -194,8 +200,13 @@ class ComputeQueue:
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._heap:
-                    self._ready.wait()
+                while True:
+                    while not self._heap:
+                        self._ready.wait()
+                    hold_s = self._hold_s(self._heap[0])
+                    if hold_s <= 0:
+                        break
+                    self._ready.wait(hold_s)
                 head = heapq.heappop(self._heap)
                 if head.fn is None and head.work is None:
                     return
@@ -207,11 +218,43 @@ class ComputeQueue:
                 continue
             started = time.perf_counter()
             if batch[0].work is not None:
+                self._remember_partners(batch)
                 self._run_batch(batch)
                 self.pass_times.record([task.work for task in batch], time.perf_counter() - started)
             else:
                 self._settle(batch[0], *_call(batch[0].fn))
             self.busy_s += time.perf_counter() - started
+
+    def _hold_s(self, head: _Task) -> float:
+        """How much longer ``head`` waits for the decode steps that ran with it last time (called with the lock
+        held); 0: it goes now.
+
+        Sessions that step together (a client's micro-batch, the pushes that follow the previous server's pass)
+        arrive a few messages apart. Without this wait the first would go alone and the rest in the next pass,
+        after it, and a pass costs about the same for one step as for many. A lone session never waits, nor does
+        a step whose partners are all queued; the wait is at most ``hold_share`` of a decode pass's measured time,
+        counted from the step's arrival, and a partner that did not come is not waited for again."""
+        work = head.work
+        if work is None or not work.decode or work.member is None or self.max_batch <= 1:
+            return 0.0
+        partners = self._partners.get(work.member)
+        if partners is None or len(partners[1]) < 2 or self.pass_times.decode_pass_s is None:
+            return 0.0
+        queued = {task.work.member for task in self._heap if task.work is not None and task.work.decode}
+        if partners[1] <= queued:
+            return 0.0
+        arrived = head.deadline - SLACK_S[head.priority]
+        return arrived + self.hold_share * self.pass_times.decode_pass_s - time.monotonic()
+
+    def _remember_partners(self, batch: list[_Task]) -> None:
+        """The decode steps of this pass expect each other next time (called on the compute thread)."""
+        members = [task.work.member for task in batch if task.work.decode and task.work.member is not None]
+        together = frozenset(members)
+        self._passes += 1
+        for member in members:
+            self._partners[member] = (self._passes, together)
+        if len(self._partners) > 4 * self.max_queued:  # members of sessions long gone
+            self._partners = {m: p for m, p in self._partners.items() if p[0] > self._passes - self.max_queued}
 
     def _queue_next(self, task: _Task) -> None:
         """The chunk after ``task`` in its sequence goes in the queue (called with the lock held)."""
