@@ -1,6 +1,7 @@
 """P1: decode tokens/s of a 3-server loopback swarm vs local transformers, same model and dtype, same run.
 
 Usage: python benchmarks/bench_generate.py [--model smollm2-135m-instruct] [--new-tokens 64] [--repeats 3]
+    [--server-threads N]
 Prints one summary line: `P1 ratio=<swarm tok/s / local tok/s> ...` (SPEC target >= 0.9).
 """
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (join --threads)")
     args = parser.parse_args()
 
     source = resolve_model(args.model, progress=True)
@@ -69,7 +71,7 @@ def main() -> None:
     del local
 
     with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
-        swarm.start(split(num_blocks, args.servers))
+        swarm.start(split(num_blocks, args.servers), *(["--threads", str(args.server_threads)] if args.server_threads else []))
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         try:
             swarm_rate = decode_rate(model, ids, args.new_tokens, args.repeats, forwarding=True)
@@ -79,7 +81,8 @@ def main() -> None:
 
     print(
         f"P1 ratio={swarm_rate / local_rate:.3f} swarm_tok_s={swarm_rate:.1f} local_tok_s={local_rate:.1f} "
-        f"relayed_tok_s={relayed_rate:.1f} servers={args.servers} model={source.name} dtype=float32 "
+        f"relayed_tok_s={relayed_rate:.1f} servers={args.servers} server_threads={args.server_threads or 'default'} "
+        f"model={source.name} dtype=float32 "
         f"new_tokens={args.new_tokens} (SPEC target >= 0.9; swarm = server-to-server forwarding, relayed = client "
         "talks to each server in turn)"
     )

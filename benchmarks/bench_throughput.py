@@ -15,6 +15,7 @@ the same width with almost no compute, e.g. a 2-block random Llama of hidden siz
 
 Usage: python benchmarks/bench_throughput.py [--only p3|p5] [--model smollm2-135m-instruct] [--rounds 2]
     [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N] [--server-threads N]
+    [--pin-servers]
 Prints one line per measurement, e.g.
 `P3 speedup16=<16 generations' aggregate / 1 generation's> batching_gain=<on / off, 16 generations> ...`
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
@@ -94,6 +95,7 @@ def p5(args) -> str:
         servers = [swarm.start_server(blocks, *extra, wait=False, link_bandwidth_mbit=args.mbit) for blocks in args.blocks]
         for server in servers:
             server.wait_online()
+        pin_servers(args, servers)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         if args.gate_slack_s is not None:
             model.swarm.gate.slack_s = args.gate_slack_s
@@ -138,12 +140,23 @@ def p5(args) -> str:
         f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} forced_chunks={forced} "
         f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} pipelined={policy.pipelined} gate_slack_s={model.swarm.gate.slack_s} "
         f"steps={len(alone)}/{len(chunked)}/{len(unchunked)} mbit={args.mbit} prompt_tokens={args.prompt_tokens} "
-        f"servers={len(args.blocks)}"
+        f"servers={len(args.blocks)} pinned={args.pin_servers}"
     )
 
 
 def server_threads(args) -> list[str]:
     return ["--threads", str(args.server_threads)] if args.server_threads else []
+
+
+def pin_servers(args, servers) -> None:
+    """With --pin-servers, server i computes on core i only (every thread it has, its p2p daemon excepted): as if
+    each had a machine of its own, instead of all of them taking turns on every core."""
+    if not args.pin_servers:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    for index, server in enumerate(servers):
+        for thread in os.listdir(f"/proc/{server.pid}/task"):
+            os.sched_setaffinity(int(thread), {cores[index % len(cores)]})
 
 
 def p3(args) -> str:
@@ -152,6 +165,7 @@ def p3(args) -> str:
     for batching in (True, False):
         with tempfile.TemporaryDirectory() as logs, LocalSwarm(args.model, log_dir=Path(logs)) as swarm:
             swarm.start(args.blocks, "--max-batch-size", "32" if batching else "1", *server_threads(args))
+            pin_servers(args, swarm.servers)
             model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
             try:
                 decoder = BatchedDecoder(model, micro_batches=batching)
@@ -169,7 +183,7 @@ def p3(args) -> str:
         f"P3 speedup{most}={rates[True, most] / rates[True, 1]:.2f} batching_gain={rates[True, most] / rates[False, most]:.2f} "
         f"unbatched_speedup{most}={rates[False, most] / rates[False, 1]:.2f} "
         f"on_tok_s={on.replace(' ', ',')} off_tok_s={off.replace(' ', ',')} new_tokens={args.new_tokens} "
-        f"servers={len(args.blocks)}"
+        f"servers={len(args.blocks)} pinned={args.pin_servers}"
     )
 
 
@@ -204,6 +218,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
     parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (join --threads)")
+    parser.add_argument("--pin-servers", action="store_true", help="server i computes on core i only (see pin_servers)")
     args = parser.parse_args()
     for name in args.only or sorted(MEASUREMENTS):
         print(MEASUREMENTS[name](args), flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import re
 import urllib.request
 
@@ -281,3 +282,10 @@ def test_engine_scores_a_long_prompt_and_its_answer_like_local(distributed, tiny
     assert len(only_prompt) == len(ids)
     assert [t.logprob for t in only_prompt[1:]] == pytest.approx([t.logprob for t in tokens[1 : len(ids)]], abs=1e-5)
     assert decoder.failovers == 0 and not decoder.active
+
+
+def test_servers_of_one_machine_share_its_cores(tiny_swarm):
+    """LocalSwarm (the demo's) gives each of its servers a share of the cores, not every core to every server."""
+    share = max(1, len(os.sched_getaffinity(0)) // len(tiny_swarm.servers))
+    for server in tiny_swarm.servers:
+        assert server.wait_for(r"computing with (\d+) torch threads", 5).group(1) == str(share), server.output()

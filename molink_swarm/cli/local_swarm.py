@@ -244,7 +244,12 @@ class LocalSwarm:
         return server
 
     def start(self, block_ranges: Sequence[str], *extra: str, timeout: float = 240.0) -> "LocalSwarm":
+        """A bootstrap peer and one server per range. The servers share this machine's cores: unless ``extra`` says
+        ``--threads``, each computes with its share of them (as torchrun gives each of its processes one thread).
+        With all of them on every core, a pass of one server waits for threads that another server's pass holds."""
         self.start_bootstrap()
+        if "--threads" not in extra:
+            extra = (*extra, "--threads", str(max(1, len(os.sched_getaffinity(0)) // max(1, len(block_ranges)))))
         started = [self.start_server(blocks, *extra, wait=False) for blocks in block_ranges]
         for server in started:
             server.wait_online(timeout)
