@@ -81,7 +81,7 @@ def main() -> None:
 
     print(
         f"P1 ratio={swarm_rate / local_rate:.3f} swarm_tok_s={swarm_rate:.1f} local_tok_s={local_rate:.1f} "
-        f"relayed_tok_s={relayed_rate:.1f} servers={args.servers} server_threads={args.server_threads or 'default'} "
+        f"relayed_tok_s={relayed_rate:.1f} servers={args.servers} server_threads={args.server_threads or 'share'} "
         f"model={source.name} dtype=float32 "
         f"new_tokens={args.new_tokens} (SPEC target >= 0.9; swarm = server-to-server forwarding, relayed = client "
         "talks to each server in turn)"
