@@ -14,13 +14,13 @@ a prompt's compute then slows every decode step whatever the links do. To see th
 the same width with almost no compute, e.g. a 2-block random Llama of hidden size 576 with `--blocks 0:1 1:2`.
 
 Usage: python benchmarks/bench_throughput.py [--only p3|p5] [--model smollm2-135m-instruct] [--rounds 2]
-    [--chunk-target-s S] [--gate-slack-s S] [--no-pipelining] [--server-chunk-tokens N] [--server-threads N]
+    [--chunk-target-s S] [--no-pipelining] [--server-chunk-tokens N] [--server-threads N]
     [--pin-servers]
 Prints one line per measurement, e.g.
 `P3 speedup16=<16 generations' aggregate / 1 generation's> batching_gain=<on / off, 16 generations> ...`
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
-(forced_chunks: chunks that went after waiting the gate's slack while decode steps were under way; measured_link:
-the client's estimate of the slowest link.)
+(gate_wait_s: time the prompt's chunks waited for a link that earlier chunks still occupied; measured_link: the
+client's estimate of the slowest link.)
 """
 
 from __future__ import annotations
@@ -97,8 +97,6 @@ def p5(args) -> str:
             server.wait_online()
         pin_servers(args, servers)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
-        if args.gate_slack_s is not None:
-            model.swarm.gate.slack_s = args.gate_slack_s
         prompt = torch.randn(1, args.prompt_tokens, model.config.hidden_size)
         policy = ChunkPolicy(pipelined=not args.no_pipelining)
         if args.chunk_target_s:
@@ -122,7 +120,7 @@ def p5(args) -> str:
                             prompt_s[condition].append(time.perf_counter() - started)
                         windows[condition] += decoders.latencies(started, time.perf_counter())
                         time.sleep(1.0)  # the previous prompt's last bytes and compute drain
-            forced = model.swarm.gate.forced
+            gate_wait_s = model.swarm.gate.waited_s
             measured = [model.swarm.link_throughput.get(PeerID.from_base58(server.peer_id)) for server in servers]
             link_mbit = min(8 * rate / 1e6 for rate in measured if rate is not None)
         finally:
@@ -137,8 +135,8 @@ def p5(args) -> str:
         f"alone_p50_ms={1000 * statistics.median(alone):.1f} alone_p99_ms={1000 * percentile(alone, 0.99):.1f} "
         f"chunked_p99_ms={1000 * percentile(chunked, 0.99):.1f} unchunked_p99_ms={1000 * percentile(unchunked, 0.99):.1f} "
         f"prompt_s={statistics.median(prompt_s['chunked']):.2f} "
-        f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} forced_chunks={forced} "
-        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} pipelined={policy.pipelined} gate_slack_s={model.swarm.gate.slack_s} "
+        f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} gate_wait_s={gate_wait_s:.2f} "
+        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} pipelined={policy.pipelined} "
         f"steps={len(alone)}/{len(chunked)}/{len(unchunked)} mbit={args.mbit} prompt_tokens={args.prompt_tokens} "
         f"servers={len(args.blocks)} pinned={args.pin_servers}"
     )
@@ -213,7 +211,6 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=5.0, help="P5: seconds of decoding alone per round")
     parser.add_argument("--chunk-target-s", type=float, default=None, help="P5: ChunkPolicy.target_s of the prompt")
     parser.add_argument("--no-pipelining", action="store_true", help="P5: chunks of the prompt go one at a time")
-    parser.add_argument("--gate-slack-s", type=float, default=None, help="P5: the client's LinkGate.slack_s")
     parser.add_argument("--p3-sessions", type=int, nargs="+", default=[1, 4, 16], help="P3: generations at once")
     parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")

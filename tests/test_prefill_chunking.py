@@ -18,110 +18,89 @@ from molink_swarm.client.link_gate import LinkGate
 # ---- the gate (pure asyncio, no network)
 
 
-def test_a_chunk_goes_at_once_when_no_decode_step_is_under_way():
+def test_a_chunk_goes_at_once_on_an_idle_link():
     async def main():
-        gate = LinkGate(slack_s=60)
-        async with gate.prefill("a"):
-            pass
-        assert gate.forced == 0
+        gate = LinkGate()
+        async with gate.prefill("a", 0.5):
+            assert gate.busy_s("a") > 0.4  # it holds the link for its transmission
+        assert gate.waited_s == 0
 
     asyncio.run(main())
 
 
-def test_a_chunk_waits_for_decode_steps_to_its_server_only():
+def test_chunks_to_one_server_are_spaced_by_their_transmission_in_order_and_other_links_do_not_wait():
     async def main():
-        gate, events = LinkGate(slack_s=60), []
-        decode_done = asyncio.Event()
+        gate, sent = LinkGate(), []
 
-        async def decode():
-            with gate.decode(["a", "b"]):
-                await decode_done.wait()
-                events.append("decode done")
+        async def chunk(peer, name, link_s):
+            async with gate.prefill(peer, link_s):
+                sent.append((name, time.monotonic()))
 
-        async def chunk(peer):
-            async with gate.prefill(peer):
-                events.append(f"chunk to {peer}")
-
-        decoding = asyncio.create_task(decode())
-        await asyncio.sleep(0)
-        await chunk("c")  # another server: no wait
-        waiting = asyncio.create_task(chunk("a"))
-        await asyncio.sleep(0.01)
-        assert events == ["chunk to c"]  # held back while the decode step to "a" is under way
-        decode_done.set()
-        await asyncio.gather(decoding, waiting)
-        assert events == ["chunk to c", "decode done", "chunk to a"]
-        assert gate.forced == 0 and gate.decoding_to("a") == 0
+        started = time.monotonic()
+        await asyncio.gather(chunk("a", "a1", 0.05), chunk("a", "a2", 0.05), chunk("b", "b1", 0.05), chunk("a", "a3", 0.05))
+        times = dict(sent)
+        assert [name for name, _ in sent if name.startswith("a")] == ["a1", "a2", "a3"]
+        assert times["a2"] - times["a1"] >= 0.045 and times["a3"] - times["a2"] >= 0.045
+        assert times["b1"] - started < 0.03  # another server's link is free
 
     asyncio.run(main())
 
 
-def test_a_chunk_goes_once_its_server_has_answered_though_the_step_goes_on_down_the_chain():
+def test_a_chunk_holds_a_measured_link_for_its_transmission_only_not_while_its_server_computes():
+    """Prompts that start together reach the server together (it computes them in one pass): the second chunk is
+    sent while the first is still being answered."""
+
     async def main():
-        gate, events = LinkGate(slack_s=60), []
-        step_done = asyncio.Event()
-
-        async def decode():
-            with gate.decode(["a", "b"]) as answered:
-                await asyncio.sleep(0.01)
-                events.append("a answered")
-                answered("a")
-                await step_done.wait()
-
-        async def chunk(peer):
-            async with gate.prefill(peer):
-                events.append(f"chunk to {peer}")
-
-        decoding = asyncio.create_task(decode())
-        await asyncio.sleep(0)
-        await chunk("a")
-        assert gate.decoding_to("b") == 1
-        step_done.set()
-        await decoding
-        await chunk("b")
-        assert events == ["a answered", "chunk to a", "chunk to b"] and gate.forced == 0
-
-    asyncio.run(main())
-
-
-def test_chunks_to_one_server_go_one_at_a_time_in_order():
-    async def main():
-        gate, events = LinkGate(slack_s=60), []
-        release = asyncio.Event()
+        gate, events = LinkGate(), []
+        answered = asyncio.Event()
 
         async def chunk(name):
-            async with gate.prefill("a"):
+            async with gate.prefill("a", 0.001):
+                events.append(f"{name} sent")
+                await answered.wait()  # the server computes both in one pass
+                events.append(f"{name} answered")
+
+        tasks = [asyncio.create_task(chunk(name)) for name in ("first", "second")]
+        await asyncio.sleep(0.05)
+        assert events == ["first sent", "second sent"]
+        answered.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_a_chunk_holds_an_unmeasured_link_until_it_is_answered():
+    async def main():
+        gate, events = LinkGate(), []
+        release = asyncio.Event()
+
+        async def chunk(name, link_s):
+            async with gate.prefill("a", link_s):
                 events.append(f"{name} sent")
                 await release.wait()
                 events.append(f"{name} answered")
 
-        tasks = [asyncio.create_task(chunk(name)) for name in ("first", "second", "third")]
-        await asyncio.sleep(0.01)
-        assert events == ["first sent"]
+        tasks = [asyncio.create_task(chunk("first", None)), asyncio.create_task(chunk("second", 0.001))]
+        await asyncio.sleep(0.02)
+        assert events == ["first sent"]  # the second waits: nobody knows yet how long the first takes to cross
         release.set()
         await asyncio.gather(*tasks)
-        assert events == [f"{n} {what}" for n in ("first", "second", "third") for what in ("sent", "answered")]
+        assert events == ["first sent", "first answered", "second sent", "second answered"]
 
     asyncio.run(main())
 
 
-def test_a_steady_stream_of_decode_steps_cannot_starve_a_chunk():
+def test_a_chunk_whose_sending_fails_frees_the_link():
     async def main():
-        gate, stop = LinkGate(slack_s=0.05), asyncio.Event()
+        gate = LinkGate()
+        with pytest.raises(ConnectionError):
+            async with gate.prefill("a", None):
+                raise ConnectionError("server gone")
+        await asyncio.wait_for(_enter(gate, "a"), 1.0)
 
-        async def decode_steps():  # two sessions whose steps overlap: never a moment without one under way
-            with gate.decode(["a"]):
-                while not stop.is_set():
-                    with gate.decode(["a"]):
-                        await asyncio.sleep(0.001)
-
-        steps = asyncio.create_task(decode_steps())
-        await asyncio.sleep(0)
-        async with gate.prefill("a"):
-            went_during_decode = gate.decoding_to("a") > 0
-        stop.set()
-        await steps
-        assert went_during_decode and gate.forced == 1
+    async def _enter(gate, peer):
+        async with gate.prefill(peer, None):
+            pass
 
     asyncio.run(main())
 

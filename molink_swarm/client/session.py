@@ -1,8 +1,8 @@
 """Inference sessions: a chain of servers, each holding the KV cache of its blocks for this session.
 
 Decode steps go to every hop at once and each server pushes its output to the next (server to server). A prompt
-goes in chunks (see chunking.py), relayed by the client and pipelined over the hops, each chunk waiting for its
-turn on each link behind other sessions' decode steps (see link_gate.py). Server pushes thus carry decode steps
+goes in chunks (see chunking.py), relayed by the client and pipelined over the hops, each chunk let onto each link
+only once the chunks before it have crossed it, so that decode steps find at most one ahead (see link_gate.py). Server pushes thus carry decode steps
 only, and need no gate of their own (without chunking, a prompt of up to FORWARD_MAX_BYTES is pushed too).
 
 Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
@@ -21,10 +21,10 @@ import logging
 import random
 import time
 import uuid
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.chunking import ChunkPolicy
@@ -345,8 +345,7 @@ class InferenceSession:
             if hop.peer_id in self.swarm.departed:
                 await self._replace(index, f"server {hop.peer_id} left the swarm")
         if messages.is_decode(hidden.shape[1]):
-            with self.swarm.gate.decode(hop.peer_id for hop in self._hops) as answered:
-                output = await self._step(hidden, answered)
+            output = await self._step(hidden)
         elif self.prefill_chunking:
             output = await self._prefill(hidden)
         else:
@@ -356,11 +355,9 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return output
 
-    async def _step(
-        self, hidden: torch.Tensor, answered: Callable[[PeerID], None] = lambda _: None, first: int = 0
-    ) -> torch.Tensor:
+    async def _step(self, hidden: torch.Tensor, first: int = 0) -> torch.Tensor:
         """One step through the chain: forwarded server to server where it is small enough, else relayed.
-        ``answered(peer)`` is called as each server answers. ``first``: redo the step from that hop on (relayed),
+        ``first``: redo the step from that hop on (relayed),
         ``hidden`` being that hop's input; the hops before it keep what they computed."""
         forwarded = (
             self.forwarding and first == 0 and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
@@ -378,7 +375,6 @@ class InferenceSession:
             except SERVER_FAILURES as e:
                 await self._replace(index, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}", e)
                 continue
-            answered(hop.peer_id)
             self.compute_s += hop.last_result.compute_s
             upstream_s += hop.timer.timeout(hidden.shape[1])
             upstream_done = time.perf_counter()
@@ -461,21 +457,19 @@ class InferenceSession:
         while index < len(hops):
             hop = hops[index]
             try:
-                async with self.swarm.gate.prefill(hop.peer_id):
+                nbytes = 2 * hidden.numel() * hidden.element_size()  # its input and its output
+                rate = self.swarm.link_throughput.get(hop.peer_id)
+                async with self.swarm.gate.prefill(hop.peer_id, None if rate is None else nbytes / rate):
                     started = time.perf_counter()
                     output = await hop.step(hidden, position)
+                    elapsed = time.perf_counter() - started
+                    rtt = self.swarm.links.rtts.get(hop.peer_id, 0.0)
+                    self.swarm.link_throughput.record(hop.peer_id, nbytes, elapsed, hop.last_result.compute_s, rtt)
             except SERVER_FAILURES as e:
                 hops[index : index + 1] = await self._rebuild(
                     hop, f"server {hop.peer_id} (blocks {hop.hop.start}:{hop.hop.end}) failed: {e!r}", e
                 )
                 continue
-            self.swarm.link_throughput.record(
-                hop.peer_id,
-                2 * hidden.numel() * hidden.element_size(),
-                time.perf_counter() - started,
-                hop.last_result.compute_s,
-                self.swarm.links.rtts.get(hop.peer_id, 0.0),
-            )
             self.compute_s += hop.last_result.compute_s
             hop.remember(hidden, position)
             hidden = output
