@@ -7,6 +7,8 @@ leaves is cheap to check; tests/test_generate_tiny.py checks the same through re
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 
 import pytest
@@ -17,7 +19,7 @@ from molink_swarm.client.batched import GroupCount, Sampling
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
-from molink_swarm.server.scheduler import BatchWork, ComputeQueue, PassTimes, Priority, select_batch
+from molink_swarm.server.scheduler import PREFILL_NICE, BatchWork, ComputeQueue, PassTimes, Priority, select_batch
 from tests.conftest import make_tiny_llama
 
 HIDDEN = 64
@@ -274,6 +276,43 @@ async def test_a_prompts_chunks_run_in_order_one_per_pass():
     assert order == ["x0", "x1", "x2"]
     assert all(sum(name.startswith("x") for name in members) <= 1 for members in passes)
     assert passes.index(next(p for p in passes if "y" in p)) < passes.index(next(p for p in passes if "x1" in p))
+
+
+async def test_with_a_prefill_worker_a_decode_step_runs_while_a_prompt_chunk_computes():
+    """On a CPU server a prompt never holds up decode steps: they run beside its chunks, not after them."""
+    finished: list[str] = []
+
+    def run(works):
+        time.sleep(0.3 if works[0].payload == "chunk" else 0.01)
+        finished.extend(w.payload for w in works)
+        return [f"out-{w.payload}" for w in works]
+
+    queue = ComputeQueue("test", prefill_worker=True)
+    try:
+        prompt = asyncio.ensure_future(queue.run_sequence([BatchWork("span", 64, "chunk", run)], Priority.PREFILL))
+        await asyncio.sleep(0.05)  # the chunk computes
+        decode = await asyncio.wait_for(queue.run_batched(BatchWork("span", 1, "step", run, decode=True), Priority.DECODE), 5)
+        assert decode == "out-step" and finished == ["step"]  # done while the chunk still computes
+        assert await asyncio.wait_for(prompt, 5) == ["out-chunk"]
+    finally:
+        queue.shutdown()
+
+
+async def test_the_prefill_worker_runs_at_a_lower_os_priority_and_decode_steps_never_join_its_passes():
+    queue, passes, run = queue_recorder({"prefill_worker": True})
+    try:
+        threads = {thread.name: thread for thread in threading.enumerate() if thread.name.startswith("test-")}
+        assert os.getpriority(os.PRIO_PROCESS, threads["test-prefill"].native_id) == PREFILL_NICE
+        assert os.getpriority(os.PRIO_PROCESS, threads["test-decode"].native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+        chunks = [BatchWork("span", 8, f"x{i}", run) for i in range(3)]
+        prompt = asyncio.ensure_future(queue.run_sequence(chunks, Priority.PREFILL))
+        steps = [queue.run_batched(BatchWork("span", 1, f"d{i}", run, decode=True), Priority.DECODE) for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(prompt, *steps), 5)
+    finally:
+        queue.shutdown()
+    assert all(all(name.startswith("x") for name in p) or all(name.startswith("d") for name in p) for p in passes)
+    assert [name for p in passes for name in p if name.startswith("x")] == ["x0", "x1", "x2"]  # in order
+    assert queue.prompt_chunk(256) == 256  # decode steps never wait on a chunk: chunks need not shrink
 
 
 def test_micro_batches_in_flight_follow_the_measured_trip_and_slowest_stage():

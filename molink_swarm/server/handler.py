@@ -249,16 +249,21 @@ class BlockServicer(BlockRPC):
         sessions' decode steps get their turn, and while they decode, chunks are small (``PassTimes.prompt_chunk``)."""
         tokens = hidden.shape[1]
         if is_decode(tokens):
-            return await self.compute.run_batched(self._work(span, cache, position, hidden), Priority.DECODE)
-        size = max(1, self.compute.pass_times.prompt_chunk(self.chunk_tokens) // hidden.shape[0])
-        works = [self._work(span, cache, position + offset, hidden[:, offset : offset + size]) for offset in range(0, tokens, size)]
+            return await self.compute.run_batched(self._work(span, cache, position, hidden, decode=True), Priority.DECODE)
+        size = max(1, self.compute.prompt_chunk(self.chunk_tokens) // hidden.shape[0])
+        works = [
+            self._work(span, cache, position + offset, hidden[:, offset : offset + size], decode=False)
+            for offset in range(0, tokens, size)
+        ]
         outputs = await self.compute.run_sequence(works, priority)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _work(self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor) -> BatchWork:
+    def _work(
+        self, span: tuple[int, int], cache: SpanCache, position: int, hidden: torch.Tensor, *, decode: bool
+    ) -> BatchWork:
+        """A decode step, or a chunk of a prompt or forward pass (``decode=False``, however short: the last chunk)."""
         tokens = hidden.shape[0] * hidden.shape[1]
         # The session's cache stands for the session (by id: the queue must not keep a closed session's cache).
-        decode = is_decode(hidden.shape[1])
         return BatchWork(span, tokens, (cache, position, hidden), run=self._run_pass, decode=decode, member=id(cache))
 
     def _run_pass(self, works: list[BatchWork]) -> list[torch.Tensor]:

@@ -1,18 +1,31 @@
 """One compute queue per server: every session's work goes through it, batched across sessions, decode steps
 first, nothing starves.
 
-Blocks run on one worker thread (torch releases the GIL, so the event loop keeps serving the network while a pass
-computes). Each task gets a deadline: its arrival time plus the slack of its class (none for decode steps, more
-for prefill chunks, most for forward passes), and the worker takes the earliest deadline first. A decode step
-therefore jumps ahead of queued prefills, but a prefill that has waited longer than its slack goes before newer
-decode steps: a steady stream of decode steps cannot starve it (strict priorities could).
+Blocks run on worker threads (torch releases the GIL, so the event loop keeps serving the network while a pass
+computes). Work comes in two lanes: decode steps, and prompt chunks and forward passes (*prefill*).
 
-Continuous batching: when the worker takes a task of :class:`BatchWork`, it takes with it every queued task with
-the same key (the same blocks) that fits the batch (:func:`select_batch`), and runs them as one pass. Nothing
-waits for a batch to fill: a task that arrives while a pass computes joins the next one, so a lone session runs
-as soon as the worker is free. The one wait: decode steps that ran in one pass expect each other in the next,
-and the first to arrive waits (briefly, see :meth:`ComputeQueue._hold_s`) for the others, which come a few
-messages behind it. Long work is handed in as chunks (see handler.py), so no pass is long.
+- On a CPU (``prefill_worker=True``) each lane has a worker thread of its own, and the prefill worker runs at a
+  lower OS priority (``PREFILL_NICE``). Decode steps never wait behind a prompt: while a pass of prompt tokens
+  computes, a decode step that arrives runs at once beside it, and where the two compete for cores (the server's
+  own, or those it shares with other programs, other servers and clients of a one-machine swarm), the operating
+  system gives them to the decode pass. A prompt thus computes in the time decode steps leave free, on every
+  core of the machine (MoLink's decode priority, in compute as the client's link gate does on the wire); it is
+  slowed while others decode, not stopped (a niced thread still gets a share of a busy core).
+- On a GPU one worker serves both lanes (the device runs kernels in order anyway). Each task gets a deadline:
+  its arrival time plus the slack of its class (none for decode steps, more for prefill chunks, most for forward
+  passes), and the worker takes the earliest deadline first. A decode step therefore jumps ahead of queued
+  prefills, but a prefill that has waited longer than its slack goes before newer decode steps: a steady stream
+  of decode steps cannot starve it. Prompt chunks are kept small while sessions decode (:class:`PassTimes`).
+
+Continuous batching: when a worker takes a task of :class:`BatchWork`, it takes with it every queued task of its
+lanes with the same key (the same blocks) that fits the batch (:func:`select_batch`), and runs them as one pass.
+Nothing waits for a batch to fill: a task that arrives while a pass computes joins the next one, so a lone
+session runs as soon as the worker is free. The one wait: decode steps that ran in one pass expect each other in
+the next, and the first to arrive waits (briefly, see :meth:`ComputeQueue._hold_s`) for the others, which come a
+few messages behind it. Long work is handed in as chunks (see handler.py), so no pass is long.
+
+Two passes on one worker never overlap, and a session's steps come one at a time (its stream reads the next
+message only after answering the last), so no two passes touch one session's cache at once.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import enum
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Hashable, Optional, Sequence
@@ -41,6 +55,16 @@ class Priority(enum.IntEnum):
 
 # How long a task of each class may wait behind later, more urgent work (seconds).
 SLACK_S = {Priority.DECODE: 0.0, Priority.PREFILL: 0.5, Priority.FORWARD: 1.0}
+
+# The OS priority (nice value) of the prefill worker: under contention it gets about a tenth of a core that a
+# normal thread also wants (the kernel weighs nice 10 at about 1/9 of nice 0), so it slows decode passes little
+# and is never starved outright. Raising one's own nice value needs no privilege.
+PREFILL_NICE = 10
+
+
+class Lane(enum.IntEnum):
+    DECODE = 0
+    PREFILL = 1
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,6 +91,10 @@ class _Task:
     # The chunks that follow this one (see ComputeQueue.run_sequence): queued once this one is taken.
     then: Optional[collections.deque] = dataclasses.field(compare=False, default=None)
     priority: Priority = dataclasses.field(compare=False, default=Priority.DECODE)
+
+    @property
+    def lane(self) -> Lane:
+        return Lane.DECODE if self.work is None or self.priority == Priority.DECODE else Lane.PREFILL
 
 
 def select_batch(head: BatchWork, queued: Sequence[BatchWork], *, max_items: int, max_tokens: int) -> list[BatchWork]:
@@ -128,27 +156,49 @@ def _smoothed(old: Optional[float], new: float, weight: float = 0.2) -> float:
 
 
 class ComputeQueue:
-    def __init__(self, name: str = "compute", max_queued: int = 1024, max_batch: int = 32, max_batch_tokens: int = 256):
+    def __init__(
+        self,
+        name: str = "compute",
+        max_queued: int = 1024,
+        max_batch: int = 32,
+        max_batch_tokens: int = 256,
+        *,
+        prefill_worker: bool = False,
+    ):
+        """``prefill_worker``: prompt chunks and forward passes get a worker thread of their own, at a lower OS
+        priority (for CPUs; see the module docstring)."""
         self.max_queued = max_queued
         self.max_batch = max_batch  # 1: no batching across sessions
         self.max_batch_tokens = max_batch_tokens
-        self._heap: list[_Task] = []
+        self.prefill_worker = prefill_worker
+        self._heaps: dict[Lane, list[_Task]] = {Lane.DECODE: [], Lane.PREFILL: []}
         self._ready = threading.Condition()
+        self._closed = False
         self._counter = itertools.count()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
         self.busy_s = 0.0
         self.on_batch: Optional[Callable[[int, int], None]] = None  # (items, tokens) of each batched pass
         self.pass_times = PassTimes(prompt_token_s=0.25 / max_batch_tokens)  # chunks are sized for ~0.25 s
         self.hold_share = 0.25  # of a decode pass's time: how long a pass may wait for the steps that ran with it
         self._partners: dict[Hashable, tuple[int, frozenset]] = {}  # member -> (pass number, its last decode pass)
         self._passes = 0
+        lanes = [((Lane.DECODE,), 0), ((Lane.PREFILL,), PREFILL_NICE)] if prefill_worker else [(tuple(Lane), 0)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(lanes_, nice), name=f"{name}-{lanes_[-1].name.lower()}", daemon=True)
+            for lanes_, nice in lanes
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return sum(len(heap) for heap in self._heaps.values())
+
+    def prompt_chunk(self, max_tokens: int) -> int:
+        """How many tokens the next chunk of a prompt may have: all ``max_tokens`` where prompts compute beside decode
+        steps, fewer while sessions decode where they take turns (see :class:`PassTimes`)."""
+        return max_tokens if self.prefill_worker else self.pass_times.prompt_chunk(max_tokens)
 
     async def run(self, fn: Callable[[], Any], priority: Priority) -> Any:
-        """Run ``fn()`` on the compute thread when its turn comes; returns its result or raises its error."""
+        """Run ``fn()`` on the decode worker when its turn comes; returns its result or raises its error."""
         return await self._submit(priority, fn=fn)
 
     async def run_batched(self, work: BatchWork, priority: Priority) -> Any:
@@ -181,36 +231,42 @@ class ComputeQueue:
 
     def _enqueue(self, task: _Task) -> None:
         with self._ready:
-            if len(self._heap) >= self.max_queued:
+            if len(self) >= self.max_queued:
                 raise ProtocolError("Server is overloaded; try another server")
             self._push(task)
-            self._ready.notify()
 
     def _push(self, task: _Task) -> None:
         """Queue ``task`` with its deadline from now (called with the lock held)."""
         task.deadline, task.order = time.monotonic() + SLACK_S[task.priority], next(self._counter)
-        heapq.heappush(self._heap, task)
+        heapq.heappush(self._heaps[task.lane], task)
+        self._ready.notify_all()  # the worker of its lane (with two workers, only one of them cares)
 
     def shutdown(self) -> None:
         with self._ready:
-            heapq.heappush(self._heap, _Task(-float("inf"), -1))
-            self._ready.notify()
-        self._thread.join(timeout=10)
+            self._closed = True
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
 
-    def _run(self) -> None:
+    def _run(self, lanes: tuple[Lane, ...], nice: int) -> None:
+        if nice:
+            _lower_priority(nice)
         while True:
             with self._ready:
                 while True:
-                    while not self._heap:
+                    heads = [self._heaps[lane][0] for lane in lanes if self._heaps[lane]]
+                    if self._closed:
+                        return
+                    if not heads:
                         self._ready.wait()
-                    hold_s = self._hold_s(self._heap[0])
+                        continue
+                    head = min(heads)
+                    hold_s = self._hold_s(head)
                     if hold_s <= 0:
                         break
                     self._ready.wait(hold_s)
-                head = heapq.heappop(self._heap)
-                if head.fn is None and head.work is None:
-                    return
-                batch = self._take_batch(head) if head.work is not None else [head]
+                heapq.heappop(self._heaps[head.lane])
+                batch = self._take_batch(head, lanes) if head.work is not None else [head]
                 for task in batch:
                     self._queue_next(task)
             batch = [task for task in batch if not task.future.cancelled()]
@@ -218,12 +274,14 @@ class ComputeQueue:
                 continue
             started = time.perf_counter()
             if batch[0].work is not None:
-                self._remember_partners(batch)
+                if batch[0].lane == Lane.DECODE:
+                    self._remember_partners(batch)
                 self._run_batch(batch)
                 self.pass_times.record([task.work for task in batch], time.perf_counter() - started)
             else:
                 self._settle(batch[0], *_call(batch[0].fn))
-            self.busy_s += time.perf_counter() - started
+            with self._ready:
+                self.busy_s += time.perf_counter() - started
 
     def _hold_s(self, head: _Task) -> float:
         """How much longer ``head`` waits for the decode steps that ran with it last time (called with the lock
@@ -240,7 +298,7 @@ class ComputeQueue:
         partners = self._partners.get(work.member)
         if partners is None or len(partners[1]) < 2 or self.pass_times.decode_pass_s is None:
             return 0.0
-        queued = {task.work.member for task in self._heap if task.work is not None and task.work.decode}
+        queued = {task.work.member for task in self._heaps[Lane.DECODE] if task.work is not None and task.work.decode}
         if partners[1] <= queued:
             return 0.0
         arrived = head.deadline - SLACK_S[head.priority]
@@ -266,11 +324,13 @@ class ComputeQueue:
             self._push(following)
             return
 
-    def _take_batch(self, head: _Task) -> list[_Task]:
-        """Remove and return ``head`` and the queued tasks that join it (called with the lock held)."""
+    def _take_batch(self, head: _Task, lanes: tuple[Lane, ...]) -> list[_Task]:
+        """Remove and return ``head`` and the tasks of ``lanes`` that join it (called with the lock held)."""
         if self.max_batch <= 1:
             return [head]
-        queued = sorted(task for task in self._heap if task.work is not None and task.work.key == head.work.key)
+        queued = sorted(
+            task for lane in lanes for task in self._heaps[lane] if task.work is not None and task.work.key == head.work.key
+        )
         chosen = select_batch(
             head.work, [task.work for task in queued], max_items=self.max_batch, max_tokens=self.max_batch_tokens
         )
@@ -278,8 +338,9 @@ class ComputeQueue:
             return [head]
         taken = {id(work) for work in chosen[1:]}
         batch = [head, *(task for task in queued if id(task.work) in taken)]
-        self._heap = [task for task in self._heap if task.work is None or id(task.work) not in taken]
-        heapq.heapify(self._heap)
+        for lane in lanes:
+            self._heaps[lane] = [task for task in self._heaps[lane] if task.work is None or id(task.work) not in taken]
+            heapq.heapify(self._heaps[lane])
         return batch
 
     def _run_batch(self, batch: list[_Task]) -> None:
@@ -298,6 +359,14 @@ class ComputeQueue:
     @staticmethod
     def _settle(task: _Task, result: Any, error: Optional[BaseException]) -> None:
         task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+
+
+def _lower_priority(nice: int) -> None:
+    """Give the calling thread (and the threads it starts, such as torch's intra-op pool) the OS priority ``nice``."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed: the lanes still never wait on each other
+        logger.info("Could not lower the priority of %s (%r)", threading.current_thread().name, e)
 
 
 def _call(fn: Callable[[], Any]) -> tuple[Any, Optional[BaseException]]:

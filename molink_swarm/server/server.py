@@ -331,7 +331,10 @@ class Server:
             self.batch_throughput = await asyncio.to_thread(self._measure_batch_throughput, blocks)
         chunk_tokens = cfg.chunk_tokens or await asyncio.to_thread(self._measure_chunk_tokens, blocks)
         compute = ComputeQueue(
-            f"compute-{self.start}-{self.end}", max_batch=cfg.max_batch_size, max_batch_tokens=chunk_tokens
+            f"compute-{self.start}-{self.end}",
+            max_batch=cfg.max_batch_size,
+            max_batch_tokens=chunk_tokens,
+            prefill_worker=self.device.type == "cpu",  # a GPU runs one pass at a time anyway (see scheduler.py)
         )
         resources.callback(compute.shutdown)
         sessions = SessionTable(
