@@ -365,3 +365,142 @@ def test_refusals_leave_one_short_line_each_in_the_server_log(local, client):
     assert not [line for line in lines if "Traceback" in line or "Handler failed" in line]
     # Over twenty refused calls above; at most one line per peer every 10 s (two peers, a module of ~30 s).
     assert len([line for line in lines if "Refused" in line]) <= 6
+
+
+# ---- group steps (client/group_step.py): several sessions' decode steps in one message
+
+
+class OpenSessions:
+    """Sessions opened on their own inference streams (each with a prompt), kept open until the block ends; their
+    streams take more steps with ``step``."""
+
+    def __init__(self, swarm, peer, prompts: dict[str, torch.Tensor]):
+        self.swarm, self.peer, self.prompts = swarm, peer, prompts
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._replies: dict[str, object] = {}
+
+    async def __aenter__(self) -> "OpenSessions":
+        for session_id, hidden in self.prompts.items():
+            queue = self._queues[session_id] = asyncio.Queue()
+            queue.put_nowait(step(0, hidden, spec(session_id=session_id)))
+            self._replies[session_id] = await self.swarm.stub(self.peer).rpc_inference(_queued(queue))
+            await anext(self._replies[session_id])
+        return self
+
+    async def step(self, session_id: str, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        self._queues[session_id].put_nowait(step(position, hidden))
+        return deserialize_tensor((await anext(self._replies[session_id])).tensors[0])
+
+    async def __aexit__(self, *exc) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(None)
+
+
+async def _queued(queue: asyncio.Queue):
+    while (item := await queue.get()) is not None:
+        yield item
+
+
+def group_step(members: list[tuple[str, int]], hidden: torch.Tensor | None = None, **fields) -> runtime_pb2.ExpertRequest:
+    """A GroupStep request, built without the sender's checks (so that the server's are the ones tested)."""
+    members_ = [messages.GroupMember(session_id=s, position=p) for s, p in members]
+    message = messages.GroupStep.model_construct(**{"expect_push": False, "push_from": None, "push_to": None, **fields, "members": members_})
+    return messages.request(message, *([] if hidden is None else [hidden]))
+
+
+async def group_steps(swarm, peer, *requests: runtime_pb2.ExpertRequest) -> list[runtime_pb2.ExpertResponse]:
+    queue: asyncio.Queue = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    replies = await swarm.stub(peer).rpc_group_step(_queued(queue))
+    try:
+        return [await anext(replies) for _ in requests]
+    finally:
+        queue.put_nowait(None)
+
+
+def test_a_group_step_computes_what_each_sessions_own_step_does(client):
+    peer = server_of(client)
+    gen = torch.Generator().manual_seed(5)
+    prompts = {f"grouped-{i}-session": torch.randn(1, 3 + i, HIDDEN, generator=gen) for i in range(3)}
+    steps = torch.randn(3, 1, HIDDEN, generator=gen)
+
+    async def run():
+        async with OpenSessions(client, peer, prompts) as alone:  # each on its own stream
+            expected = [await alone.step(s, 3 + i, steps[i : i + 1]) for i, s in enumerate(prompts)]
+        grouped = {f"together-{i}-session": hidden for i, hidden in enumerate(prompts.values())}
+        async with OpenSessions(client, peer, grouped):
+            [reply] = await group_steps(client, peer, group_step([(s, 3 + i) for i, s in enumerate(grouped)], steps))
+        return expected, reply
+
+    expected, reply = run_sync(asyncio.wait_for(run(), 60))
+    results = messages.decode_metadata(reply.metadata, messages.GroupResult).results
+    assert [r.position for r in results] == [4, 5, 6]
+    assert torch.allclose(deserialize_tensor(reply.tensors[0]), torch.cat(expected), atol=1e-5)
+
+
+BAD_GROUP_STEPS = {
+    "a session twice": (lambda ids: group_step([(ids[0], 3), (ids[0], 3)], torch.randn(2, 1, HIDDEN)), "appears twice"),
+    "a session not open": (lambda ids: group_step([(ids[0], 3), ("nobody-s-session", 0)], torch.randn(2, 1, HIDDEN)), "not open here"),
+    "rows and members differ": (lambda ids: group_step([(ids[0], 3), (ids[1], 3)], torch.randn(3, 1, HIDDEN)), "Batch size 3"),
+    "a prompt, not a decode step": (lambda ids: group_step([(ids[0], 3), (ids[1], 3)], torch.randn(2, 9, HIDDEN)), "decode steps"),
+    "a step past the cache": (lambda ids: group_step([(ids[0], 3), (ids[1], 7)], torch.randn(2, 1, HIDDEN)), "holds 3 tokens"),
+    "next sessions missing": (
+        lambda ids: group_step(
+            [(ids[0], 3), (ids[1], 3)],
+            torch.randn(2, 1, HIDDEN),
+            push_to=messages.GroupPushTarget(peer_id="QmU85KjhsTd6KwtGYDJAMVzQEPH5ukNzUibaQvvcRRvHM4", session_ids=["next-session-1"]),
+        ),
+        "one next session per member",
+    ),
+    "junk metadata": (lambda ids: runtime_pb2.ExpertRequest(metadata=b'{"members": []}'), "Invalid GroupStep"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GROUP_STEPS))
+def test_bad_group_steps_get_clear_errors_and_the_sessions_go_on(client, case):
+    peer = server_of(client)
+    make, message = BAD_GROUP_STEPS[case]
+    ids = ["bad-group-a-session", "bad-group-b-session"]
+    prompts = {session_id: torch.randn(1, 3, HIDDEN) for session_id in ids}
+
+    async def run():
+        async with OpenSessions(client, peer, prompts) as sessions:
+            with pytest.raises(P2PHandlerError, match=message):
+                await group_steps(client, peer, make(ids))
+            return await sessions.step(ids[0], 3, torch.randn(1, 1, HIDDEN))  # its own stream still serves it
+
+    assert run_sync(asyncio.wait_for(run(), 60)).shape == (1, 1, HIDDEN)
+    assert_still_serving(client)
+
+
+def test_no_peer_can_step_anothers_sessions_in_a_group(client, stranger):
+    peer = server_of(client)
+
+    async def run():
+        async with OpenSessions(client, peer, {"owned-group-session": torch.randn(1, 3, HIDDEN)}):
+            with pytest.raises(P2PHandlerError, match="not open here for your peer"):
+                await group_steps(stranger, peer, group_step([("owned-group-session", 3)], torch.randn(1, 1, HIDDEN)))
+
+    run_sync(asyncio.wait_for(run(), 60))
+
+
+def test_a_group_step_given_up_frees_its_sessions_at_once(client):
+    """A group step waits for a push that never comes (the previous server died); the client closes the stream
+    and steps the session on its own stream: the server lets it, without waiting for the push's timeout."""
+    peer = server_of(client)
+
+    async def run():
+        async with OpenSessions(client, peer, {"given-up-session": torch.randn(1, 3, HIDDEN)}) as sessions:
+            queue: asyncio.Queue = asyncio.Queue()
+            queue.put_nowait(group_step([("given-up-session", 3)], expect_push=True))
+            replies = await client.stub(peer).rpc_group_step(_queued(queue))
+            waiting = asyncio.ensure_future(anext(replies, None))
+            await asyncio.sleep(0.5)  # the step waits for its input
+            queue.put_nowait(None)  # given up
+            # Were the group step still waiting (30 s, for its push), this step would be refused after 5 s.
+            output = await sessions.step("given-up-session", 3, torch.randn(1, 1, HIDDEN))
+            waiting.cancel()
+            return output
+
+    assert run_sync(asyncio.wait_for(run(), 60)).shape == (1, 1, HIDDEN)

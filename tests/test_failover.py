@@ -268,5 +268,6 @@ def test_a_server_dies_under_a_batch_of_sessions(swarm, model_path, local):
             want = local.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
             assert tokens == want.tolist()
         assert decoder.failovers >= 1 and victims
+        assert model.swarm.group_channels.steps > 0  # the generations stepped in group steps, before and after
     finally:
         model.shutdown()

@@ -230,9 +230,12 @@ def test_one_engine_generates_many_at_once(distributed, tiny_llama_local):
 
     decoder = BatchedDecoder(distributed, max_groups=1)  # one micro-batch: every generation's head runs together
     jobs = [(prompt(2 + 4 * i, seed=60 + i)[0].tolist(), 5 + 2 * i) for i in range(6)]
+    groups = distributed.swarm.group_channels
+    steps, failed = groups.steps, groups.failed
     generate_like_local(decoder, jobs, tiny_llama_local)
     assert decoder.failovers == 0 and not decoder.active
     assert max(decoder.head_batches) > 1, "the LM head never ran for two generations at once"
+    assert groups.steps > steps and groups.failed == failed, "decode steps did not go as group steps, one per hop"
 
 
 def test_engine_groups_merge_and_split_between_steps(distributed, tiny_llama_local):

@@ -16,6 +16,7 @@ from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from molink_swarm import AutoDistributedModelForCausalLM
+from molink_swarm.client.batched import BatchedDecoder
 from molink_swarm.client.loop import run_sync
 from molink_swarm.lab import LocalSwarm
 from molink_swarm.net import paths
@@ -141,4 +142,37 @@ def test_a_tampering_relay_is_detected_and_left_for_the_other(relayed, tiny_llam
         assert any("End-to-end check failed" in r.getMessage() for r in caplog.records), "failed over for another reason"
     finally:
         (faults / f"{relay_id(used)}.fired").unlink(missing_ok=True)
+        model.shutdown()
+
+
+def test_group_steps_through_a_relay_are_sealed_too(relayed, tiny_llama_path, tiny_llama_local, faults):
+    """The engine's generations step together (one group step per hop) through the relay: none of their inputs in
+    clear, every answer what local transformers gives, no step given up."""
+    for relay in relayed.initial_peers:
+        (faults / f"{relay_id(relay)}.log").touch()
+    model, server = client_for(relayed, tiny_llama_path)
+    try:
+        decoder = BatchedDecoder(model, max_groups=1)
+        prompts = [torch.randint(3, 128, (5 + i,), generator=torch.Generator().manual_seed(20 + i)).tolist() for i in range(3)]
+
+        async def generate_all():
+            async def one(ids):
+                return [token async for token in decoder.generate(ids, 6)]
+
+            return await asyncio.gather(*(one(ids) for ids in prompts))
+
+        answers = run_sync(generate_all())
+        used = relay_id(model.swarm.links.relay_for(server))
+        carried = (faults / f"{used}.carried").read_bytes()
+        for ids, answer in zip(prompts, answers):
+            expected = tiny_llama_local.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :]
+            assert answer == expected.tolist()
+        assert model.swarm.group_channels.steps > 0 and model.swarm.group_channels.failed == 0
+        assert decoder.failovers == 0
+        with torch.no_grad():  # the decode steps' inputs: the generated tokens' embeddings, in float32
+            rows = tiny_llama_local.model.embed_tokens(torch.tensor([t for answer in answers for t in answer[:-1]])).numpy()
+        assert not [i for i, row in enumerate(rows) if row.tobytes()[:64] in carried]
+    finally:
+        for relay in relayed.initial_peers:
+            (faults / f"{relay_id(relay)}.log").unlink()
         model.shutdown()

@@ -1,10 +1,11 @@
 """Many generations at once over one distributed model, as one engine (the web app's).
 
 Each generation has its own inference session (the servers hold its cache), but generations step in
-*micro-batches*: the members of a group send their steps together, so the steps reach each server together and run
-there in one pass (see server/scheduler.py), and the client's own final norm and LM head (for a small model, a
-fifth of all the work) run once for the whole group. Free-running generations would reach the servers and the
-head one at a time and batch poorly.
+*micro-batches*: the members of a group that share a chain send their decode steps as one *group step*, one message
+per hop (client/group_step.py), so the steps reach each server together and run there in one pass (see
+server/scheduler.py), and the client's own final norm and LM head (for a small model, a fifth of all the work) run
+once for the whole group. Free-running generations would reach the servers and the head one at a time and batch
+poorly.
 
 Several groups are in flight at once, each on a different stage of the chain (MoLink's overlap of compute and
 transfer): while one group's steps compute on the second server, another's are on the first, a third's at the
@@ -33,6 +34,7 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 
 import torch
 
+from molink_swarm.client.group_step import step_together
 from molink_swarm.client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
@@ -175,10 +177,13 @@ class _Generation:
 class BatchedDecoder:
     """Generates for many prompts at once with one distributed causal LM (greedy or sampling)."""
 
-    def __init__(self, model, *, micro_batches: bool = True, max_groups: int = 8, **session_options):
+    def __init__(
+        self, model, *, micro_batches: bool = True, max_groups: int = 8, group_steps: bool = True, **session_options
+    ):
         self.model = model
         self.session_options = session_options
         self.micro_batches = micro_batches  # False: every generation steps on its own (for comparisons)
+        self.group_steps = group_steps  # False: a group's members send their steps one by one (for comparisons)
         eos = model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.groups: list[list[_Generation]] = []
@@ -298,7 +303,7 @@ class BatchedDecoder:
                     return  # its members went to other groups
                 members = list(group)
                 started = time.perf_counter()
-                steps = await asyncio.gather(*(self._step(member) for member in members), return_exceptions=True)
+                steps = await self._steps(members)
                 trip_s = time.perf_counter() - started
                 alive = []
                 for member, hidden in zip(members, steps):
@@ -345,10 +350,14 @@ class BatchedDecoder:
                 self._finish(group, member, error)
             self._drop(group)
 
-    async def _step(self, member: _Generation) -> torch.Tensor:
+    async def _steps(self, members: list[_Generation]) -> list[torch.Tensor | BaseException]:
+        """The next step of each member: decode steps on a shared chain as group steps (client/group_step.py)."""
         with torch.inference_mode():
-            embeddings = self.model.embed_inputs(member.inputs, member.session.position)
-        return await member.session.astep(embeddings)
+            embeddings = [self.model.embed_inputs(member.inputs, member.session.position) for member in members]
+        sessions = [member.session for member in members]
+        if self.group_steps:
+            return await step_together(sessions, embeddings)
+        return await asyncio.gather(*(s.astep(e) for s, e in zip(sessions, embeddings)), return_exceptions=True)
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

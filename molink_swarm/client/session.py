@@ -24,10 +24,11 @@ import uuid
 from typing import AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.chunking import ChunkPolicy
+from molink_swarm.client.failures import SERVER_FAILURES
+from molink_swarm.client.group_step import KEEPALIVE_S
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.spot_check import (
     Verdict,
@@ -52,19 +53,6 @@ logger = logging.getLogger(__name__)
 # since they are bandwidth-bound anyway and hivemind caps unary messages (pushes) at 4 MiB.
 FORWARD_MAX_BYTES = 1 << 20
 NO_VERIFIER_RETRY_S = 5.0  # a span no second server holds is looked up again after this long
-
-# What a failing server looks like from here; anything else is a bug and propagates.
-SERVER_FAILURES = (
-    P2PHandlerError,
-    P2PDaemonError,
-    ConnectionError,
-    OSError,
-    EOFError,
-    asyncio.TimeoutError,
-    asyncio.IncompleteReadError,
-    messages.ProtocolError,
-)
-
 
 class SwarmError(UserError):
     """The swarm could not serve a request (missing blocks, every candidate failed)."""
@@ -122,10 +110,28 @@ class _HopStream:
         self.fallback_push: Optional[asyncio.TimerHandle] = None  # a copy due unless this hop answers first
         self.fallback_sent = False  # the copy went for the pending step: its time includes our wait
         self.verified = False  # a spot check has compared one of its answers with another server's
+        self.last_sent = time.monotonic()  # of a message on its own stream (it keeps the server's session alive)
 
     @property
     def peer_id(self):
         return self.hop.peer_id
+
+    @property
+    def opened(self) -> bool:
+        return self._opened
+
+    def next_step_id(self) -> int:
+        self._step_id += 1
+        return self._step_id - 1
+
+    def record_step(
+        self, hidden: torch.Tensor, position: int, result: messages.StepResult, wire: runtime_pb2.Tensor, elapsed_s: float
+    ) -> None:
+        """A step this server answered outside its stream (a group step, client/group_step.py), recorded as
+        :meth:`receive` records its own."""
+        self.remember(hidden, position)
+        self.last_result, self.last_output = result, wire
+        self.timer.record(hidden.shape[1], elapsed_s)
 
     def remember(self, hidden: torch.Tensor, position: int) -> None:
         """Keep the input of the step at ``position``; what was kept from there on is replaced (a step retried
@@ -183,6 +189,7 @@ class _HopStream:
         )
         self._opened = True
         self._step_id += 1
+        self.last_sent = time.monotonic()
         self._requests.put_nowait(messages.request(message, *([] if hidden is None else [hidden]), wire_dtype=self._swarm.wire_dtype))
 
     def cancel_pending(self) -> None:
@@ -297,6 +304,33 @@ class InferenceSession:
         return [h.hop for h in self._hops]
 
     @property
+    def hop_streams(self) -> list[_HopStream]:
+        return self._hops
+
+    def group_key(self, hidden: torch.Tensor) -> Optional[tuple]:
+        """What this session's next step (``hidden``) may share a group step with (client/group_step.py): a decode
+        step of one sequence on the same chain; None if it goes on its own (a prompt, the first step, a hop whose
+        server left or whose own stream has been quiet for too long)."""
+        if self.closed or not self._hops or not self.forwarding or self._batch_size != 1 or hidden.shape[0] != 1:
+            return None
+        if not messages.is_decode(hidden.shape[1]) or self.position + hidden.shape[1] > self.max_length:
+            return None
+        now = time.monotonic()
+        for hop in self._hops:
+            if hop.pending or not hop.opened or now - hop.last_sent > KEEPALIVE_S or hop.peer_id in self.swarm.departed:
+                return None
+        return (hidden.shape[1], *((hop.peer_id, hop.hop.start, hop.hop.end) for hop in self._hops))
+
+    async def after_step(self, tokens: int, output: torch.Tensor) -> torch.Tensor:
+        """Finish a step of ``tokens`` positions that the chain answered with ``output`` (a group step's share):
+        spot-check it if sampled, and count it. Returns the (possibly redone) output."""
+        self._schedule_leave_check()
+        if self.spot_check_rate > 0.0:
+            output = await self._spot_check(tokens, output)
+        self.position += tokens
+        return output
+
+    @property
     def hop_compute_s(self) -> list[float]:
         """Each hop's time for the last step, as its server measured it (queueing and compute)."""
         return [h.last_result.compute_s for h in self._hops if h.last_result is not None]
@@ -340,7 +374,6 @@ class InferenceSession:
             raise SwarmError(f"Batch size changed from {self._batch_size} to {hidden.shape[0]} within a session")
         if not self._hops:
             self._hops = await self._open_hops(0, self.swarm.num_blocks, replay=None)
-        self._schedule_leave_check()
         for index, hop in enumerate(self._hops):
             if hop.peer_id in self.swarm.departed:
                 await self._replace(index, f"server {hop.peer_id} left the swarm")
@@ -350,10 +383,7 @@ class InferenceSession:
             output = await self._prefill(hidden)
         else:
             output = await self._step(hidden)
-        if self.spot_check_rate > 0.0:
-            output = await self._spot_check(hidden.shape[1], output)
-        self.position += hidden.shape[1]
-        return output
+        return await self.after_step(hidden.shape[1], output)
 
     async def _step(self, hidden: torch.Tensor, first: int = 0) -> torch.Tensor:
         """One step through the chain: forwarded server to server where it is small enough, else relayed.

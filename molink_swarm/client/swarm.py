@@ -14,6 +14,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from molink_swarm.client.chunking import LinkThroughput
+from molink_swarm.client.group_step import GroupChannels
 from molink_swarm.client.link_gate import LinkGate
 from molink_swarm.client.loop import run_sync
 from molink_swarm.client.spot_check import SpotCheckStats, WrongOutputs
@@ -71,6 +72,7 @@ class SwarmClient:
         self.links = PeerLinks(self.p2p, hole_punching=hole_punching)
         # Shared by every session of this process, since they share the links: decode steps first on each.
         self.gate = LinkGate()
+        self.group_channels = GroupChannels(self)  # group steps' streams (client/group_step.py)
         self.link_throughput = LinkThroughput()
         self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
         self.other_dtypes: list[ServerInfo] = []  # online servers of these weights in another dtype (for errors)
@@ -322,6 +324,10 @@ class SwarmClient:
         self._closed = True
         atexit.unregister(self.shutdown)
         try:
+            run_sync(_close_channels(self.group_channels), timeout=5)
+        except Exception:  # the loop may be gone at interpreter exit
+            logger.debug("Could not close the group-step streams", exc_info=True)
+        try:
             run_sync(self.links.close(), timeout=5)
         except Exception:  # the loop may be gone at interpreter exit
             logger.debug("Could not stop hole punching", exc_info=True)
@@ -330,6 +336,10 @@ class SwarmClient:
         except Exception:  # the daemon may already be gone with the DHT process
             logger.debug("P2P shutdown failed", exc_info=True)
         self.dht.shutdown()
+
+
+async def _close_channels(channels: GroupChannels) -> None:
+    channels.close()
 
 
 def _blocks(record) -> set[int]:

@@ -31,7 +31,10 @@ MAX_QUEUED = 8
 
 
 class PushChannel:
-    def __init__(self, p2p: P2P, peer_id: PeerID, session_id: str, relay: Optional[str] = None):
+    """Pushes to one server: the inputs of session ``session_id`` there (``push``), or of group steps (``push_group``:
+    a channel for those has no session of its own)."""
+
+    def __init__(self, p2p: P2P, peer_id: PeerID, session_id: Optional[str], relay: Optional[str] = None):
         self.p2p, self.peer_id, self.session_id, self.relay = p2p, peer_id, session_id, relay
         self._queue: asyncio.Queue[Optional[runtime_pb2.ExpertRequest]] = asyncio.Queue(MAX_QUEUED)
         self._task: Optional[asyncio.Task] = None
@@ -43,6 +46,13 @@ class PushChannel:
     def push(self, position: int, hidden: runtime_pb2.Tensor) -> None:
         """Queue the input of step ``position``, already serialized (the sender chose its wire dtype, and the same
         bytes may also go elsewhere); never blocks, never raises (a lost push only costs latency)."""
+        self._send(messages.PushStep(session_id=self.session_id, position=position), hidden)
+
+    def push_group(self, steps: list[messages.PushStep], hidden: runtime_pb2.Tensor) -> None:
+        """Queue the inputs of several sessions' steps, ``hidden`` stacking one row per step (as :meth:`push`)."""
+        self._send(messages.GroupPush(steps=steps), hidden)
+
+    def _send(self, message: messages.PushStep | messages.GroupPush, hidden: runtime_pb2.Tensor) -> None:
         if self._closed:
             return
         if self._task is None or self._task.done():
@@ -54,12 +64,7 @@ class PushChannel:
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
-        self._queue.put_nowait(
-            runtime_pb2.ExpertRequest(
-                metadata=messages.encode_metadata(messages.PushStep(session_id=self.session_id, position=position)),
-                tensors=[hidden],
-            )
-        )
+        self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=messages.encode_metadata(message), tensors=[hidden]))
 
     async def _run(self) -> None:
         try:

@@ -91,6 +91,59 @@ class PushStep(_Message):
     position: int = Field(ge=0)
 
 
+# The most sessions one group step (and one group push) carries.
+MAX_GROUP = 256
+
+
+class GroupMember(_Message):
+    """One session's decode step within a :class:`GroupStep`."""
+
+    session_id: SessionId
+    position: int = Field(ge=0)
+    step_id: int = Field(ge=0, default=0)
+
+
+class GroupPushTarget(_Message):
+    """Where a server sends a group step's output: the next server and its sessions, one per member."""
+
+    peer_id: str = Field(min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
+    session_ids: list[SessionId] = Field(min_length=1, max_length=MAX_GROUP)
+    relay: Optional[str] = Field(default=None, max_length=256, description="multiaddr of the relay to go through")
+
+    @field_validator("relay")
+    @classmethod
+    def _relay_names_a_peer(cls, relay: Optional[str]) -> Optional[str]:
+        if relay is not None:
+            relay_peer_id(relay)
+        return relay
+
+
+class GroupStep(_Message):
+    """Decode steps of several sessions of one caller on this server, as one message (client/group_step.py): their
+    inputs stacked in one tensor [members, tokens, hidden], row i for ``members[i]``, or with ``expect_push`` pushed
+    by the previous server ``push_from`` as one :class:`GroupPush`. With ``push_to`` the stacked output goes to the
+    next server as one GroupPush, for its sessions ``push_to.session_ids`` (in the members' order). The sessions were
+    opened by their own inference streams, which keep them alive; a group step is all or nothing."""
+
+    members: list[GroupMember] = Field(min_length=1, max_length=MAX_GROUP)
+    expect_push: bool = False
+    push_from: Optional[str] = Field(default=None, min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
+    push_to: Optional[GroupPushTarget] = None
+
+    @field_validator("members")
+    @classmethod
+    def _distinct_sessions(cls, members: list[GroupMember]) -> list[GroupMember]:
+        if len({m.session_id for m in members}) != len(members):
+            raise ValueError("a session appears twice in one group step")
+        return members
+
+
+class GroupPush(_Message):
+    """The inputs of several sessions' steps, pushed by the previous hop as one tensor, row i for ``steps[i]``."""
+
+    steps: list[PushStep] = Field(min_length=1, max_length=MAX_GROUP)
+
+
 class DialBackRequest(_Message):
     """Asks a relay to dial the caller back on these ports at its observed IP (reachability check at join)."""
 
@@ -119,6 +172,12 @@ class StepResult(_Message):
     position: int = Field(ge=0, description="tokens held by the session after this step")
     step_id: int = Field(ge=0, default=0)
     compute_s: float = Field(ge=0, default=0.0)
+
+
+class GroupResult(_Message):
+    """The answer to a :class:`GroupStep`: one result per member, in order (the output tensor stacks their rows)."""
+
+    results: list[StepResult] = Field(min_length=1, max_length=MAX_GROUP)
 
 
 class ForwardRequest(_Message):
@@ -164,6 +223,13 @@ def origin(uid: str, remote_id: PeerID, trusted_relays: set[PeerID] | frozenset[
 
 def encode_metadata(message: _Message) -> bytes:
     return message.model_dump_json(exclude_defaults=False).encode()
+
+
+def decode_push(data: bytes) -> list[PushStep]:
+    """The steps a push carries: one (:class:`PushStep`) or a group step's, one per row of its tensor (:class:`GroupPush`)."""
+    if data.startswith(b'{"steps"'):
+        return list(decode_metadata(data, GroupPush).steps)
+    return [decode_metadata(data, PushStep)]
 
 
 def decode_metadata(data: bytes, schema: type[M]) -> M:

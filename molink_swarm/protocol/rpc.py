@@ -16,7 +16,7 @@ from molink_swarm.protocol import e2e
 from molink_swarm.protocol.messages import RELAYED_FROM
 from molink_swarm.protocol.streams import GuardedServicer, StreamLimits
 
-STREAM_RPCS = frozenset({"rpc_inference", "rpc_forward", "rpc_push_stream"})
+STREAM_RPCS = frozenset({"rpc_inference", "rpc_group_step", "rpc_forward", "rpc_push_stream"})
 UNARY_RPCS = frozenset({"rpc_info", "rpc_ping", "rpc_push"})
 # What a relay pipes: the streams (sealed end to end, see protocol/e2e.py) and the unary calls that carry no
 # activations (a unary call cannot run a handshake; rpc_push has a stream form).
@@ -51,6 +51,13 @@ class BlockRPC(GuardedServicer):
         raise NotImplementedError
         yield
 
+    async def rpc_group_step(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Decode steps of several of the caller's sessions: one GroupStep per message; one GroupResult each."""
+        raise NotImplementedError
+        yield
+
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -59,7 +66,7 @@ class BlockRPC(GuardedServicer):
         yield
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """The input of one step of a session (PushStep), sent by the previous hop."""
+        """The input of one step of a session (PushStep), or of a group step (GroupPush), sent by the previous hop."""
         raise NotImplementedError
 
     async def rpc_push_stream(

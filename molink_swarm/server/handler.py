@@ -27,6 +27,9 @@ from molink_swarm.protocol import messages
 from molink_swarm.protocol.errors import ServerBusy
 from molink_swarm.protocol.messages import (
     ForwardRequest,
+    GroupPushTarget,
+    GroupResult,
+    GroupStep,
     InferenceStep,
     ProtocolError,
     PushStep,
@@ -34,6 +37,7 @@ from molink_swarm.protocol.messages import (
     ServerStatus,
     StepResult,
     decode_metadata,
+    decode_push,
     encode_metadata,
     is_decode,
     response,
@@ -106,10 +110,12 @@ class BlockServicer(BlockRPC):
         # Every session may bring an inference stream and a push stream from the same upstream peer.
         self.max_streams_per_peer = max(self.max_streams_per_peer, 2 * sessions.max_sessions + 16)
         max_message = min(256 << 20, max(1 << 20, sessions.max_length * self.hidden_size * 4 + (64 << 10)))
+        max_group_message = messages.MAX_GROUP * messages.DECODE_MAX_TOKENS * self.hidden_size * 4 + (256 << 10)
         super().__init__(
             {
                 "rpc_inference": StreamLimits(max_message_bytes=max_message, idle_s=session_idle_timeout),
-                "rpc_push_stream": StreamLimits(max_message_bytes=max_message, idle_s=session_idle_timeout),
+                "rpc_group_step": StreamLimits(max_message_bytes=max_group_message, idle_s=session_idle_timeout),
+                "rpc_push_stream": StreamLimits(max_message_bytes=max(max_message, max_group_message), idle_s=session_idle_timeout),
                 "rpc_forward": StreamLimits(max_message_bytes=max_message, idle_s=30.0),
             }
         )
@@ -149,14 +155,15 @@ class BlockServicer(BlockRPC):
     async def _inference_step(
         self, session: Session, step: InferenceStep, request: runtime_pb2.ExpertRequest
     ) -> tuple[torch.Tensor, StepResult]:
-        hidden = await self._step_input(session, step, request)
-        self._check_step(session, step, hidden)
-        started = time.perf_counter()
-        span = (session.spec.start, session.spec.end)
-        output = await self._compute(span, session.cache, step.position, hidden, Priority.PREFILL)
-        if self.fault is not None:
-            output = self.fault.apply(output)
-        session.stepped(step.position, hidden.shape[1])
+        async with session.stepping():
+            hidden = await self._step_input(session, step, request)
+            self._check_step(session, step.position, hidden.shape[1])
+            started = time.perf_counter()
+            span = (session.spec.start, session.spec.end)
+            output = await self._compute(span, session.cache, step.position, hidden, Priority.PREFILL)
+            if self.fault is not None:
+                output = self.fault.apply(output)
+            session.stepped(step.position, hidden.shape[1])
         elapsed = time.perf_counter() - started
         self._count(hidden, elapsed, kind="decode" if is_decode(hidden.shape[1]) else "prefill")
         return output, StepResult(position=session.position, step_id=step.step_id, compute_s=elapsed)
@@ -172,25 +179,127 @@ class BlockServicer(BlockRPC):
         logger.debug("Opened session %s for blocks %d:%d", spec.session_id, spec.start, spec.end)
         return session
 
+    # ---- group steps: a client's micro-batch of decode steps, one message per hop (client/group_step.py)
+
+    async def rpc_group_step(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One message per group step, answered in order. The stream is read ahead while a step runs: a caller that
+        gives up on a step (a hop of its chain failed) closes the stream, and the step stops where it is, so that its
+        sessions are free for the steps the caller then sends on their own streams."""
+        caller: str | None = None
+        channel: PushChannel | None = None
+        incoming: asyncio.Queue = asyncio.Queue(maxsize=8)
+        reader = asyncio.create_task(_read_into(requests, incoming))
+        try:
+            while not (reader.done() and incoming.empty()):
+                if (request := await _next_or_none(incoming, reader)) is None:
+                    break
+                if caller is None:  # a relay names the caller in the first message only
+                    caller = messages.origin(request.uid, context.remote_id, self.trusted_relays)
+                step = decode_metadata(request.metadata, GroupStep)
+                running = asyncio.ensure_future(self._group_step(step, request, caller))
+                await asyncio.wait([running, reader], return_when=asyncio.FIRST_COMPLETED)
+                if not running.done():  # the caller closed the stream: nobody waits for this step any more
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+                    break
+                output, results = running.result()
+                wire = await self._serialize(output)
+                if step.push_to is not None:
+                    channel = self._group_push_channel(channel, step.push_to)
+                    steps = [PushStep(session_id=s, position=m.position) for s, m in zip(step.push_to.session_ids, step.members)]
+                    channel.push_group(steps, wire)
+                    self.metrics.count_activations("out", *wire_bytes(wire))
+                yield response(GroupResult(results=results), wire)
+            await reader  # the error that ended the stream, if any
+        except Exception:
+            self.metrics.errors.labels("group_step").inc()
+            raise
+        finally:
+            reader.cancel()
+            if channel is not None:
+                channel.close()
+
+    async def _group_step(
+        self, step: GroupStep, request: runtime_pb2.ExpertRequest, caller: str
+    ) -> tuple[torch.Tensor, list[StepResult]]:
+        """Run the decode steps of a group step together: every member is checked first (its session open here, the
+        caller's, one row, not stepping already), then they are queued at once, so they run in one pass."""
+        if step.push_to is not None and len(step.push_to.session_ids) != len(step.members):
+            raise ProtocolError("A group step names one next session per member")
+        sessions = []
+        for member in step.members:
+            session = self.sessions.get(member.session_id)
+            if session is None or session.owner != caller:
+                raise ProtocolError(f"Session {member.session_id} is not open here for your peer")
+            if session.spec.batch_size != 1:
+                raise ProtocolError("A group step takes sessions of one sequence each")
+            sessions.append(session)
+        async with contextlib.AsyncExitStack() as guards:
+            for session in sorted(sessions, key=lambda session: session.spec.session_id):  # one order: no deadlock
+                await guards.enter_async_context(session.stepping())
+            if step.expect_push:
+                if request.tensors:
+                    raise ProtocolError("A step that expects a pushed input must not carry a tensor")
+                rows = await asyncio.gather(
+                    *(self._pushed_input(s, m.position, step.push_from) for s, m in zip(sessions, step.members))
+                )
+                hidden = torch.cat(rows)
+            else:
+                hidden = await self._parse_hidden(request, batch_size=len(sessions))
+            if not is_decode(hidden.shape[1]):
+                raise ProtocolError(f"A group step carries decode steps (at most {messages.DECODE_MAX_TOKENS} tokens each)")
+            for session, member in zip(sessions, step.members):
+                self._check_step(session, member.position, hidden.shape[1])
+            started = time.perf_counter()
+            works = [
+                self._work((s.spec.start, s.spec.end), s.cache, m.position, row, decode=True)
+                for s, m, row in zip(sessions, step.members, hidden.split(1))
+            ]
+            output = torch.cat(await self.compute.run_together(works, Priority.DECODE))
+            if self.fault is not None:
+                output = self.fault.apply(output)
+            for session, member in zip(sessions, step.members):
+                session.stepped(member.position, hidden.shape[1])
+        elapsed = time.perf_counter() - started
+        self._count(hidden, elapsed, kind="decode")
+        results = [StepResult(position=s.position, step_id=m.step_id, compute_s=elapsed) for s, m in zip(sessions, step.members)]
+        return output, results
+
+    def _group_push_channel(self, channel: PushChannel | None, target: GroupPushTarget) -> PushChannel:
+        """A group stream pushes to one next server at a time (another after a failover closes the old channel)."""
+        if channel is not None and (channel.peer_id.to_base58(), channel.relay) == (target.peer_id, target.relay):
+            return channel
+        if channel is not None:
+            channel.close()
+        return PushChannel(self.p2p, PeerID.from_base58(target.peer_id), None, target.relay)
+
     async def _step_input(self, session: Session, step: InferenceStep, request: runtime_pb2.ExpertRequest) -> torch.Tensor:
         if not step.expect_push:
             return await self._parse_hidden(request, batch_size=session.spec.batch_size)
         if request.tensors:
             raise ProtocolError("A step that expects a pushed input must not carry a tensor")
-        if step.push_from is not None:
-            session.allow_upstream(step.push_from)
+        return await self._pushed_input(session, step.position, step.push_from)
+
+    async def _pushed_input(self, session: Session, position: int, push_from: str | None) -> torch.Tensor:
+        """The input of ``session``'s step at ``position``, pushed by ``push_from`` (the previous server) or the
+        session's owner, whenever it comes (possibly already)."""
+        if push_from is not None:
+            session.allow_upstream(push_from)
         if len(self.early_pushes):
             senders = [session.owner, *session.upstreams]
-            for position, hidden in self.early_pushes.take(session.spec.session_id, senders):
+            for pushed_at, hidden in self.early_pushes.take(session.spec.session_id, senders):
                 if hidden.shape[0] == session.spec.batch_size:
                     with contextlib.suppress(ProtocolError):  # one too many kept: the client's copy will come
-                        session.deliver(position, hidden)
-        future = session.expect(step.position)
+                        session.deliver(pushed_at, hidden)
+        future = session.expect(position)
         try:
             return await asyncio.wait_for(future, self.push_timeout)
         except asyncio.TimeoutError:
-            session.inbox.pop(step.position, None)
-            raise ProtocolError(f"No input was pushed for position {step.position} within {self.push_timeout:.0f} s") from None
+            session.inbox.pop(position, None)
+            raise ProtocolError(f"No input was pushed for position {position} within {self.push_timeout:.0f} s") from None
 
     def _push_channel(self, channel: PushChannel | None, session: Session, target: PushTarget) -> PushChannel:
         """One next server per session at a time: naming another (after a failover) closes the old channel."""
@@ -220,25 +329,31 @@ class BlockServicer(BlockRPC):
         yield  # an async generator that answers nothing until the sender ends the stream
 
     async def _accept_push(self, request: runtime_pb2.ExpertRequest, sender: str) -> None:
-        push = decode_metadata(request.metadata, PushStep)
-        session = self.sessions.get(push.session_id)
-        hidden = await self._parse_hidden(request, batch_size=None if session is None else session.spec.batch_size)
-        if session is None or not session.may_push(sender):
-            # Not open yet (the previous server outran the stream that opens it), its sender not named yet, or
-            # someone else's session: kept until a step of the session claims it from an allowed sender.
-            self.early_pushes.keep(push.session_id, push.position, hidden, sender)
-        elif session.deliver(push.position, hidden) and sender != session.owner:
-            self.inputs_from_servers += 1  # the previous server beat the client's copy
+        """A push: one session's step input, or a group step's (one row per session, see GroupPush)."""
+        pushes = decode_push(request.metadata)
+        if len(pushes) == 1:
+            session = self.sessions.get(pushes[0].session_id)
+            hidden = await self._parse_hidden(request, batch_size=None if session is None else session.spec.batch_size)
+        else:
+            hidden = await self._parse_hidden(request, batch_size=len(pushes))
+        rows = [hidden] if len(pushes) == 1 else hidden.split(1)
+        for push, row in zip(pushes, rows):
+            session = self.sessions.get(push.session_id)
+            if session is None or not session.may_push(sender):
+                # Not open yet (the previous server outran the stream that opens it), its sender not named yet, or
+                # someone else's session: kept until a step of the session claims it from an allowed sender.
+                self.early_pushes.keep(push.session_id, push.position, row, sender)
+            elif row.shape[0] != session.spec.batch_size:
+                raise ProtocolError(f"Batch size {row.shape[0]} differs from the session's {session.spec.batch_size}")
+            elif session.deliver(push.position, row) and sender != session.owner:
+                self.inputs_from_servers += 1  # the previous server beat the client's copy
 
-    def _check_step(self, session: Session, step: InferenceStep, hidden: torch.Tensor) -> None:
-        if step.position > session.position:
+    def _check_step(self, session: Session, position: int, tokens: int) -> None:
+        if position > session.position:
+            raise ProtocolError(f"Step starts at position {position} but the session holds {session.position} tokens")
+        if position + tokens > session.spec.max_length:
             raise ProtocolError(
-                f"Step starts at position {step.position} but the session holds {session.position} tokens"
-            )
-        if step.position + hidden.shape[1] > session.spec.max_length:
-            raise ProtocolError(
-                f"Step would reach {step.position + hidden.shape[1]} tokens, over the session's max_length "
-                f"{session.spec.max_length}"
+                f"Step would reach {position + tokens} tokens, over the session's max_length {session.spec.max_length}"
             )
 
     async def _compute(
@@ -384,6 +499,22 @@ class BlockServicer(BlockRPC):
         if len(proto.buffer) > _OFF_LOOP_BYTES:
             return await asyncio.to_thread(_decode_finite, proto, self.dtype)
         return _decode_finite(proto, self.dtype)
+
+
+async def _read_into(requests: AsyncIterator[runtime_pb2.ExpertRequest], queue: asyncio.Queue) -> None:
+    """Read a stream's requests into ``queue`` until it ends (or fails: the task then holds the error)."""
+    async for request in requests:
+        await queue.put(request)
+
+
+async def _next_or_none(queue: asyncio.Queue, reader: asyncio.Task) -> runtime_pb2.ExpertRequest | None:
+    """The next request ``reader`` queued, or None if the stream ended first."""
+    getting = asyncio.ensure_future(queue.get())
+    await asyncio.wait([getting, reader], return_when=asyncio.FIRST_COMPLETED)
+    if getting.done():
+        return getting.result()
+    getting.cancel()
+    return queue.get_nowait() if not queue.empty() else None
 
 
 def _decode_finite(proto: runtime_pb2.Tensor, dtype: torch.dtype) -> torch.Tensor:

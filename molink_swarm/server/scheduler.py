@@ -205,6 +205,23 @@ class ComputeQueue:
         """Run ``work`` in a pass with other queued work of its key; returns its own result or raises."""
         return await self._submit(priority, work=work)
 
+    async def run_together(self, works: Sequence[BatchWork], priority: Priority) -> list[Any]:
+        """Run ``works`` (the steps of a group step) as :meth:`run_batched` does each, queued at once: no pass takes
+        some of them without the others (as far as the batch limits allow). Returns their results, or raises the
+        first error."""
+        loop = asyncio.get_running_loop()
+        tasks = [_Task(0.0, 0, work=work, future=loop.create_future(), loop=loop, priority=priority) for work in works]
+        with self._ready:
+            if len(self) + len(tasks) > self.max_queued:
+                raise ProtocolError("Server is overloaded; try another server")
+            for task in tasks:
+                self._push(task)
+        try:
+            return list(await asyncio.gather(*(task.future for task in tasks)))
+        finally:
+            for task in tasks:
+                task.future.cancel()  # a member failed: the others' results are not wanted
+
     async def run_sequence(self, works: Sequence[BatchWork], priority: Priority) -> list[Any]:
         """Run ``works`` (the chunks of one prompt) one after the other, each in a pass with other queued work.
 

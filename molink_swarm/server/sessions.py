@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import torch
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 MAX_WAITING_INPUTS = 4  # pushed inputs a session holds ahead of its steps (forwarding needs one or two)
 MAX_UPSTREAMS = 4  # upstream servers a session accepts pushes from (the current one and a few replaced ones)
+STEP_WAIT_S = 5.0  # how long a step waits for the session's previous one to end before it is refused
 
 
 @dataclasses.dataclass
@@ -37,6 +39,23 @@ class Session:
     last_active: float = dataclasses.field(default_factory=time.monotonic)
     upstreams: list[str] = dataclasses.field(default_factory=list)
     inbox: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)  # step position -> its input
+    _stepping: Optional[asyncio.Lock] = None  # held while a step is under way (see stepping)
+
+    @contextlib.asynccontextmanager
+    async def stepping(self, wait_s: float = STEP_WAIT_S) -> AsyncIterator[None]:
+        """While one step of the session runs (from its own stream or a group step), so that no two passes ever
+        touch its cache at once: a second step waits up to ``wait_s`` for the first to end (a group step the client
+        gave up on ends when its stream closes, see handler.py), then is refused."""
+        if self._stepping is None:
+            self._stepping = asyncio.Lock()
+        try:
+            await asyncio.wait_for(self._stepping.acquire(), wait_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"A step of session {self.spec.session_id} is already under way") from None
+        try:
+            yield
+        finally:
+            self._stepping.release()
 
     def may_push(self, sender: str) -> bool:
         return sender == self.owner or sender in self.upstreams
