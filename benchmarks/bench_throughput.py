@@ -15,7 +15,7 @@ the same width with almost no compute, e.g. a 2-block random Llama of hidden siz
 
 Usage: python benchmarks/bench_throughput.py [--only p3|p5] [--model smollm2-135m-instruct] [--rounds 2]
     [--chunk-target-s S] [--no-pipelining] [--server-chunk-tokens N] [--server-threads N]
-    [--pin-servers]
+    [--pin-servers] [--no-group-steps]
 Prints one line per measurement, e.g.
 `P3 speedup16=<16 generations' aggregate / 1 generation's> batching_gain=<on / off, 16 generations> ...`
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
@@ -166,7 +166,7 @@ def p3(args) -> str:
             pin_servers(args, swarm.servers)
             model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
             try:
-                decoder = BatchedDecoder(model, micro_batches=batching)
+                decoder = BatchedDecoder(model, micro_batches=batching, group_steps=not args.no_group_steps)
                 run_sync(generate_together(decoder, 2, 4))  # warm-up: streams open, step times measured
                 for count in args.p3_sessions:
                     started = time.perf_counter()
@@ -181,7 +181,7 @@ def p3(args) -> str:
         f"P3 speedup{most}={rates[True, most] / rates[True, 1]:.2f} batching_gain={rates[True, most] / rates[False, most]:.2f} "
         f"unbatched_speedup{most}={rates[False, most] / rates[False, 1]:.2f} "
         f"on_tok_s={on.replace(' ', ',')} off_tok_s={off.replace(' ', ',')} new_tokens={args.new_tokens} "
-        f"servers={len(args.blocks)} pinned={args.pin_servers}"
+        f"servers={len(args.blocks)} pinned={args.pin_servers} group_steps={not args.no_group_steps}"
     )
 
 
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--no-pipelining", action="store_true", help="P5: chunks of the prompt go one at a time")
     parser.add_argument("--p3-sessions", type=int, nargs="+", default=[1, 4, 16], help="P3: generations at once")
     parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
+    parser.add_argument("--no-group-steps", action="store_true", help="P3: micro-batches send their steps one by one")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
     parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (join --threads)")
     parser.add_argument("--pin-servers", action="store_true", help="server i computes on core i only (see pin_servers)")
