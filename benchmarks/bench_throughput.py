@@ -143,7 +143,10 @@ def p5(args) -> str:
 
 
 def server_threads(args) -> list[str]:
-    return ["--threads", str(args.server_threads)] if args.server_threads else []
+    """``--threads`` for the servers: --server-threads, else each server's share of the cores (as LocalSwarm.start
+    gives them; P5 starts its servers one by one, behind emulated links)."""
+    threads = args.server_threads or max(1, len(os.sched_getaffinity(0)) // len(args.blocks))
+    return ["--threads", str(threads)]
 
 
 def pin_servers(args, servers) -> None:
@@ -215,7 +218,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
     parser.add_argument("--no-group-steps", action="store_true", help="P3: micro-batches send their steps one by one")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
-    parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (join --threads)")
+    parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (default: their share of the cores)")
     parser.add_argument("--pin-servers", action="store_true", help="server i computes on core i only (see pin_servers)")
     args = parser.parse_args()
     for name in args.only or sorted(MEASUREMENTS):

@@ -52,11 +52,10 @@ class SessionSpec(_Message):
     batch_size: int = Field(gt=0, le=1024, default=1)
 
 
-class PushTarget(_Message):
-    """Where a server sends its output for the next hop of the chain (server-to-server forwarding)."""
+class _NextServer(_Message):
+    """The next server of a chain, reached directly or through ``relay``."""
 
     peer_id: str = Field(min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
-    session_id: SessionId
     relay: Optional[str] = Field(default=None, max_length=256, description="multiaddr of the relay to go through")
 
     @field_validator("relay")
@@ -65,6 +64,12 @@ class PushTarget(_Message):
         if relay is not None:
             relay_peer_id(relay)
         return relay
+
+
+class PushTarget(_NextServer):
+    """Where a server sends its output for the next hop of the chain (server-to-server forwarding)."""
+
+    session_id: SessionId
 
 
 class InferenceStep(_Message):
@@ -103,19 +108,10 @@ class GroupMember(_Message):
     step_id: int = Field(ge=0, default=0)
 
 
-class GroupPushTarget(_Message):
+class GroupPushTarget(_NextServer):
     """Where a server sends a group step's output: the next server and its sessions, one per member."""
 
-    peer_id: str = Field(min_length=10, max_length=128, pattern=_PEER_ID_PATTERN)
     session_ids: list[SessionId] = Field(min_length=1, max_length=MAX_GROUP)
-    relay: Optional[str] = Field(default=None, max_length=256, description="multiaddr of the relay to go through")
-
-    @field_validator("relay")
-    @classmethod
-    def _relay_names_a_peer(cls, relay: Optional[str]) -> Optional[str]:
-        if relay is not None:
-            relay_peer_id(relay)
-        return relay
 
 
 class GroupStep(_Message):
