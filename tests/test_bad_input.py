@@ -504,3 +504,28 @@ def test_a_group_step_given_up_frees_its_sessions_at_once(client):
             return output
 
     assert run_sync(asyncio.wait_for(run(), 60)).shape == (1, 1, HIDDEN)
+
+
+def test_the_input_a_given_up_group_step_waited_for_goes_to_the_step_sent_instead(client):
+    """The client gives a group step up while it waits for its pushed input and sends the same step on the
+    session's own stream, expecting the push too: the push, when it comes, is used there."""
+    peer = server_of(client)
+    hidden = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(8))
+    prompt = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(9))
+
+    async def run():
+        async with OpenSessions(client, peer, {"reference-push-session": prompt}) as reference:
+            expected = await reference.step("reference-push-session", 3, hidden)
+        async with OpenSessions(client, peer, {"regrouped-session": prompt}) as sessions:
+            queue: asyncio.Queue = asyncio.Queue()
+            queue.put_nowait(group_step([("regrouped-session", 3)], expect_push=True))
+            await client.stub(peer).rpc_group_step(_queued(queue))
+            await asyncio.sleep(0.5)  # the group step waits for its input
+            queue.put_nowait(None)  # given up
+            sessions._queues["regrouped-session"].put_nowait(messages.request(messages.InferenceStep(position=3, expect_push=True)))
+            await asyncio.sleep(0.2)
+            await push(client, peer, "regrouped-session", 3, hidden)
+            return deserialize_tensor((await anext(sessions._replies["regrouped-session"])).tensors[0]), expected
+
+    got, expected = run_sync(asyncio.wait_for(run(), 60))
+    assert torch.equal(got, expected)

@@ -296,7 +296,9 @@ class BlockServicer(BlockRPC):
                         session.deliver(pushed_at, hidden)
         future = session.expect(position)
         try:
-            return await asyncio.wait_for(future, self.push_timeout)
+            # Shielded: a step that is given up (a group step whose caller closed its stream) leaves the input to come
+            # for the step the caller sends instead.
+            return await asyncio.wait_for(asyncio.shield(future), self.push_timeout)
         except asyncio.TimeoutError:
             session.inbox.pop(position, None)
             raise ProtocolError(f"No input was pushed for position {position} within {self.push_timeout:.0f} s") from None
