@@ -2,8 +2,10 @@
 
 Decode steps go to every hop at once and each server pushes its output to the next (server to server). A prompt
 goes in chunks (see chunking.py), relayed by the client and pipelined over the hops, each chunk let onto each link
-only once the chunks before it have crossed it, so that decode steps find at most one ahead (see link_gate.py). Server pushes thus carry decode steps
-only, and need no gate of their own (without chunking, a prompt of up to FORWARD_MAX_BYTES is pushed too).
+only once the chunks before it have crossed it, so that decode steps find at most one ahead (see link_gate.py).
+Server pushes thus carry decode steps only, and need no gate of their own (without chunking, a prompt of up to
+FORWARD_MAX_BYTES is pushed too). A micro-batch of sessions on one chain may send its decode steps together, one
+message per hop (group_step.py); each session's record of its steps stays the same.
 
 Failover: the client keeps every input it sent to each hop of the chain. When a server fails (error reply,
 closed stream, step timeout, or it left the DHT), the client bans it (a server behind a NAT is first tried
@@ -387,8 +389,8 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, first: int = 0) -> torch.Tensor:
         """One step through the chain: forwarded server to server where it is small enough, else relayed.
-        ``first``: redo the step from that hop on (relayed),
-        ``hidden`` being that hop's input; the hops before it keep what they computed."""
+        ``first``: redo the step from that hop on (relayed), ``hidden`` being that hop's input; the hops before it
+        keep what they computed."""
         forwarded = (
             self.forwarding and first == 0 and len(self._hops) > 1 and hidden.numel() * hidden.element_size() <= FORWARD_MAX_BYTES
         )

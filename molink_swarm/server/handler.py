@@ -343,8 +343,9 @@ class BlockServicer(BlockRPC):
             session = self.sessions.get(push.session_id)
             if session is None or not session.may_push(sender):
                 # Not open yet (the previous server outran the stream that opens it), its sender not named yet, or
-                # someone else's session: kept until a step of the session claims it from an allowed sender.
-                self.early_pushes.keep(push.session_id, push.position, row, sender)
+                # someone else's session: kept until a step of the session claims it from an allowed sender (a row
+                # of a group push is copied, so that what is kept is no more than what is counted).
+                self.early_pushes.keep(push.session_id, push.position, row if len(pushes) == 1 else row.clone(), sender)
             elif row.shape[0] != session.spec.batch_size:
                 raise ProtocolError(f"Batch size {row.shape[0]} differs from the session's {session.spec.batch_size}")
             elif session.deliver(push.position, row) and sender != session.owner:

@@ -291,7 +291,7 @@ class ComputeQueue:
                 continue
             started = time.perf_counter()
             if batch[0].work is not None:
-                if batch[0].lane == Lane.DECODE:
+                if any(task.work.decode for task in batch):
                     self._remember_partners(batch)
                 self._run_batch(batch)
                 self.pass_times.record([task.work for task in batch], time.perf_counter() - started)
