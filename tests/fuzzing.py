@@ -34,6 +34,7 @@ SERVER_STREAMS = {
     "inference": "BlockServicer.rpc_inference",
     "forward": "BlockServicer.rpc_forward",
     "push_stream": "BlockServicer.rpc_push_stream",
+    "group_step": "BlockServicer.rpc_group_step",
 }
 SERVER_UNARY = {"push": "BlockServicer.rpc_push", "info": "BlockServicer.rpc_info", "ping": "BlockServicer.rpc_ping"}
 RELAY_STREAMS = {"register": "RelayService.rpc_register", "relay_stream": "RelayService.rpc_relay_stream"}
@@ -479,6 +480,47 @@ class AttackGenerator:
             return attack(kind, self.request(self.step_meta(0, spec), good), may_succeed=True, ending="abort")
         raise AssertionError(kind)
 
+    def group_step(self) -> Attack:
+        """Group steps (client/group_step.py) from a peer that owns none of the sessions it names, or malformed: a
+        server must refuse every one (a session is stepped in a group only by the peer that opened it)."""
+        server = self.server()
+        kind = self.rng.choice(["sessions not open", "bad tensor", "bad metadata", "pushed step carrying a tensor",
+                                "a session twice", "too many members", "next sessions do not match", "abandoned"])
+        count = self.rng.randint(1, 6)
+        members = [{"session_id": self.session_id(), "position": self.rng.randint(0, 64)} for _ in range(count)]
+        meta = {"members": members}
+        good = self.proto(self.hidden_states(count, 1))
+
+        def attack(label: str, request: runtime_pb2.ExpertRequest, **kw) -> Attack:
+            return Attack("group_step", label, server.peer_id, (frame(request),), may_succeed=False, **kw)
+
+        if kind == "sessions not open":
+            return attack(kind, self.request(meta, good))
+        if kind == "bad tensor":
+            label, tensor = self.bad_tensor(count)
+            return attack(f"bad tensor: {label}", self.request(meta, tensor))
+        if kind == "bad metadata":  # a member with one thing wrong (or junk in its place)
+            label, bad = self.bad_metadata(members[0])
+            others = b"".join(b", " + json_bytes(m) for m in members[1:])
+            return attack(f"bad metadata: {label}", self.request(b'{"members": [' + bad + others + b"]}", good))
+        if kind == "pushed step carrying a tensor":
+            return attack(kind, self.request({**meta, "expect_push": True}, good))
+        if kind == "a session twice":
+            return attack(kind, self.request({"members": members + members[:1]}, self.proto(self.hidden_states(count + 1, 1))))
+        if kind == "too many members":
+            many = [{"session_id": self.session_id(), "position": 0} for _ in range(self.rng.choice([257, 5000]))]
+            return attack(kind, self.request({"members": many}, self.proto(self.hidden_states(1, 1))))
+        if kind == "next sessions do not match":
+            target = {"peer_id": str(server.peer_id), "session_ids": [self.session_id() for _ in range(count + 1)]}
+            return attack(kind, self.request({**meta, "push_to": target}, good))
+        return Attack("group_step", kind, server.peer_id, (frame(self.request(meta, good)),), may_succeed=True,
+                      answers=0, ending="abort")
+
+    def group_push_request(self) -> runtime_pb2.ExpertRequest:
+        """A group step's push (one row per step) for sessions that are not open."""
+        steps = [{"session_id": self.session_id(), "position": self.rng.randint(0, 64)} for _ in range(self.rng.randint(2, 5))]
+        return self.request({"steps": steps}, self.proto(self.hidden_states(len(steps), 1)))
+
     def bad_spec(self, server: ServerTarget, spec: dict) -> tuple[str, dict]:
         """A SessionSpec the schema or the server must refuse."""
         options = [
@@ -576,13 +618,23 @@ class AttackGenerator:
     def push_stream(self) -> Attack:
         server = self.server()
         roll = self.rng.random()
-        if roll < 0.2:
+        if roll < 0.1:
+            pushes = [self.group_push_request() for _ in range(self.rng.randint(1, 3))]
+            return Attack("push_stream", "well-formed group pushes", server.peer_id, tuple(frame(p) for p in pushes),
+                          may_succeed=True, answers=1)
+        if roll < 0.15:
+            push = self.group_push_request()
+            rows = self.proto(self.hidden_states(len(json.loads(push.metadata)["steps"]) + 1, 1))
+            bad = self.request(push.metadata, rows)
+            return Attack("push_stream", "group push: rows and steps differ", server.peer_id, (frame(bad),),
+                          may_succeed=False, answers=1)
+        if roll < 0.3:
             pushes = [self.push_request() for _ in range(self.rng.randint(1, 5))]
             return Attack("push_stream", "well-formed pushes", server.peer_id, tuple(frame(p) for p in pushes),
                           may_succeed=True, answers=1)
-        if roll < 0.25:
+        if roll < 0.35:
             return Attack("push_stream", "empty stream", server.peer_id, (), may_succeed=True, answers=1)
-        if roll < 0.3:
+        if roll < 0.4:
             return Attack("push_stream", "abandoned", server.peer_id, (frame(self.push_request()),), may_succeed=True,
                           answers=0, ending="abort")
         label, bad = self.bad_push()
@@ -666,6 +718,7 @@ class AttackGenerator:
             "forward": self.forward,
             "push": self.push,
             "push_stream": self.push_stream,
+            "group_step": self.group_step,
             "info": lambda: self.info_or_ping("info"),
             "ping": lambda: self.info_or_ping("ping"),
             "relay_call": self.relay_call,

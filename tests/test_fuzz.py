@@ -55,6 +55,7 @@ MESSAGES = {  # per RPC; about 2,500 in all with the stalled streams, the flood 
     "forward": 350,
     "push": 380,
     "push_stream": 200,
+    "group_step": 120,
     "info": 60,
     "ping": 60,
     "relay_call": 150,
