@@ -19,7 +19,15 @@ from molink_swarm.client.batched import GroupCount, Sampling
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
-from molink_swarm.server.scheduler import PREFILL_NICE, BatchWork, ComputeQueue, PassTimes, Priority, select_batch
+from molink_swarm.server.scheduler import (
+    PREFILL_NICE,
+    BatchWork,
+    ComputeQueue,
+    PassTimes,
+    Priority,
+    between_layers,
+    select_batch,
+)
 from tests.conftest import make_tiny_llama
 
 HIDDEN = 64
@@ -296,6 +304,36 @@ async def test_with_a_prefill_worker_a_decode_step_runs_while_a_prompt_chunk_com
         assert await asyncio.wait_for(prompt, 5) == ["out-chunk"]
     finally:
         queue.shutdown()
+
+
+async def test_a_prefill_pass_gives_way_between_its_layers_while_a_decode_pass_computes():
+    """The two lanes do not share the server's cores: a prompt's pass waits at its next layer while decode steps
+    compute, then goes on."""
+    events: list[str] = []
+
+    def run(works):
+        if works[0].payload == "chunk":
+            for layer in range(4):
+                if layer:
+                    between_layers()
+                events.append(f"chunk layer {layer}")
+                time.sleep(0.05)
+        else:
+            events.append("decode starts")
+            time.sleep(0.2)
+            events.append("decode ends")
+        return [w.payload for w in works]
+
+    queue = ComputeQueue("test", prefill_worker=True)
+    try:
+        prompt = asyncio.ensure_future(queue.run_sequence([BatchWork("span", 64, "chunk", run)], Priority.PREFILL))
+        await asyncio.sleep(0.02)  # layer 0 of the chunk computes
+        await asyncio.wait_for(queue.run_batched(BatchWork("span", 1, "step", run, decode=True), Priority.DECODE), 5)
+        await asyncio.wait_for(prompt, 5)
+    finally:
+        queue.shutdown()
+    assert events == ["chunk layer 0", "decode starts", "decode ends", "chunk layer 1", "chunk layer 2", "chunk layer 3"]
+    between_layers()  # on any other thread: nothing to wait for
 
 
 async def test_the_prefill_worker_runs_at_a_lower_os_priority_and_decode_steps_never_join_its_passes():

@@ -33,7 +33,10 @@ class LayerRunner:
         self.config = config
         self.cache_kwarg = cache_kwarg
 
-    def run(self, layers: Sequence[nn.Module], first: int, steps: Sequence[PackedStep]) -> list[torch.Tensor]:
+    def run(
+        self, layers: Sequence[nn.Module], first: int, steps: Sequence[PackedStep], between: Optional[Callable[[], None]] = None
+    ) -> list[torch.Tensor]:
+        """``between()``, if given, is called between two layers (a pass that gives way to more urgent ones)."""
         raise NotImplementedError
 
 
@@ -46,13 +49,17 @@ class PackedLayers(LayerRunner):
         """The position keywords of layer ``index`` (global) for this pack."""
         return lambda index: {}
 
-    def run(self, layers: Sequence[nn.Module], first: int, steps: Sequence[PackedStep]) -> list[torch.Tensor]:
+    def run(
+        self, layers: Sequence[nn.Module], first: int, steps: Sequence[PackedStep], between: Optional[Callable[[], None]] = None
+    ) -> list[torch.Tensor]:
         batch = PackedBatch(steps)
         hidden = batch.pack([step.hidden for step in steps])
         position_ids = batch.position_ids(hidden.device)
         positions = self.position_kwargs(hidden, position_ids)
         with batch.active():
             for index, layer in enumerate(layers, start=first):
+                if between is not None and index > first:
+                    between()
                 out = layer(
                     hidden,
                     attention_mask=None,  # each step's mask is made where it attends (PackedBatch.attend)
@@ -98,11 +105,15 @@ class StepwiseLayers(LayerRunner):
     def step_kwargs(self, step: PackedStep) -> dict:
         raise NotImplementedError
 
-    def run(self, layers: Sequence[nn.Module], first: int, steps: Sequence[PackedStep]) -> list[torch.Tensor]:
+    def run(
+        self, layers: Sequence[nn.Module], first: int, steps: Sequence[PackedStep], between: Optional[Callable[[], None]] = None
+    ) -> list[torch.Tensor]:
         outputs = []
         for step in steps:
             hidden, kwargs = step.hidden, self.step_kwargs(step)
-            for layer in layers:
+            for index, layer in enumerate(layers):
+                if between is not None and (index or outputs):
+                    between()
                 out = layer(hidden, use_cache=True, **{self.cache_kwarg: step.cache}, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
             outputs.append(hidden)
@@ -230,10 +241,15 @@ class BlockSpan(nn.Module):
 
     @torch.inference_mode()
     def forward_packed(
-        self, steps: Sequence[PackedStep], *, start: Optional[int] = None, end: Optional[int] = None
+        self,
+        steps: Sequence[PackedStep],
+        *,
+        start: Optional[int] = None,
+        end: Optional[int] = None,
+        between: Optional[Callable[[], None]] = None,
     ) -> list[torch.Tensor]:
         """Run blocks ``start..end-1`` on the steps of several sessions at once (their caches must cover these
-        blocks); returns each step's output, as if each had run alone."""
+        blocks); returns each step's output, as if each had run alone. ``between()`` is called between layers."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        return self.runner.run(self.layers[start - self.start : end - self.start], start, steps)
+        return self.runner.run(self.layers[start - self.start : end - self.start], start, steps, between)

@@ -54,7 +54,7 @@ from molink_swarm.protocol.tensors import (
 )
 from molink_swarm.server.faults import FaultInjection
 from molink_swarm.server.metrics import ServerMetrics
-from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority
+from molink_swarm.server.scheduler import BatchWork, ComputeQueue, Priority, between_layers
 from molink_swarm.server.sessions import EarlyPushes, Session, SessionTable
 
 logger = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ class BlockServicer(BlockRPC):
                 cache.truncate(position)  # roll back (a replay or a regenerated suffix)
             steps.append(PackedStep(hidden.to(self.device, self.dtype), position, cache))
         start, end = works[0].key
-        outputs = self.blocks.forward_packed(steps, start=start, end=end)
+        outputs = self.blocks.forward_packed(steps, start=start, end=end, between=between_layers)
         return [output.to("cpu", work.payload[2].dtype) for output, work in zip(outputs, works)]
 
     # ---- forward: a full sequence through some of the blocks, no cache. A stream (of one message each way)

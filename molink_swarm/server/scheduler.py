@@ -6,11 +6,13 @@ computes). Work comes in two lanes: decode steps, and prompt chunks and forward 
 
 - On a CPU (``prefill_worker=True``) each lane has a worker thread of its own, and the prefill worker runs at a
   lower OS priority (``PREFILL_NICE``). Decode steps never wait behind a prompt: while a pass of prompt tokens
-  computes, a decode step that arrives runs at once beside it, and where the two compete for cores (the server's
-  own, or those it shares with other programs, other servers and clients of a one-machine swarm), the operating
-  system gives them to the decode pass. A prompt thus computes in the time decode steps leave free, on every
-  core of the machine (MoLink's decode priority, in compute as the client's link gate does on the wire); it is
-  slowed while others decode, not stopped (a niced thread still gets a share of a busy core).
+  computes, a decode step that arrives runs at once, and the prompt's pass stops at its next layer until the
+  decode pass is done (:func:`between_layers`), so the two do not share this server's cores and memory bandwidth.
+  Where they still compete (cores the server shares with other programs, other servers and clients of a
+  one-machine swarm), the operating system gives them to the decode pass. A prompt thus computes in the time
+  decode steps leave free (MoLink's decode priority, in compute as the client's link gate does on the wire); it is
+  slowed while others decode, not stopped (it moves on by a layer per decode pass at least, and a niced thread
+  still gets a share of a busy core).
 - On a GPU one worker serves both lanes (the device runs kernels in order anyway). Each task gets a deadline:
   its arrival time plus the slack of its class (none for decode steps, more for prefill chunks, most for forward
   passes), and the worker takes the earliest deadline first. A decode step therefore jumps ahead of queued
@@ -65,6 +67,17 @@ PREFILL_NICE = 10
 class Lane(enum.IntEnum):
     DECODE = 0
     PREFILL = 1
+
+
+_worker = threading.local()  # what the worker thread running a pass wants done between its layers
+
+
+def between_layers() -> None:
+    """Called by a pass between two of its layers (handler.py): on the prefill worker, it waits there while a decode
+    pass of its server computes (see ComputeQueue._give_way); elsewhere it does nothing."""
+    give_way = getattr(_worker, "give_way", None)
+    if give_way is not None:
+        give_way()
 
 
 @dataclasses.dataclass(eq=False)
@@ -181,6 +194,8 @@ class ComputeQueue:
         self.hold_share = 0.25  # of a decode pass's time: how long a pass may wait for the steps that ran with it
         self._partners: dict[Hashable, tuple[int, frozenset]] = {}  # member -> (pass number, its last decode pass)
         self._passes = 0
+        self._decoding = False  # the decode worker computes a pass (with a prefill worker)
+        self._decode_passes = 0
         lanes = [((Lane.DECODE,), 0), ((Lane.PREFILL,), PREFILL_NICE)] if prefill_worker else [(tuple(Lane), 0)]
         self._threads = [
             threading.Thread(target=self._run, args=(lanes_, nice), name=f"{name}-{lanes_[-1].name.lower()}", daemon=True)
@@ -268,6 +283,9 @@ class ComputeQueue:
     def _run(self, lanes: tuple[Lane, ...], nice: int) -> None:
         if nice:
             _lower_priority(nice)
+        split_decode = self.prefill_worker and lanes == (Lane.DECODE,)
+        if self.prefill_worker and lanes == (Lane.PREFILL,):
+            _worker.give_way = self._give_way
         while True:
             with self._ready:
                 while True:
@@ -293,12 +311,30 @@ class ComputeQueue:
             if batch[0].work is not None:
                 if any(task.work.decode for task in batch):
                     self._remember_partners(batch)
-                self._run_batch(batch)
+                if split_decode:
+                    with self._ready:
+                        self._decoding = True
+                try:
+                    self._run_batch(batch)
+                finally:
+                    if split_decode:
+                        with self._ready:
+                            self._decoding, self._decode_passes = False, self._decode_passes + 1
+                            self._ready.notify_all()
                 self.pass_times.record([task.work for task in batch], time.perf_counter() - started)
             else:
                 self._settle(batch[0], *_call(batch[0].fn))
             with self._ready:
                 self.busy_s += time.perf_counter() - started
+
+    def _give_way(self) -> None:
+        """Between two layers of a prefill pass: wait while the decode worker computes a pass, so that the two do not
+        share this server's cores and memory bandwidth. At most for the pass under way: a prompt moves on by at least
+        a layer per decode pass, however many of them come."""
+        with self._ready:
+            seen = self._decode_passes
+            while self._decoding and self._decode_passes == seen and not self._closed:
+                self._ready.wait()
 
     def _hold_s(self, head: _Task) -> float:
         """How much longer ``head`` waits for the decode steps that ran with it last time (called with the lock
