@@ -129,6 +129,42 @@ def test_link_throughput_leaves_out_compute_and_round_trip_and_takes_the_slowest
     assert links.get("slow") == pytest.approx(1.5e6)
 
 
+def test_a_small_step_moves_the_link_figure_little():
+    """A small prompt's time is mostly fixed costs: it must not drag the link's figure to its own rate."""
+    links = LinkThroughput(weight=0.5)
+    links.record("a", 1_000_000, elapsed_s=0.2, compute_s=0.1, rtt_s=0.0)  # 1e7 bytes/s
+    links.record("a", 37_000, elapsed_s=0.02, compute_s=0.0, rtt_s=0.0)  # 1.85e6 bytes/s, as it looks
+    assert links.get("a") > 0.7e7  # averaging the two rates would give 5.9e6
+
+
+def test_the_first_ping_of_a_server_is_not_its_round_trip():
+    """The first call to a peer also opens the connection (a dial and handshakes): the round trip is what follows."""
+    from molink_swarm.net.links import PeerLinks
+
+    class Stub:
+        calls = 0
+
+        async def rpc_ping(self, request, timeout):
+            Stub.calls += 1
+            await asyncio.sleep(0.3 if Stub.calls == 1 else 0.01)
+
+    class P2P:
+        class peer_id:
+            @staticmethod
+            def to_base58():
+                return "client"
+
+    async def main():
+        links = PeerLinks(P2P(), hole_punching=False)
+        links.stub = lambda peer: Stub()
+        assert await links.ping("server") < 0.1
+        assert links.rtts["server"] < 0.1 and Stub.calls == 2
+        await links.ping("server")
+        assert Stub.calls == 3  # later pings are taken once
+
+    asyncio.run(main())
+
+
 # ---- through a real swarm of a tiny random model
 
 SMALL_CHUNKS = ChunkPolicy(min_tokens=8, max_tokens=8)

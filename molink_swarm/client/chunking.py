@@ -43,20 +43,28 @@ class ChunkPolicy:
 
 
 class LinkThroughput:
-    """Bytes per second to each server, measured from relayed steps (a moving average, per process: every session
-    of a client shares its links)."""
+    """Bytes per second to each server, measured from relayed steps (per process: every session of a client shares
+    its links): the bytes they carried over the time they took to cross, both decayed by ``weight`` per new step.
+
+    A step's bytes weigh in with their number: a small one, whose time is mostly fixed costs (encoding, the event
+    loops, the daemons), moves the figure little, where averaging each step's rate would let it pull the figure
+    far off (a 37 kB prompt says more of overheads than of the link)."""
 
     def __init__(self, weight: float = 0.5, min_transfer_s: float = 1e-3):
-        self.weight = weight  # of a new sample: links change (other traffic), and the first guess is a guess
+        self.weight = weight  # of a new step: links change (other traffic), and the first guess is a guess
         self.min_transfer_s = min_transfer_s  # below this a step's transfer time is noise, not a measurement
+        self._sums: dict[Hashable, tuple[float, float]] = {}  # peer -> (bytes, seconds), decayed
         self._rates: dict[Hashable, float] = {}
 
     def record(self, peer: Hashable, nbytes: int, elapsed_s: float, compute_s: float, rtt_s: float) -> None:
         """A step that sent and received ``nbytes`` in all took ``elapsed_s``, of which the server computed for
         ``compute_s`` (queueing included) and ``rtt_s`` was the round trip."""
-        rate = nbytes / max(self.min_transfer_s, elapsed_s - compute_s - rtt_s)
-        previous = self._rates.get(peer)
-        self._rates[peer] = rate if previous is None else (1 - self.weight) * previous + self.weight * rate
+        transfer_s = max(self.min_transfer_s, elapsed_s - compute_s - rtt_s)
+        total_bytes, total_s = self._sums.get(peer, (0.0, 0.0))
+        keep = 1 - self.weight
+        total_bytes, total_s = keep * total_bytes + nbytes, keep * total_s + transfer_s
+        self._sums[peer] = (total_bytes, total_s)
+        self._rates[peer] = total_bytes / total_s
 
     def get(self, peer: Hashable) -> float | None:
         return self._rates.get(peer)
