@@ -136,7 +136,7 @@ def p5(args) -> str:
         f"chunked_p99_ms={1000 * percentile(chunked, 0.99):.1f} unchunked_p99_ms={1000 * percentile(unchunked, 0.99):.1f} "
         f"prompt_s={statistics.median(prompt_s['chunked']):.2f} "
         f"unchunked_prompt_s={statistics.median(prompt_s['unchunked']):.2f} chunks={max(chunks)} gate_wait_s={gate_wait_s:.2f} "
-        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} pipelined={policy.pipelined} "
+        f"measured_link_mbit={link_mbit:.0f} chunk_target_s={policy.target_s} decode_share={policy.decode_share} pipelined={policy.pipelined} "
         f"steps={len(alone)}/{len(chunked)}/{len(unchunked)} mbit={args.mbit} prompt_tokens={args.prompt_tokens} "
         f"servers={len(args.blocks)} pinned={args.pin_servers}"
     )

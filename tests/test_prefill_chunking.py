@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from molink_swarm import AutoDistributedModelForCausalLM
-from molink_swarm.client.chunking import ChunkPolicy, LinkThroughput
+from molink_swarm.client.chunking import ChunkPolicy, DecodePace, LinkThroughput
 from molink_swarm.client.link_gate import LinkGate
 
 # ---- the gate (pure asyncio, no network)
@@ -127,6 +127,24 @@ def test_link_throughput_leaves_out_compute_and_round_trip_and_takes_the_slowest
     assert links.slowest(["fast", "new"], unmeasured=5e5) == 5e5  # not measured yet: assumed slow
     links.record("slow", 1_000_000, elapsed_s=0.6, compute_s=0.0, rtt_s=0.1)  # 2e6: the average moves halfway
     assert links.get("slow") == pytest.approx(1.5e6)
+
+
+def test_while_others_decode_chunks_take_a_share_of_their_step_on_the_link():
+    policy = ChunkPolicy(target_s=0.1, decode_share=0.2, min_tokens=16, max_tokens=512)
+    per_token = 2 * 576 * 4
+    assert policy.tokens(per_token, 50e6 / 8, decode_s=None) == 135  # nobody decodes: the target
+    assert policy.tokens(per_token, 50e6 / 8, decode_s=0.1) == 27  # steps of 0.1 s: 20 ms of link per chunk
+    assert policy.tokens(per_token, 50e6 / 8, decode_s=2.0) == 135  # slow steps: never above the target
+
+
+def test_the_decode_pace_of_a_server_is_its_recent_steps():
+    pace = DecodePace(recent_s=1.0, weight=0.5)
+    assert pace.recent(["a"], now=0.0) is None
+    pace.record(["a", "b"], 0.2, now=10.0)
+    pace.record(["a"], 0.1, now=10.5)
+    assert pace.recent(["a"], now=10.6) == pytest.approx(0.15)
+    assert pace.recent(["b", "c"], now=10.6) == pytest.approx(0.2)
+    assert pace.recent(["b"], now=11.5) is None  # nobody decoded through it for a second
 
 
 def test_a_small_step_moves_the_link_figure_little():

@@ -18,7 +18,7 @@ assumed: the first chunk is small, and the next ones grow to what the link carri
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,9 @@ class ChunkPolicy:
     # chunk may wait behind decode steps (see server/scheduler.py): under heavy decode load a prompt in tiny
     # chunks crawls.
     target_s: float = 0.05
+    # While other sessions decode through the chain's servers, a chunk crosses a link in at most this share of their
+    # decode step's time (measured): a step that finds one chunk ahead of it on each link slows by about that much.
+    decode_share: float = 0.2
     min_tokens: int = 32
     max_tokens: int = 512
     unmeasured_bytes_per_s: float = 10e6 / 8  # a link not measured yet is taken for a 10 Mbit/s one
@@ -35,11 +38,41 @@ class ChunkPolicy:
     # sharing one machine's cores also take them from each other, and from other sessions' decode steps).
     pipelined: bool = True
 
-    def tokens(self, bytes_per_token: int, link_bytes_per_s: float, rtt_s: float = 0.0) -> int:
+    def tokens(
+        self, bytes_per_token: int, link_bytes_per_s: float, rtt_s: float = 0.0, decode_s: Optional[float] = None
+    ) -> int:
         """Tokens per chunk (per sequence) when one token position costs ``bytes_per_token`` on the wire, input
-        and output together, over a link that carries ``link_bytes_per_s`` with round trips of ``rtt_s``."""
-        ideal = int(max(self.target_s, rtt_s) * link_bytes_per_s / bytes_per_token)
+        and output together, over a link that carries ``link_bytes_per_s`` with round trips of ``rtt_s``, while
+        other sessions take ``decode_s`` per decode step through the same servers (None: nobody decodes there)."""
+        target_s = self.target_s if decode_s is None else min(self.target_s, self.decode_share * decode_s)
+        ideal = int(max(target_s, rtt_s) * link_bytes_per_s / bytes_per_token)
         return max(min(self.min_tokens, self.max_tokens), min(self.max_tokens, ideal))
+
+
+class DecodePace:
+    """How long decode steps take through each server lately (per process: every session of a client counts), for
+    sizing prompt chunks while others decode (:class:`ChunkPolicy`). A server no decode step went through for
+    ``recent_s`` has nobody decoding there, as far as this client knows."""
+
+    def __init__(self, recent_s: float = 1.0, weight: float = 0.2):
+        self.recent_s, self.weight = recent_s, weight
+        self._steps: dict[Hashable, tuple[float, float]] = {}  # peer -> (smoothed step seconds, when last seen)
+
+    def record(self, peers: Iterable[Hashable], seconds: float, now: float) -> None:
+        """A decode step through ``peers`` took ``seconds`` (the whole chain, as its session saw it)."""
+        for peer in peers:
+            previous = self._steps.get(peer)
+            smoothed = seconds if previous is None else previous[0] + self.weight * (seconds - previous[0])
+            self._steps[peer] = (smoothed, now)
+
+    def recent(self, peers: Iterable[Hashable], now: float) -> Optional[float]:
+        """The shortest recent decode step time through any of ``peers`` (None: no decode step lately)."""
+        times = []
+        for peer in peers:
+            seen = self._steps.get(peer)
+            if seen is not None and now - seen[1] <= self.recent_s:
+                times.append(seen[0])
+        return min(times, default=None)
 
 
 class LinkThroughput:

@@ -216,4 +216,5 @@ async def _through_chain(swarm, sessions: Sequence, hidden: torch.Tensor) -> lis
             future.cancel()
     for session in sessions:
         session.compute_s += sum(chain_hop.last_result.compute_s for chain_hop in session.hop_streams)
+    swarm.decode_pace.record(sessions[0].peers, time.perf_counter() - sent_at[0], time.monotonic())
     return list(hidden.split(1))

@@ -26,6 +26,7 @@ import uuid
 from typing import AsyncIterator, Optional
 
 import torch
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from molink_swarm.client.chunking import ChunkPolicy
@@ -309,6 +310,10 @@ class InferenceSession:
     def hop_streams(self) -> list[_HopStream]:
         return self._hops
 
+    @property
+    def peers(self) -> list[PeerID]:
+        return [hop.peer_id for hop in self._hops]
+
     def group_key(self, hidden: torch.Tensor) -> Optional[tuple]:
         """What this session's next step (``hidden``) may share a group step with (client/group_step.py): a decode
         step of one sequence on the same chain; None if it goes on its own (a prompt, the first step, a hop whose
@@ -380,7 +385,9 @@ class InferenceSession:
             if hop.peer_id in self.swarm.departed:
                 await self._replace(index, f"server {hop.peer_id} left the swarm")
         if messages.is_decode(hidden.shape[1]):
+            started = time.perf_counter()
             output = await self._step(hidden)
+            self.swarm.decode_pace.record(self.peers, time.perf_counter() - started, time.monotonic())
         elif self.prefill_chunking:
             output = await self._prefill(hidden)
         else:
@@ -445,7 +452,8 @@ class InferenceSession:
             peers = [hop.peer_id for stage in stages for hop in stage]
             slowest = self.swarm.link_throughput.slowest(peers, self.chunk_policy.unmeasured_bytes_per_s)
             rtt = max(self.swarm.links.rtts.get(peer, 0.0) for peer in peers)
-            size = self.chunk_policy.tokens(bytes_per_token, slowest, rtt)
+            decode_s = self.swarm.decode_pace.recent(peers, time.monotonic())
+            size = self.chunk_policy.tokens(bytes_per_token, slowest, rtt, decode_s)
             chunk = (offset, hidden[:, offset : offset + size])
             offset += size
             self.prefill_chunks += 1

@@ -13,7 +13,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
-from molink_swarm.client.chunking import LinkThroughput
+from molink_swarm.client.chunking import DecodePace, LinkThroughput
 from molink_swarm.client.group_step import GroupChannels
 from molink_swarm.client.link_gate import LinkGate
 from molink_swarm.client.loop import run_sync
@@ -74,6 +74,7 @@ class SwarmClient:
         self.gate = LinkGate()
         self.group_channels = GroupChannels(self)  # group steps' streams (client/group_step.py)
         self.link_throughput = LinkThroughput()
+        self.decode_pace = DecodePace()  # decode steps' times through each server, for sizing prompt chunks
         self.departed: set[PeerID] = set()  # were online, now offline or gone from the DHT
         self.other_dtypes: list[ServerInfo] = []  # online servers of these weights in another dtype (for errors)
         self._servers: dict[PeerID, ServerInfo] = {}  # online as of the last reads
