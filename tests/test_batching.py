@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from molink_swarm.client.batched import GroupCount, Sampling
+from molink_swarm.client.batched import GroupCount, PromptsInFlight, Sampling
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
@@ -387,6 +387,55 @@ def test_micro_batches_in_flight_settle_on_the_best_measured_throughput():
         now += 0.1
         count.record_tokens(round(tokens_per_s[groups] * 0.1), population=3, now=now)
     assert count.target() == 1
+
+
+async def test_groups_let_the_prompts_in_flight_finish_first():
+    prompts = PromptsInFlight(hold_s=5.0)
+    started = time.monotonic()
+    await prompts.wait()  # no prompt in flight: a lone generation never waits
+    assert time.monotonic() - started < 0.05 and prompts.waits == 0
+
+    async def prompt(seconds: float) -> None:
+        with prompts.computing():
+            await asyncio.sleep(seconds)
+
+    short = asyncio.create_task(prompt(0.3))
+    await asyncio.sleep(0)  # it has started
+    started = time.monotonic()
+    await prompts.wait()
+    waited = time.monotonic() - started
+    assert short.done() and 0.2 < waited < 1.0  # until the prompt was done, not the 5 s bound
+    assert prompts.waits == 1
+
+
+async def test_a_prompt_holds_the_groups_only_briefly_and_later_ones_do_not_prolong_a_wait():
+    prompts = PromptsInFlight(hold_s=0.4)
+
+    async def prompt(seconds: float) -> None:
+        with prompts.computing():
+            await asyncio.sleep(seconds)
+
+    long = asyncio.create_task(prompt(3.0))  # a long prompt: decoding goes on 0.4 s after it started
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    waiting = asyncio.create_task(prompts.wait())
+    await asyncio.sleep(0.2)
+    later = asyncio.create_task(prompt(3.0))  # started while the group waited: not waited for
+    await waiting
+    assert 0.3 < time.monotonic() - started < 0.7 and not long.done()
+    started = time.monotonic()
+    await prompts.wait()  # the next step: the long prompt's time is over, the later one's 0.4 s are not
+    assert 0.1 < time.monotonic() - started < 0.5
+    await prompts.wait()
+    assert time.monotonic() - started < 0.6  # both are past their bound: no more waiting
+    never = PromptsInFlight(hold_s=0.0)  # the engine's prompt_first_s=0: groups never wait
+    with never.computing():
+        started = time.monotonic()
+        await never.wait()
+    assert time.monotonic() - started < 0.05 and never.waits == 0
+    for task in (long, later):
+        task.cancel()
+    await asyncio.gather(long, later, return_exceptions=True)
 
 
 def test_prompt_chunks_shrink_while_sessions_decode():

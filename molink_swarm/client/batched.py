@@ -13,6 +13,9 @@ head. How many groups: first as many as fit in one trip around the chain (the tr
 slowest stage), then whatever count gives the most tokens/s as measured (:class:`GroupCount`); groups merge or split
 between steps to follow it. A new generation computes its prompt on its own (a long one must not hold up
 a group), then joins the smallest group; a lone generation is a group of one and pays nothing for any of this.
+New prompts go first, briefly: a group about to step lets the prompts then in flight finish, for at most
+:data:`PROMPT_FIRST_S` from each one's start (:class:`PromptsInFlight`), so that a burst of new chats gets its
+first tokens sooner and joins the groups at once instead of computing beside them.
 
 Log-probabilities (for scoring, as OpenAI's ``logprobs``) are those of the model's own distribution: log_softmax of the
 raw logits in float32, before temperature or top-p, so a token scores the same whatever the sampling settings. A
@@ -30,7 +33,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -159,6 +162,54 @@ class GroupCount:
         self._window_start, self._window_tokens = now, 0
 
 
+# How long a new generation's prompt may hold up the steps of the groups already decoding, from its start (seconds).
+PROMPT_FIRST_S = 1.0
+
+
+class PromptsInFlight:
+    """The prompts of new generations being computed, which groups about to step let go first.
+
+    A group's step costs the servers about a full read of their weights however few its members are, and takes
+    their compute from the prompts: while a burst of new chats computes its prompts, the chats already decoding
+    would step in small, costly passes beside them, and every new chat's first token would wait. So a group about
+    to step first waits for the prompts in flight when it got there (:meth:`wait`): they finish sooner, their
+    generations join the groups, and the next steps serve them all at once (SGLang and vLLM's schedulers also run
+    waiting prompts before the next decode step). The wait has bounds: a prompt holds no group for longer than
+    ``hold_s`` from its own start, and a prompt that starts while a group waits does not prolong that wait. A long
+    prompt thus stalls decoding once and briefly, then computes in the time decode steps leave it (their priority
+    on the servers, see server/scheduler.py), and a stream of new chats cannot stop the others.
+    """
+
+    def __init__(self, hold_s: float = PROMPT_FIRST_S):
+        self.hold_s = hold_s
+        self._running: dict[asyncio.Future, float] = {}  # one per prompt in flight: done when it ends -> its start
+        self.waits = 0  # group steps that waited for prompts (for tests and metrics)
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """While a new generation's prompt computes."""
+        done = asyncio.get_running_loop().create_future()
+        self._running[done] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self._running[done]
+            done.set_result(None)
+
+    async def wait(self) -> None:
+        """Until each prompt in flight now is done or has held the groups for ``hold_s`` since its start."""
+        waiting, waited = dict(self._running), False
+        while True:
+            now = time.monotonic()
+            waiting = {done: started for done, started in waiting.items() if not done.done() and started + self.hold_s > now}
+            if not waiting:
+                return
+            if not waited:
+                self.waits, waited = self.waits + 1, True
+            expires = min(waiting.values()) + self.hold_s
+            await asyncio.wait(list(waiting), timeout=expires - now, return_when=asyncio.FIRST_COMPLETED)
+
+
 @dataclasses.dataclass(eq=False)
 class _Generation:
     session: InferenceSession
@@ -178,8 +229,16 @@ class BatchedDecoder:
     """Generates for many prompts at once with one distributed causal LM (greedy or sampling)."""
 
     def __init__(
-        self, model, *, micro_batches: bool = True, max_groups: int = 8, group_steps: bool = True, **session_options
+        self,
+        model,
+        *,
+        micro_batches: bool = True,
+        max_groups: int = 8,
+        group_steps: bool = True,
+        prompt_first_s: float = PROMPT_FIRST_S,
+        **session_options,
     ):
+        """``prompt_first_s``: how long a new prompt may hold up the groups' steps (:class:`PromptsInFlight`; 0: never)."""
         self.model = model
         self.session_options = session_options
         self.micro_batches = micro_batches  # False: every generation steps on its own (for comparisons)
@@ -188,6 +247,7 @@ class BatchedDecoder:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.groups: list[list[_Generation]] = []
         self.group_count = GroupCount(max_groups=max_groups)
+        self.prompts = PromptsInFlight(prompt_first_s)
         self.active: set[InferenceSession] = set()  # one per running generation
         self.failovers = 0  # of the generations that have ended
         self.regroups = 0  # merges and splits of groups to follow the group count
@@ -254,7 +314,11 @@ class BatchedDecoder:
 
     def _start(self, generation: _Generation) -> None:
         """A new generation's prompt goes on its own (a long one would hold up a whole group), then it joins one."""
-        self._spawn(self._run_group([generation], alone=True))
+        self._spawn(self._run_prompt(generation))
+
+    async def _run_prompt(self, generation: _Generation) -> None:
+        with self.prompts.computing():  # until it has joined a group (or ended)
+            await self._run_group([generation], alone=True)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -299,8 +363,10 @@ class BatchedDecoder:
         error: BaseException = RuntimeError("The generation engine stopped")
         try:
             while group:
-                if not alone and not self._rebalance(group):
-                    return  # its members went to other groups
+                if not alone:
+                    await self.prompts.wait()  # new generations' prompts first (they may join this group meanwhile)
+                    if not self._rebalance(group):
+                        return  # its members went to other groups
                 members = list(group)
                 started = time.perf_counter()
                 steps = await self._steps(members)
