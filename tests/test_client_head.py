@@ -42,3 +42,29 @@ def test_head_logits_equal_the_family_forward(family):
     assert torch.allclose(logits, expected, atol=1e-5)
     if family != "llama":  # the family's last touch is large enough here to matter
         assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lm_head_of_several_rows_runs_in_slices_of_the_vocabulary_with_the_same_logits(monkeypatch, bias):
+    from torch.nn import functional
+
+    from molink_swarm.models import families
+
+    monkeypatch.setattr(families, "HEAD_SLICE", 128)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=bias)  # 3 full slices and a shorter last one
+    model = type("Model", (), {"get_output_embeddings": lambda self: head})()
+    calls = []
+    linear = functional.linear
+    monkeypatch.setattr(functional, "linear", lambda *args: calls.append(args[1].shape[0]) or linear(*args))
+    with torch.inference_mode():
+        for shape in [(1, 5, 32), (4, 1, 32)]:
+            hidden = torch.randn(*shape)
+            calls.clear()
+            logits = families.LmHead()(model, hidden)
+            assert calls == [128, 128, 128, 116]
+            assert logits.shape == (*shape[:2], 500) and torch.allclose(logits, linear(hidden, head.weight, head.bias), atol=1e-6)
+        one = torch.randn(1, 1, 32)
+        expected = head(one)
+        calls.clear()
+        assert torch.equal(families.LmHead()(model, one), expected) and calls == [500]  # one row: the plain head

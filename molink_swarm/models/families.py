@@ -93,12 +93,27 @@ class LearnedPositions:
         return hidden + table.weight[positions + self.offset].to(hidden.dtype)
 
 
+# On a CPU, the LM head of several rows runs over slices of this many vocabulary entries at a time: a matmul of a few
+# rows over a whole vocabulary writes an output too wide for the caches, and ran 20-30% slower than over slices (MKL,
+# 16 rows x 49152 x 576 in float32: 19.5 -> 14 ms on this project's 2-core machine). One row gains nothing from it.
+HEAD_SLICE = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class LmHead:
     """The LM head (the family's output embeddings)."""
 
     def __call__(self, model, hidden, positions=None):
-        return model.get_output_embeddings()(hidden)
+        import torch
+        from torch.nn import functional
+
+        head = model.get_output_embeddings()
+        rows = hidden.numel() // hidden.shape[-1]
+        if type(head) is not torch.nn.Linear or hidden.device.type != "cpu" or rows < 2 or head.out_features <= HEAD_SLICE:
+            return head(hidden)
+        weights = head.weight.split(HEAD_SLICE)
+        biases = head.bias.split(HEAD_SLICE) if head.bias is not None else [None] * len(weights)
+        return torch.cat([functional.linear(hidden, w, b) for w, b in zip(weights, biases)], dim=-1)
 
 
 # ---- the families
