@@ -2,7 +2,8 @@
 
 P3: aggregate decode tokens/s of 1, 4 and 16 concurrent generations of one engine (client/batched.py) over the same
 chain, with batching on (servers batch across sessions, the engine steps generations in micro-batches) and off
-(`--max-batch-size 1`, every generation on its own), side by side in one run (SPEC target: speedup16 >= 6).
+(`--max-batch-size 1`, every generation on its own), side by side in one run (SPEC target: speedup16 >= 6); each
+rate is the median of `--p3-repeats` runs.
 
 P5: p50/p99 inter-token latency of 4 decoding sessions while a fifth session of the same client process sends a
 2,000-token prompt, every server behind a 50 Mbit/s emulated link, vs the same sessions without the prompt; with
@@ -15,7 +16,7 @@ the same width with almost no compute, e.g. a 2-block random Llama of hidden siz
 
 Usage: python benchmarks/bench_throughput.py [--only p3|p5] [--model smollm2-135m-instruct] [--rounds 2]
     [--chunk-target-s S] [--no-pipelining] [--server-chunk-tokens N] [--server-threads N]
-    [--pin-servers] [--no-group-steps]
+    [--pin-servers] [--no-group-steps] [--p3-repeats 3]
 Prints one line per measurement, e.g.
 `P3 speedup16=<16 generations' aggregate / 1 generation's> batching_gain=<on / off, 16 generations> ...`
 `P5 p99_ratio=<with prompt / without> unchunked_p99_ratio=<same, chunking off> p50_ratio=... ...`
@@ -172,9 +173,12 @@ def p3(args) -> str:
                 decoder = BatchedDecoder(model, micro_batches=batching, group_steps=not args.no_group_steps)
                 run_sync(generate_together(decoder, 2, 4))  # warm-up: streams open, step times measured
                 for count in args.p3_sessions:
-                    started = time.perf_counter()
-                    tokens = run_sync(generate_together(decoder, count, args.new_tokens))
-                    rates[batching, count] = tokens / (time.perf_counter() - started)
+                    runs = []
+                    for _ in range(args.p3_repeats):  # the median of a few: one run of a few seconds is noisy here
+                        started = time.perf_counter()
+                        tokens = run_sync(generate_together(decoder, count, args.new_tokens))
+                        runs.append(tokens / (time.perf_counter() - started))
+                    rates[batching, count] = statistics.median(runs)
             finally:
                 model.shutdown()
     most = max(args.p3_sessions)
@@ -184,7 +188,8 @@ def p3(args) -> str:
         f"P3 speedup{most}={rates[True, most] / rates[True, 1]:.2f} batching_gain={rates[True, most] / rates[False, most]:.2f} "
         f"unbatched_speedup{most}={rates[False, most] / rates[False, 1]:.2f} "
         f"on_tok_s={on.replace(' ', ',')} off_tok_s={off.replace(' ', ',')} new_tokens={args.new_tokens} "
-        f"servers={len(args.blocks)} pinned={args.pin_servers} group_steps={not args.no_group_steps}"
+        f"servers={len(args.blocks)} pinned={args.pin_servers} group_steps={not args.no_group_steps} "
+        f"repeats={args.p3_repeats}"
     )
 
 
@@ -216,6 +221,7 @@ def main() -> None:
     parser.add_argument("--no-pipelining", action="store_true", help="P5: chunks of the prompt go one at a time")
     parser.add_argument("--p3-sessions", type=int, nargs="+", default=[1, 4, 16], help="P3: generations at once")
     parser.add_argument("--new-tokens", type=int, default=32, help="P3: tokens each generation decodes")
+    parser.add_argument("--p3-repeats", type=int, default=3, help="P3: runs of each count (their median rate counts)")
     parser.add_argument("--no-group-steps", action="store_true", help="P3: micro-batches send their steps one by one")
     parser.add_argument("--server-chunk-tokens", type=int, default=None, help="servers' compute chunk (default: theirs)")
     parser.add_argument("--server-threads", type=int, default=None, help="servers' torch threads (default: their share of the cores)")
