@@ -389,6 +389,28 @@ def test_micro_batches_in_flight_settle_on_the_best_measured_throughput():
     assert count.target() == 1
 
 
+def test_more_micro_batches_are_kept_only_if_they_measure_clearly_better():
+    """Where more groups buy next to nothing (servers sharing cores), the count settles on fewer: each costs passes."""
+    count = GroupCount(max_groups=8, window_s=1.0, margin=0.05)
+    count.record(trip_s=0.4, stage_s=0.1)
+    assert count.target() == 4  # the first guess
+    tokens_per_s = {1: 1000, 2: 1030, 3: 1040, 4: 1010, 5: 900}  # within 5% of each other up to 4 groups
+    now = 0.0
+    for _ in range(600):
+        groups = count.target()
+        now += 0.1
+        count.record_tokens(round(tokens_per_s[groups] * 0.1), population=16, now=now)
+    assert count.target() == 1
+    # With no margin it keeps whatever measured best, however slightly.
+    greedy = GroupCount(max_groups=8, window_s=1.0, margin=0.0)
+    greedy.record(trip_s=0.4, stage_s=0.1)
+    for _ in range(600):
+        groups = greedy.target()
+        now += 0.1
+        greedy.record_tokens(round(tokens_per_s[groups] * 0.1), population=16, now=now)
+    assert greedy.target() == 3
+
+
 async def test_groups_let_the_prompts_in_flight_finish_first():
     prompts = PromptsInFlight(hold_s=5.0)
     started = time.monotonic()

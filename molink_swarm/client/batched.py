@@ -96,15 +96,24 @@ class GroupCount:
     groups queue at the slowest stage and only get smaller. The rule assumes stages that run on hardware of their
     own; where they share it (servers on one machine, or the client's head on a server's cores), groups in flight
     overlap less than it says and smaller batches cost more. So the count is then tuned on measured throughput:
-    tokens/s with the current count and with each neighbour in turn, keeping the best (hill climbing). What was
+    tokens/s with the current count and with each neighbour in turn, keeping the best (hill climbing), or rather the
+    fewest groups that measure within ``margin`` of the best: each group costs every server a pass, and rates a few
+    percent apart are within the noise of a window. What was
     measured is forgotten when the number of generations changes by more than a quarter, and the neighbours are
     measured again every ``remeasure_every`` windows, since both the load and the swarm change.
     """
 
     def __init__(
-        self, max_groups: int = 8, *, smoothing: float = 0.2, window_s: float = 1.0, remeasure_every: int = 30
+        self,
+        max_groups: int = 8,
+        *,
+        smoothing: float = 0.2,
+        window_s: float = 1.0,
+        remeasure_every: int = 30,
+        margin: float = 0.05,
     ):
         self.smoothing, self.max_groups = smoothing, max_groups
+        self.margin = margin  # more groups are kept only if they measure this much more tokens/s than fewer
         self.window_s, self.remeasure_every = window_s, remeasure_every
         self.trip_s: Optional[float] = None
         self.stage_s: Optional[float] = None
@@ -155,7 +164,10 @@ class GroupCount:
             self.rates = {current: self.rates[current]} if current in self.rates else {}
         if current in self.rates:
             neighbours = [g for g in (current - 1, current + 1) if 1 <= g <= min(self.max_groups, population)]
-            best = max([g for g in (current, *neighbours) if g in self.rates], key=self.rates.__getitem__)
+            measured = [g for g in (current, *neighbours) if g in self.rates]
+            top = max(self.rates[g] for g in measured)
+            # The fewest groups that measure within the margin of the best: each group costs every server a pass.
+            best = min(g for g in measured if self.rates[g] >= (1.0 - self.margin) * top)
             if best == current:  # the best known: try a neighbour not measured yet, if any
                 best = next((g for g in neighbours if g not in self.rates), current)
             self._current, self._settling = best, best != current
