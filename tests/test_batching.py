@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from molink_swarm.client.batched import GroupCount, PromptsInFlight, Sampling
+from molink_swarm.client.batched import GroupCount, PromptsInFlight, Sampling, SharedHead
 from molink_swarm.models import load_config, read_tensors, resolve_model, tensor_names
 from molink_swarm.models.family import adapter_for
 from molink_swarm.models.packed import PackedStep
@@ -409,6 +409,33 @@ def test_more_micro_batches_are_kept_only_if_they_measure_clearly_better():
         now += 0.1
         greedy.record_tokens(round(tokens_per_s[groups] * 0.1), population=16, now=now)
     assert greedy.target() == 3
+
+
+async def test_rows_that_reach_the_head_while_it_computes_go_together_in_its_next_run():
+    runs = []
+    release = threading.Event()
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        runs.append(hidden[:, 0].tolist())
+        if len(runs) == 1:
+            release.wait(5)  # the first run computes while others arrive
+        if hidden[0, 0] < 0:
+            raise ValueError("bad row")
+        return hidden * 10
+
+    shared = SharedHead(head)
+    first = asyncio.create_task(shared.logits(torch.tensor([[1.0, 1.0]])))
+    await asyncio.sleep(0.05)  # a lone row runs at once
+    assert runs == [[1.0]]
+    later = [asyncio.create_task(shared.logits(torch.tensor([[float(i), 0.0]] * i))) for i in (2, 3)]
+    await asyncio.sleep(0.05)
+    release.set()
+    results = await asyncio.gather(first, *later)
+    assert runs == [[1.0], [2.0, 2.0, 3.0, 3.0, 3.0]] and shared.batches == [1, 5]
+    assert [r[:, 0].tolist() for r in results] == [[10.0], [20.0, 20.0], [30.0, 30.0, 30.0]]
+    with pytest.raises(ValueError, match="bad row"):  # a failed run fails its rows, and the head goes on
+        await shared.logits(torch.tensor([[-1.0, 0.0]]))
+    assert (await shared.logits(torch.tensor([[4.0, 0.0]])))[0, 0] == 40.0
 
 
 async def test_groups_let_the_prompts_in_flight_finish_first():
