@@ -251,13 +251,15 @@ class SharedHead:
             self.batches = [*self.batches[-99:], sum(len(rows) for rows, _ in batch)]
             try:
                 logits = await asyncio.to_thread(self._run, torch.cat([rows for rows, _ in batch]))
-            except BaseException as e:  # every row of the run gets the error (their generations end with it)
+            except Exception as e:  # every row of the run gets the error (their generations end with it)
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(e) if isinstance(e, Exception) else future.cancel()
-                if not isinstance(e, Exception):
-                    raise  # cancelled: the engine is going away
+                        future.set_exception(e)
                 continue
+            except BaseException:  # cancelled: the engine is going away, and so are the rows' generations
+                for _, future in batch:
+                    future.cancel()
+                raise
             for (rows, future), part in zip(batch, logits.split([len(rows) for rows, _ in batch])):
                 if not future.done():  # not cancelled meanwhile
                     future.set_result(part)

@@ -67,12 +67,8 @@ class DecodePace:
 
     def recent(self, peers: Iterable[Hashable], now: float) -> Optional[float]:
         """The shortest recent decode step time through any of ``peers`` (None: no decode step lately)."""
-        times = []
-        for peer in peers:
-            seen = self._steps.get(peer)
-            if seen is not None and now - seen[1] <= self.recent_s:
-                times.append(seen[0])
-        return min(times, default=None)
+        seen = [self._steps[peer] for peer in peers if peer in self._steps]
+        return min((seconds for seconds, at in seen if now - at <= self.recent_s), default=None)
 
 
 class LinkThroughput:
